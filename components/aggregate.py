@@ -1,0 +1,209 @@
+"""Aggregation of the K shard adapters: the weights (APA attention, routing, uniform) and the
+parameter-level mixture that applies them in one forward pass.
+
+APA, for a request x with frozen embedding e(x):
+    neighbours  = the n validation samples most similar to e(x) (cosine)
+    error_k     = mean over neighbours of |label - P_k(yes)|   (P_k cached per adapter version)
+    w           = softmax(-tau * error) over unmasked shards; a masked shard gets 0
+Mixture, in place of every adapted linear layer (W x is the frozen layer):
+    non-decomposed: W x + sum_k w_k s_k B_k (A_k x)
+    decomposed:     W x + s (sum_k w_k B_k)(sum_k w_k A_k) x
+Each row of a batch carries its own w; A and B of all adapters are stacked, so the sum is a few
+batched matmuls and no merged weight is ever built per request.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from components.model import answer_logits, answer_token_ids, embed_batch, p_yes, tokenize
+from components.train import save_atomic
+
+STATE_FILE = "state.pt"
+
+
+# --- the aggregator state: validation index + cached predictions ---------------------------------
+
+
+@dataclass
+class AggregatorState:
+    sample_ids: list[str]  # validation samples (user data: forgetting removes rows)
+    labels: torch.Tensor  # [n]
+    embeddings: torch.Tensor  # [n, d] frozen-model embeddings
+    predictions: dict[int, torch.Tensor]  # shard -> [n] P_k(yes), cached when the version was made
+
+    def save(self, folder: Path) -> Path:
+        save_atomic(
+            {"sample_ids": self.sample_ids, "labels": self.labels, "embeddings": self.embeddings,
+             "predictions": {str(k): v for k, v in self.predictions.items()}},
+            folder / STATE_FILE,
+        )
+        return folder
+
+    @classmethod
+    def load(cls, folder: Path) -> "AggregatorState":
+        raw = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=False)
+        return cls(raw["sample_ids"], raw["labels"], raw["embeddings"], {int(k): v for k, v in raw["predictions"].items()})
+
+    def without(self, sample_ids: set[str]) -> "AggregatorState":
+        keep = torch.tensor([s not in sample_ids for s in self.sample_ids], dtype=torch.bool)
+        return AggregatorState(
+            [s for s in self.sample_ids if s not in sample_ids], self.labels[keep], self.embeddings[keep],
+            {k: v[keep] for k, v in self.predictions.items()},
+        )
+
+    def shards(self) -> list[int]:
+        return sorted(self.predictions)
+
+
+# --- weights --------------------------------------------------------------------------------------
+
+
+def apa_weights(
+    query: torch.Tensor, state: AggregatorState, neighbours: int, tau: float, masked: set[int] = frozenset()
+) -> torch.Tensor:
+    """The APA attention of each request over the shards, shape [batch, K] (K = state.shards())."""
+    shards = state.shards()
+    keys = nn.functional.normalize(state.embeddings.float(), dim=-1)
+    similarity = nn.functional.normalize(query.float(), dim=-1) @ keys.T  # [b, n]
+    nearest = similarity.topk(min(neighbours, len(state.sample_ids)), dim=-1).indices  # [b, m]
+    predictions = torch.stack([state.predictions[k] for k in shards]).float()  # [K, n]
+    error = (state.labels.float()[nearest].unsqueeze(1) - predictions[:, nearest].transpose(0, 1)).abs().mean(-1)
+    return masked_softmax(-tau * error, shards, masked)
+
+
+def masked_softmax(logits: torch.Tensor, shards: list[int], masked: set[int]) -> torch.Tensor:
+    keep = torch.tensor([k not in masked for k in shards])
+    if not keep.any():
+        raise ValueError("every shard is masked: no adapter may serve")
+    return torch.softmax(logits.masked_fill(~keep, float("-inf")), dim=-1)
+
+
+def uniform_weights(batch: int, shards: list[int], masked: set[int] = frozenset()) -> torch.Tensor:
+    return masked_softmax(torch.zeros(batch, len(shards)), shards, masked)
+
+
+def routing_weights(nearest_shard: np.ndarray, shards: list[int], masked: set[int] = frozenset()) -> torch.Tensor:
+    """LMEraser: all weight on the nearest prototype's shard (the next nearest if it is masked)."""
+    weights = torch.zeros(len(nearest_shard), len(shards))
+    for row, ranking in enumerate(np.atleast_2d(nearest_shard)):
+        shard = next((s for s in ranking if s not in masked), None)
+        if shard is None:
+            raise ValueError("every shard is masked: no adapter may serve")
+        weights[row, shards.index(int(shard))] = 1.0
+    return weights
+
+
+# --- the mixture layers ---------------------------------------------------------------------------
+
+
+class MixtureLoRALinear(nn.Module):
+    """A frozen linear layer plus K stacked LoRA adapters mixed per row of the batch."""
+
+    def __init__(self, base: nn.Linear, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: torch.Tensor):
+        super().__init__()
+        self.base = base
+        self.register_buffer("lora_a", lora_a)  # [K, r, in]
+        self.register_buffer("lora_b", lora_b)  # [K, out, r]
+        self.register_buffer("scaling", scaling)  # [K]
+        self.weights: torch.Tensor | None = None  # [batch, K]; None = frozen base only
+        self.decomposed = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        if self.weights is None:
+            return out
+        w = self.weights.to(x.dtype)
+        if self.decomposed:
+            a = torch.einsum("bk,kri->bri", w, self.lora_a)  # sum_k w_k A_k, per row
+            b = torch.einsum("bk,kor->bor", w, self.lora_b)  # sum_k w_k B_k, per row
+            return out + self.scaling[0] * torch.matmul(torch.matmul(x, a.transpose(1, 2)), b.transpose(1, 2))
+        xa = torch.matmul(x.unsqueeze(1), self.lora_a.transpose(1, 2).unsqueeze(0))  # [b, K, t, r]
+        delta = torch.matmul(xa, self.lora_b.transpose(1, 2).unsqueeze(0))  # [b, K, t, out]
+        for k in range(delta.shape[1]):  # sum in shard order; a one-hot row adds exact zeros
+            out = out + delta[:, k] * self.scaling[k] * w[:, k, None, None]
+        return out
+
+
+def _lora_layers(adapter: dict[str, torch.Tensor]) -> list[str]:
+    """Module paths (relative to the causal LM) of the layers an adapter's LoRA state adapts."""
+    suffix = ".lora_A.weight"
+    return sorted(k[len("base_model.model.") : -len(suffix)] for k in adapter if k.endswith(suffix))
+
+
+class MixtureModel:
+    """One frozen base model with all K shard adapters attached as mixture layers (LoRA) or as a
+    stack of soft prompts (prompt tuning). One forward pass serves a batch of mixed requests."""
+
+    def __init__(self, base: nn.Module, tokenizer, adapters: dict[int, dict[str, torch.Tensor]], scaling: float, max_length: int):
+        self.model, self.tokenizer, self.max_length = base, tokenizer, max_length
+        self.shards = sorted(adapters)
+        self.yes_id, self.no_id = answer_token_ids(tokenizer)
+        stacked = [adapters[k] for k in self.shards]
+        self.prompts = None
+        self.layers: list[MixtureLoRALinear] = []
+        if "prompt_embeddings" in stacked[0]:
+            self.prompts = torch.stack([a["prompt_embeddings"] for a in stacked])  # [K, v, hidden]
+            return
+        for path in _lora_layers(stacked[0]):
+            parent_path, name = path.rsplit(".", 1)
+            parent = base.get_submodule(parent_path)
+            linear = getattr(parent, name)
+            linear = linear.base if isinstance(linear, MixtureLoRALinear) else linear
+            a = torch.stack([ad[f"base_model.model.{path}.lora_A.weight"] for ad in stacked])
+            b = torch.stack([ad[f"base_model.model.{path}.lora_B.weight"] for ad in stacked])
+            layer = MixtureLoRALinear(linear, a, b, torch.full((len(stacked),), float(scaling)))
+            setattr(parent, name, layer)
+            self.layers.append(layer)
+
+    @contextmanager
+    def mixing(self, weights: torch.Tensor | None, decomposed: bool = False):
+        for layer in self.layers:
+            layer.weights, layer.decomposed = weights, decomposed
+        try:
+            yield
+        finally:
+            for layer in self.layers:
+                layer.weights = None
+
+    def batch(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        return tokenize(self.tokenizer, prompts, self.max_length)
+
+    @torch.no_grad()
+    def embed(self, batch, layers: int | None) -> torch.Tensor:
+        return embed_batch(self.model, batch, layers)  # layers are unmixed outside `mixing`
+
+    @torch.no_grad()
+    def p_yes(self, batch: dict[str, torch.Tensor], weights: torch.Tensor, decomposed: bool = False) -> torch.Tensor:
+        """P(yes) of each row under its own mixture weights [batch, K]."""
+        if self.prompts is not None:
+            return self._p_yes_prompted(batch, weights)
+        with self.mixing(weights, decomposed):
+            return p_yes(answer_logits(self.model, batch), self.yes_id, self.no_id)
+
+    def _p_yes_prompted(self, batch, weights):
+        prompt = torch.einsum("bk,kvh->bvh", weights.to(self.prompts.dtype), self.prompts)
+        tokens = self.model.get_input_embeddings()(batch["input_ids"])
+        mask = torch.cat([torch.ones(prompt.shape[:2], dtype=batch["attention_mask"].dtype), batch["attention_mask"]], 1)
+        out = self.model(inputs_embeds=torch.cat([prompt, tokens], 1), attention_mask=mask, logits_to_keep=1)
+        return p_yes(out.logits[:, -1, :], self.yes_id, self.no_id)
+
+    @torch.no_grad()
+    def p_yes_averaged(self, batch, masked: set[int] = frozenset()) -> torch.Tensor:
+        """SISA: K forward passes, one per unmasked adapter, and the mean of their P(yes)."""
+        live = [i for i, k in enumerate(self.shards) if k not in masked]
+        if not live:
+            raise ValueError("every shard is masked: no adapter may serve")
+        rows = len(batch["input_ids"])
+        total = torch.zeros(rows)
+        for i in live:
+            one_hot = torch.zeros(rows, len(self.shards))
+            one_hot[:, i] = 1.0
+            total += self.p_yes(batch, one_hot)
+        return total / len(live)

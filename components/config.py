@@ -1,0 +1,147 @@
+"""One typed configuration for the whole system, loaded from YAML.
+
+Every section forbids unknown keys, so a typo fails loudly with the key's path and the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(Section):
+    source: Literal["movielens-100k", "files"] = "movielens-100k"
+    interactions_path: str | None = None  # CSV or Parquet: user_id, item_id, rating, timestamp
+    items_path: str | None = None  # CSV or Parquet: item_id, title[, genres]
+    history_len: int = Field(10, ge=1)
+    like_threshold: float = 3.0  # label = rating > like_threshold
+    n_train: int = Field(1024, ge=1)
+    n_valid: int = Field(500, ge=1)
+    n_test: int = Field(1000, ge=1)
+    valid_period: float = Field(0.1, gt=0, lt=0.5)  # fraction of the timeline before the test period
+    test_period: float = Field(0.1, gt=0, lt=0.5)  # the latest fraction of the timeline
+
+    @model_validator(mode="after")
+    def _files_given(self):
+        if self.source == "files" and not (self.interactions_path and self.items_path):
+            raise ValueError("data.source 'files' needs data.interactions_path and data.items_path")
+        return self
+
+
+class ModelConfig(Section):
+    name: Literal["smollm2-135m", "tiny-llama"] = "smollm2-135m"
+    max_length: int = Field(256, ge=16)  # prompt tokens; longer prompts keep their end
+    # Layers of the frozen model used for embeddings (partition, neighbours). None = all layers.
+    embedding_layers: int | None = Field(None, ge=1)
+    tiny_hidden_size: int = 64
+    tiny_layers: int = 2
+    tiny_heads: int = 4
+
+
+class PartitionConfig(Section):
+    method: Literal["semantic", "adaptive", "random", "user"] = "semantic"
+    num_shards: int = Field(4, ge=1)  # K; for "adaptive" the upper bound comes from the data
+    num_slices: int = Field(4, ge=1)  # R
+    reference_size: int = Field(256, ge=8)  # public synthetic prompts from the catalogue
+    distance_threshold: float = Field(0.5, gt=0)  # adaptive: cosine distance for merging
+    min_cluster_size: int = Field(8, ge=1)  # adaptive: smaller clusters merge into a neighbour
+
+
+class AdapterConfig(Section):
+    kind: Literal["lora", "prompt"] = "lora"
+    r: int = Field(8, ge=1)
+    alpha: int = 16
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    num_virtual_tokens: int = Field(10, ge=1)  # prompt tuning
+
+
+class TrainConfig(Section):
+    epochs: int = Field(1, ge=1)  # epochs at each slice stage
+    # cumulative: stage r trains on slices 0..r (SISA); incremental: stage r trains on slice r only
+    slice_mode: Literal["cumulative", "incremental"] = "cumulative"
+    batch_size: int = Field(8, ge=1)
+    learning_rate: float = Field(3e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    cpus_per_actor: float = Field(1.0, gt=0)
+    gpus_per_actor: float = Field(0.0, ge=0)
+    max_restarts: int = Field(3, ge=0)
+
+
+class AggregateConfig(Section):
+    method: Literal["attention", "decomposed", "uniform", "routing", "average"] = "attention"
+    neighbours: int = Field(20, ge=1)
+    tau: float = Field(1000.0, ge=0)
+
+
+class ServingConfig(Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    max_batch_size: int = Field(16, ge=1)
+    batch_wait_timeout_s: float = Field(0.01, ge=0)
+    max_candidates: int = Field(100, ge=1)
+    max_history: int = Field(50, ge=1)
+    max_body_bytes: int = Field(65536, ge=1024)
+    poll_interval_s: float = Field(0.25, gt=0)  # how often the replica checks alias and masks
+    # Bearer token for POST /v1/forget; the environment variable wins over the file.
+    forget_token_env: str = "UNLEARN_FORGET_TOKEN"
+    forget_token: str | None = None
+
+
+class Config(Section):
+    experiment: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    seed: int = 0
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    partition: PartitionConfig = PartitionConfig()
+    adapter: AdapterConfig = AdapterConfig()
+    train: TrainConfig = TrainConfig()
+    aggregate: AggregateConfig = AggregateConfig()
+    serving: ServingConfig = ServingConfig()
+
+    def sha256(self) -> str:
+        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+
+    def forget_token_value(self) -> str | None:
+        return os.environ.get(self.serving.forget_token_env) or self.serving.forget_token
+
+
+class ConfigError(ValueError):
+    """A configuration file that cannot be used; the message names the file and the key."""
+
+
+def load_config(path: str | os.PathLike, **overrides) -> Config:
+    """Load a YAML config. `overrides` replace top-level sections or keys (used by jobs and tests)."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(raw.get(key), dict):
+            raw[key] = {**raw[key], **value}
+        else:
+            raw[key] = value
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        problems = []
+        for e in err.errors():
+            key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+            what = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+            problems.append(f"  {key}: {what}")
+        raise ConfigError(f"{path}: invalid configuration\n" + "\n".join(problems)) from None

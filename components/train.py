@@ -1,0 +1,210 @@
+"""Train one shard's adapter, slice by slice, deterministically on CPU.
+
+SISA slicing: the shard's samples fall into R slices (a hash of the sample id). Stage r trains on
+slices 0..r (`cumulative`, as in SISA) or on slice r alone (`incremental`), continuing from the
+checkpoint of stage r-1, and writes checkpoint r (adapter, optimizer, RNG state and the manifest
+of the slices it saw). Forgetting a sample of slice s restarts from checkpoint s-1; a stage's
+result depends only on its own slices and the shard's seed, so resuming equals training straight
+through, bit for bit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+import torch
+from peft import LoraConfig, PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+from components.config import Config
+from components.data import stable_hash
+from components.model import answer_logits, answer_token_ids, load_base_model, score, tokenize
+
+ADAPTER_FILE = "adapter.pt"
+
+
+def shard_seed(seed: int, shard: int) -> int:
+    return stable_hash("shard-seed", seed, shard) % (2**31)
+
+
+def manifest_sha256(sample_ids) -> str:
+    """Identifies a set of samples without storing their ids."""
+    return hashlib.sha256("\n".join(sorted(map(str, sample_ids))).encode()).hexdigest()
+
+
+def tensors_sha256(state: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        digest.update(name.encode())
+        digest.update(state[name].detach().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def peft_config(config: Config):
+    a = config.adapter
+    if a.kind == "lora":
+        return LoraConfig(
+            task_type=TaskType.CAUSAL_LM, r=a.r, lora_alpha=a.alpha, lora_dropout=a.dropout,
+            target_modules=list(a.target_modules), bias="none",
+        )
+    return PromptTuningConfig(
+        task_type=TaskType.CAUSAL_LM, num_virtual_tokens=a.num_virtual_tokens, prompt_tuning_init=PromptTuningInit.RANDOM
+    )
+
+
+def new_adapter_model(config: Config, shard: int, tokenizer, base=None):
+    """Base model + a freshly initialised adapter; the init is fixed by the shard's seed."""
+    base = base if base is not None else load_base_model(config.model, config.seed, tokenizer)
+    torch.manual_seed(shard_seed(config.seed, shard))
+    return get_peft_model(base, peft_config(config))
+
+
+def save_atomic(obj, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def checkpoint_path(checkpoint_dir: Path, stage: int) -> Path:
+    return checkpoint_dir / f"slice-{stage}.pt"
+
+
+def stage_manifests(slices: list[list[str]]) -> list[str]:
+    return [manifest_sha256(s) for s in slices]
+
+
+def last_clean_stage(checkpoint_dir: Path, slices: list[list[str]]) -> int:
+    """The latest stage whose checkpoint was trained on exactly the current slices 0..r; -1 if none."""
+    manifests = stage_manifests(slices)
+    clean = -1
+    for stage in range(len(slices)):
+        path = checkpoint_path(checkpoint_dir, stage)
+        if not path.exists():
+            break
+        saved = torch.load(path, map_location="cpu", weights_only=False)["manifests"]
+        if saved != manifests[: stage + 1]:
+            break
+        clean = stage
+    return clean
+
+
+@dataclass
+class ShardResult:
+    shard: int
+    adapter: dict[str, torch.Tensor]
+    valid_predictions: np.ndarray
+    samples: int
+    manifest_sha256: str
+    adapter_sha256: str
+    restarted_from: int  # first stage trained in this call (0 = from scratch, R = nothing to train)
+    losses: list[float] = field(default_factory=list)  # every step's loss, all stages
+    seconds: float = 0.0
+
+
+def train_shard(
+    config: Config,
+    shard: int,
+    samples: pd.DataFrame,
+    valid: pd.DataFrame,
+    checkpoint_dir: Path,
+    tokenizer,
+    progress: Callable[[dict], None] | None = None,
+) -> ShardResult:
+    """Train (or resume) one shard. `samples` carries sample_id, prompt, label and slice."""
+    started = time.time()
+    samples = samples.sort_values("sample_id").reset_index(drop=True)
+    num_slices = config.partition.num_slices
+    slices = [samples.loc[samples["slice"] == r, "sample_id"].tolist() for r in range(num_slices)]
+    manifests = stage_manifests(slices)
+    by_id = samples.set_index("sample_id")
+    yes_id, no_id = answer_token_ids(tokenizer)
+
+    model = new_adapter_model(config, shard, tokenizer)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.train.learning_rate, weight_decay=config.train.weight_decay)
+    losses: list[float] = []
+    resume = last_clean_stage(checkpoint_dir, slices)
+    if resume >= 0:
+        state = torch.load(checkpoint_path(checkpoint_dir, resume), map_location="cpu", weights_only=False)
+        set_peft_model_state_dict(model, state["adapter"])
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])  # dropout continues as if never interrupted
+        losses = list(state["losses"])
+    for stale in range(resume + 1, num_slices):  # checkpoints of other data must not survive
+        checkpoint_path(checkpoint_dir, stale).unlink(missing_ok=True)
+
+    seed = shard_seed(config.seed, shard)
+    model.train()
+    for stage in range(resume + 1, num_slices):
+        stage_ids = sum(slices[: stage + 1], []) if config.train.slice_mode == "cumulative" else slices[stage]
+        stage_ids = sorted(stage_ids)
+        for epoch in range(config.train.epochs):
+            order = torch.randperm(len(stage_ids), generator=torch.Generator().manual_seed(stable_hash(seed, stage, epoch) % 2**63))
+            for start in range(0, len(stage_ids), config.train.batch_size):
+                rows = by_id.loc[[stage_ids[i] for i in order[start : start + config.train.batch_size].tolist()]]
+                batch = tokenize(tokenizer, rows["prompt"].tolist(), config.model.max_length)
+                targets = torch.tensor([yes_id if label else no_id for label in rows["label"]])
+                loss = torch.nn.functional.cross_entropy(answer_logits(model, batch), targets)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                losses.append(float(loss.detach()))
+                if progress:
+                    progress({"shard": shard, "stage": stage, "epoch": epoch, "step": len(losses), "loss": losses[-1]})
+        save_atomic(
+            {
+                "adapter": get_peft_model_state_dict(model),
+                "optimizer": optimizer.state_dict(),
+                "rng": torch.get_rng_state(),
+                "losses": losses,
+                "manifests": manifests[: stage + 1],
+            },
+            checkpoint_path(checkpoint_dir, stage),
+        )
+        if progress:
+            progress({"shard": shard, "stage": stage, "checkpoint": True, "step": len(losses)})
+
+    model.eval()
+    adapter = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
+    valid_predictions = score(model, tokenizer, valid["prompt"].tolist(), config.model.max_length)
+    return ShardResult(
+        shard=shard,
+        adapter=adapter,
+        valid_predictions=valid_predictions,
+        samples=len(samples),
+        manifest_sha256=manifest_sha256(samples["sample_id"]),
+        adapter_sha256=tensors_sha256(adapter),
+        restarted_from=resume + 1,
+        losses=losses,
+        seconds=time.time() - started,
+    )
+
+
+def save_shard_result(result: ShardResult, folder: Path, config: Config) -> Path:
+    """The adapter folder that the registry versions. Per-sample validation predictions are not in
+    it: they belong to the aggregator state, which forgetting rewrites."""
+    folder.mkdir(parents=True, exist_ok=True)
+    save_atomic(result.adapter, folder / ADAPTER_FILE)
+    meta = {
+        "shard": result.shard, "samples": result.samples, "manifest_sha256": result.manifest_sha256,
+        "adapter_sha256": result.adapter_sha256, "restarted_from": result.restarted_from,
+        "seconds": round(result.seconds, 3), "adapter": config.adapter.model_dump(mode="json"),
+        "losses": result.losses,
+    }
+    (folder / "meta.json").write_text(json.dumps(meta, indent=1))
+    return folder

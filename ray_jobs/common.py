@@ -1,0 +1,58 @@
+"""What every job shares: the command line, the offline environment, and connecting to Ray."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import ray
+
+from components.config import Config, ConfigError, load_config
+from components.store import Workdir
+
+OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+def job_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=f"python -m {prog}", description=description)
+    parser.add_argument("--config", required=True, help="YAML config (see configs/)")
+    parser.add_argument("--workdir", help="work dir (default runs/<experiment>)")
+    return parser
+
+
+def load_job(parser: argparse.ArgumentParser, argv: list[str] | None) -> tuple[argparse.Namespace, Config, Workdir]:
+    """Parse arguments and load the config; bad input exits with code 2 and a message."""
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config)
+    except ConfigError as err:
+        parser.exit(2, f"error: {err}\n")
+    return args, config, Workdir(Path(args.workdir or Path("runs") / config.experiment))
+
+
+def id_list(text: str | None) -> list[str]:
+    return [part.strip() for part in (text or "").split(",") if part.strip()]
+
+
+def connect_ray() -> None:
+    """Join the cluster a job was submitted to (RAY_ADDRESS) or start a local one; pass the
+    offline environment and model cache to every worker."""
+    for key, value in OFFLINE_ENV.items():
+        os.environ.setdefault(key, value)
+    if ray.is_initialized():
+        return
+    env = {k: os.environ[k] for k in (*OFFLINE_ENV, "UNLEARN_CACHE", "MLFLOW_TRACKING_URI") if k in os.environ}
+    ray.init(runtime_env={"env_vars": env}, log_to_driver=True)
+
+
+def fail(message: str, code: int = 2) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(code)

@@ -1,0 +1,184 @@
+"""Train every shard's adapter in parallel Ray actors, register them, publish an adapter set.
+
+    python -m ray_jobs.train --config configs/tiny.yaml --workdir runs/tiny
+    python -m ray_jobs.train ... --exclude-users 13,42      # as if those users never existed
+    python -m ray_jobs.train ... --baseline retrain         # also one adapter on all the data
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import ray
+import torch
+
+from components.aggregate import AggregatorState
+from components.config import Config
+from components.metrics import auc, bar_figure, close, loss_curve_figure
+from components.model import load_base_model, load_tokenizer, make_deterministic
+from components.registry import Registry
+from components.store import Workdir, fit_partitioner, load_splits, prepare, remove_samples, write_json, write_shards
+from ray_jobs.common import connect_ray, fail, id_list, job_parser, load_job
+from ray_jobs.shard_actor import ShardTrainer
+
+
+def actor_name(config: Config, shard: int) -> str:
+    return f"{config.experiment}/shard-{shard}"
+
+
+def _print_progress(workdir: Workdir, shards: list[int], seen: dict[int, int]) -> None:
+    for shard in shards:
+        path = workdir.progress(shard)
+        if not path.exists():
+            continue
+        lines = path.read_text().splitlines()
+        if len(lines) > seen.get(shard, 0):
+            seen[shard] = len(lines)
+            last = json.loads(lines[-1])
+            loss = f" loss {last['loss']:.4f}" if "loss" in last else ""
+            print(f"  shard {shard}: slice {last['stage']} step {last['step']}{loss}", flush=True)
+
+
+def train_shards(config: Config, workdir: Workdir, shards: list[int]) -> dict[int, dict]:
+    """One actor per shard, all in parallel; a dead actor restarts and resumes from its last
+    slice checkpoint. Returns each shard's result."""
+    for shard in shards:
+        workdir.progress(shard).unlink(missing_ok=True)
+    actors = {
+        shard: ShardTrainer.options(
+            name=actor_name(config, shard),
+            num_cpus=config.train.cpus_per_actor,
+            num_gpus=config.train.gpus_per_actor,
+            max_restarts=config.train.max_restarts,
+            max_task_retries=config.train.max_restarts,
+        ).remote(config.model_dump(mode="json"), str(workdir.root), shard)
+        for shard in shards
+    }
+    pending = {actor.train.remote(): shard for shard, actor in actors.items()}
+    results, seen = {}, {}
+    print(f"training {len(shards)} shard(s) in parallel: {shards}", flush=True)
+    while pending:
+        done, _ = ray.wait(list(pending), timeout=5.0)
+        for ref in done:
+            shard = pending.pop(ref)
+            results[shard] = ray.get(ref)
+            ray.kill(actors[shard])  # frees the actor's model memory at once
+            print(f"  shard {shard}: done in {results[shard]['seconds']:.1f}s "
+                  f"(restarted from slice {results[shard]['restarted_from']})", flush=True)
+        _print_progress(workdir, list(pending.values()), seen)
+    return results
+
+
+def register_shards(config: Config, workdir: Workdir, registry: Registry, results: dict[int, dict],
+                    extra_tags: dict[str, str] | None = None) -> dict[int, str]:
+    """A registered version per trained shard (not live yet): returns shard -> version."""
+    labels = load_splits(workdir)["valid"]["label"].to_numpy()
+    versions = {}
+    for shard, result in sorted(results.items()):
+        figure = loss_curve_figure(result["losses"], f"{config.experiment} shard {shard}")
+        try:
+            versions[shard] = registry.log_shard_version(
+                shard, workdir.adapter(shard), workdir.checkpoints(shard),
+                params={"shard": shard, "seed": config.seed, "adapter": config.adapter.kind,
+                        "partition": config.partition.method, "num_slices": config.partition.num_slices,
+                        "epochs": config.train.epochs, "slice_mode": config.train.slice_mode,
+                        "batch_size": config.train.batch_size, "learning_rate": config.train.learning_rate},
+                losses=result["losses"],
+                tags={"samples": str(result["samples"]), "manifest_sha256": result["manifest_sha256"],
+                      "adapter_sha256": result["adapter_sha256"], "config_sha256": config.sha256(),
+                      "seed": str(config.seed), "restarted_from": str(result["restarted_from"]),
+                      "valid_auc": f"{auc(labels, result['valid_predictions']):.4f}", **(extra_tags or {})},
+                figures={"loss_curve.png": figure},
+            )
+        finally:
+            close(figure)
+    return versions
+
+
+def publish_adapter_set(config: Config, workdir: Workdir, registry: Registry, state: AggregatorState,
+                        shard_versions: dict[int, str], tags: dict[str, str] | None = None) -> str:
+    """Save the aggregator state, register an adapter set pinning `shard_versions`, make it live."""
+    folder = workdir.path("aggregator")
+    state.save(folder)
+    (folder / "partitioner.npz").write_bytes(workdir.partitioner.read_bytes())
+    for shard, version in shard_versions.items():
+        registry.set_live(registry.shard_model(shard), version)
+    version = registry.register_adapter_set(shard_versions, folder, {"config_sha256": config.sha256(), **(tags or {})})
+    registry.set_live(registry.set_model, version)
+    return version
+
+
+def run(config: Config, workdir: Workdir, exclude_users=(), exclude_interactions=()) -> dict:
+    started = time.time()
+    connect_ray()
+    make_deterministic(max(1, int(config.train.cpus_per_actor)))
+    tokenizer = load_tokenizer()
+    model = load_base_model(config.model, config.seed, tokenizer)
+    prepare(config, workdir, model, tokenizer)
+    if exclude_users or exclude_interactions:
+        removed = remove_samples(workdir, set(exclude_users), set(exclude_interactions))
+        print(f"excluded {sum(map(len, removed.values()))} sample(s) of the given users/interactions", flush=True)
+    partitioner = fit_partitioner(config, workdir, model, tokenizer)
+    splits = load_splits(workdir)
+    sizes = write_shards(config, workdir, splits["train"], partitioner)
+    del model
+    print(f"{config.partition.method} partition: shard sizes {sizes}", flush=True)
+
+    results = train_shards(config, workdir, sorted(sizes))
+    registry = Registry(config.experiment, workdir.root)
+    versions = register_shards(config, workdir, registry, results)
+    valid = splits["valid"]
+    state = AggregatorState(
+        valid["sample_id"].tolist(), torch.tensor(valid["label"].to_numpy()),
+        torch.from_numpy(np.stack(valid["embedding"].to_numpy())) if len(valid) else torch.zeros(0, 0),
+        {k: torch.tensor(np.asarray(r["valid_predictions"])) for k, r in results.items()},
+    )
+    set_version = publish_adapter_set(config, workdir, registry, state, versions)
+    report = {
+        "experiment": config.experiment, "config_sha256": config.sha256(), "adapter_set_version": set_version,
+        "partition": config.partition.method, "seconds": round(time.time() - started, 2),
+        "shards": {
+            str(k): {"version": versions[k], "samples": r["samples"], "manifest_sha256": r["manifest_sha256"],
+                     "adapter_sha256": r["adapter_sha256"], "seconds": round(r["seconds"], 2),
+                     "peak_rss_mb": round(r["peak_rss_mb"], 1)}
+            for k, r in sorted(results.items())
+        },
+    }
+    write_json(workdir.path("reports", "train.json"), report)
+    sizes_figure = bar_figure({f"shard {k}": v for k, v in sizes.items()}, "samples", "shard sizes")
+    sizes_figure.savefig(workdir.path("reports", "shard_sizes.png"))
+    close(sizes_figure)
+    return report
+
+
+def retrain_baseline_config(config: Config) -> Config:
+    """The `retrain` baseline: one adapter on all the training data, same everything else."""
+    return config.model_copy(update={
+        "experiment": f"{config.experiment}-retrain",
+        "partition": config.partition.model_copy(update={"method": "random", "num_shards": 1}),
+    })
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = job_parser("ray_jobs.train", "Train one adapter per shard in parallel Ray actors and register them in MLflow.")
+    parser.add_argument("--exclude-users", help="comma-separated user ids to train as if they never existed")
+    parser.add_argument("--exclude-interactions", help="comma-separated USER:ITEM interactions to leave out")
+    parser.add_argument("--baseline", choices=["retrain"], help="also train the single-adapter baseline")
+    args, config, workdir = load_job(parser, argv)
+    bad = [i for i in id_list(args.exclude_interactions) if i.count(":") != 1]
+    if bad:
+        fail(f"--exclude-interactions takes USER:ITEM pairs, got {bad[0]!r}")
+    report = run(config, workdir, id_list(args.exclude_users), id_list(args.exclude_interactions))
+    print(json.dumps({k: v for k, v in report.items() if k != "shards"}))
+    if args.baseline == "retrain":
+        baseline = run(retrain_baseline_config(config), Workdir(workdir.path("baselines", "retrain")),
+                       id_list(args.exclude_users), id_list(args.exclude_interactions))
+        print(f"retrain baseline: {baseline['seconds']}s (sharded: {report['seconds']}s)")
+    print(f"report: {workdir.path('reports', 'train.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
