@@ -89,10 +89,12 @@ def uniform_weights(batch: int, shards: list[int], masked: set[int] = frozenset(
     return masked_softmax(torch.zeros(batch, len(shards)), shards, masked)
 
 
-def routing_weights(nearest_shard: np.ndarray, shards: list[int], masked: set[int] = frozenset()) -> torch.Tensor:
-    """LMEraser: all weight on the nearest prototype's shard (the next nearest if it is masked)."""
-    weights = torch.zeros(len(nearest_shard), len(shards))
-    for row, ranking in enumerate(np.atleast_2d(nearest_shard)):
+def routing_weights(ranking: np.ndarray, shards: list[int], masked: set[int] = frozenset()) -> torch.Tensor:
+    """LMEraser: all weight on the nearest prototype's shard (the next nearest if it is masked).
+    `ranking` is [batch, K]: each row's shards from nearest to farthest."""
+    ranking = np.asarray(ranking).reshape(len(ranking), -1)
+    weights = torch.zeros(len(ranking), len(shards))
+    for row, ranking in enumerate(ranking):
         shard = next((s for s in ranking if s not in masked), None)
         if shard is None:
             raise ValueError("every shard is masked: no adapter may serve")
@@ -207,3 +209,47 @@ class MixtureModel:
             one_hot[:, i] = 1.0
             total += self.p_yes(batch, one_hot)
         return total / len(live)
+
+
+# --- one entry point for every method: serving, evaluation and verification use it -------------
+
+
+def load_mixture(config, adapter_files: dict[int, Path], tokenizer, base: nn.Module | None = None) -> MixtureModel:
+    """The base model with the shard adapters saved at `adapter_files` (shard -> adapter.pt)."""
+    from components.model import load_base_model
+
+    adapters = {k: torch.load(path, map_location="cpu", weights_only=True) for k, path in adapter_files.items()}
+    base = base if base is not None else load_base_model(config.model, config.seed, tokenizer)
+    return MixtureModel(base, tokenizer, adapters, config.adapter.alpha / config.adapter.r, config.model.max_length)
+
+
+def mixture_weights(config, mixture: MixtureModel, batch, state: AggregatorState | None, partitioner,
+                    masked: set[int] = frozenset(), method: str | None = None) -> torch.Tensor:
+    """The per-row shard weights [batch, K] of `method` (default config.aggregate.method)."""
+    method = method or config.aggregate.method
+    rows = len(batch["input_ids"])
+    if method in ("uniform", "average"):
+        return uniform_weights(rows, mixture.shards, masked)
+    query = mixture.embed(batch, config.model.embedding_layers)
+    if method == "routing":
+        return routing_weights(partitioner.ranking(query.numpy()), mixture.shards, masked)
+    return apa_weights(query, state, config.aggregate.neighbours, config.aggregate.tau, masked)
+
+
+@torch.no_grad()
+def predict(config, mixture: MixtureModel, prompts: list[str], state: AggregatorState | None, partitioner,
+            masked: set[int] = frozenset(), method: str | None = None, batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """P(yes) and the shard weights of every prompt under an aggregation method."""
+    method = method or config.aggregate.method
+    scores, weights = [], []
+    for start in range(0, len(prompts), batch_size):
+        batch = mixture.batch(prompts[start : start + batch_size])
+        w = mixture_weights(config, mixture, batch, state, partitioner, masked, method)
+        if method == "average":
+            scores.append(mixture.p_yes_averaged(batch, masked))
+        else:
+            scores.append(mixture.p_yes(batch, w, decomposed=method == "decomposed"))
+        weights.append(w)
+    if not scores:
+        return np.zeros(0), np.zeros((0, len(mixture.shards)))
+    return torch.cat(scores).numpy(), torch.cat(weights).numpy()

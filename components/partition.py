@@ -124,7 +124,12 @@ class Partitioner:
         return self.nearest(embeddings)
 
     def nearest(self, embeddings: np.ndarray) -> np.ndarray:
-        return np.argmax(_unit(np.asarray(embeddings) - self.center) @ self.centroids.T, axis=1)
+        return self.ranking(embeddings)[:, 0]
+
+    def ranking(self, embeddings: np.ndarray) -> np.ndarray:
+        """Shards of each embedding from nearest to farthest centroid, shape [n, K]."""
+        similarity = _unit(np.asarray(embeddings) - self.center) @ self.centroids.T
+        return np.argsort(-similarity, axis=1, kind="stable")
 
     def save(self, path: Path) -> None:
         arrays = {} if self.centroids is None else {"center": self.center, "centroids": self.centroids}

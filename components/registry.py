@@ -30,8 +30,8 @@ def default_tracking_uri(workdir: Path) -> str:
 @dataclass(frozen=True)
 class AdapterSet:
     version: str
-    shards: dict[int, dict]  # shard -> {"name", "version", "source", "adapter_sha256", ...}
-    folder: Path  # downloaded artifacts: adapter_set.json, aggregator state, shard adapters
+    shards: dict[int, dict]  # shard -> {"name", "version", "source", "adapter_sha256", "local": folder}
+    folder: Path  # downloaded: adapter_set.json, aggregator/ (state + partitioner), shards/
 
 
 class Registry:
@@ -155,9 +155,7 @@ class Registry:
         folder = self.download(mv.source, dst / f"set-{mv.version}")
         shards = {int(k): v for k, v in json.loads((folder / "adapter_set.json").read_text())["shards"].items()}
         for shard, info in shards.items():
-            target = folder / "shards" / str(shard)
-            if not target.exists():
-                self.download(info["source"], target)
+            info["local"] = str(self.download(info["source"], folder / "shards" / str(shard)))
         return AdapterSet(mv.version, shards, folder)
 
     def live_set_version(self) -> str | None:
@@ -175,6 +173,14 @@ class Registry:
     def set_masked_shards(self, shards: set[int]) -> None:
         self._ensure_model(self.set_model, "")
         self.client.set_registered_model_tag(self.set_model, MASK_TAG, ",".join(map(str, sorted(shards))))
+
+    def run_artifacts(self, run_id: str) -> list[str]:
+        """The files a run's artifact store still holds (deleted runs included)."""
+        try:
+            run = self.client.get_run(run_id)
+        except MlflowException:
+            return []
+        return _list_files(get_artifact_repository(run.info.artifact_uri))
 
     # --- purge ------------------------------------------------------------------------------------
     def purge_version(self, name: str, version: str) -> dict:

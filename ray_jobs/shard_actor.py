@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import resource
+import time
 
 import ray
 
@@ -33,6 +34,7 @@ class ShardTrainer:
             print(f"[shard {self.shard}] slice {event['stage']} step {event['step']} loss {event['loss']:.4f}", flush=True)
 
     def train(self) -> dict:
+        started_at = time.time()
         samples = read_parquet(self.workdir.shard_samples(self.shard))
         valid = read_parquet(self.workdir.split("valid"))
         result = train_shard(self.config, self.shard, samples, valid, self.workdir.checkpoints(self.shard),
@@ -43,4 +45,5 @@ class ShardTrainer:
             "manifest_sha256": result.manifest_sha256, "adapter_sha256": result.adapter_sha256,
             "restarted_from": result.restarted_from, "losses": result.losses, "seconds": result.seconds,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "started_at": started_at, "finished_at": time.time(),
         }

@@ -1,0 +1,234 @@
+"""Forget requests: a durable request log, the plan of a forgetting round, the scan for traces,
+and the bit-for-bit comparison with a from-scratch model.
+
+A request moves through recorded states; a process killed in any state resumes from it:
+
+    received -> masked -> deleted -> retrained -> registered -> unmasked -> purged -> done
+
+Requests waiting while a round runs are coalesced into the next round, so each affected shard
+retrains once per round. The ids to forget are kept only while a request is pending; a finished
+request and its audit record keep a salted hash of the subject instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import secrets
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from components.aggregate import AggregatorState
+from components.data import SPLITS, read_parquet, samples_touching
+from components.store import Workdir, write_json
+from components.train import last_clean_stage
+
+STATES = ("received", "masked", "deleted", "retrained", "registered", "unmasked", "purged", "done")
+
+
+def state_index(state: str) -> int:
+    return STATES.index(state)
+
+
+@dataclass(frozen=True)
+class ForgetRequest:
+    request_id: str
+    affected_shards: list[int]
+    state: str
+
+
+class RequestError(ValueError):
+    """A forget request that cannot be accepted (the message says why)."""
+
+
+def _requests_dir(workdir: Workdir) -> Path:
+    return workdir.path("requests")
+
+
+def request_path(workdir: Workdir, request_id: str) -> Path:
+    if not request_id or not all(c.isalnum() or c in "-_." for c in request_id) or request_id.startswith("."):
+        raise RequestError(f"invalid request id {request_id!r}: use letters, digits, '-', '_' and '.'")
+    return _requests_dir(workdir) / f"{request_id}.json"
+
+
+def load_request(workdir: Workdir, request_id: str) -> dict | None:
+    path = request_path(workdir, request_id)
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def save_request(workdir: Workdir, record: dict) -> None:
+    write_json(request_path(workdir, record["request_id"]), record)
+
+
+def pending_requests(workdir: Workdir) -> list[dict]:
+    records = [json.loads(p.read_text()) for p in sorted(_requests_dir(workdir).glob("*.json"))]
+    return sorted((r for r in records if r["state"] != "done"), key=lambda r: r["created"])
+
+
+def validate_ids(users: list[str], interactions: list[str]) -> None:
+    if not users and not interactions:
+        raise RequestError("a forget request names at least one user or interaction")
+    bad = [i for i in interactions if i.count(":") != 1 or not all(i.split(":"))]
+    if bad:
+        raise RequestError(f"interactions are USER:ITEM pairs, got {bad[0]!r}")
+
+
+def shard_hits(workdir: Workdir, users: set[str], interactions: set[str]) -> dict[int, pd.DataFrame]:
+    """The samples of each shard that the subject touches (with their slices)."""
+    hits = {}
+    for shard in range(workdir.num_shards()):
+        frame = read_parquet(workdir.shard_samples(shard))
+        touched = frame[samples_touching(frame, users, interactions)]
+        if len(touched):
+            hits[shard] = touched
+    return hits
+
+
+def new_request(workdir: Workdir, users: list[str], interactions: list[str], request_id: str | None = None,
+                source: str = "cli") -> ForgetRequest:
+    """Record a request durably (state `received`) with the shards it affects. The same request id
+    twice returns the existing record and does no extra work."""
+    users = sorted({str(u).strip() for u in users if str(u).strip()})
+    interactions = sorted({str(i).strip() for i in interactions if str(i).strip()})
+    validate_ids(users, interactions)
+    request_id = request_id or uuid.uuid4().hex[:16]
+    existing = load_request(workdir, request_id)
+    if existing is not None:
+        return ForgetRequest(request_id, existing["affected_shards"], existing["state"])
+    affected = sorted(shard_hits(workdir, set(users), set(interactions)))
+    record = {
+        "request_id": request_id, "created": time.time(), "source": source, "state": "received",
+        "users": users, "interactions": interactions, "affected_shards": affected,
+        "subject_hash": subject_hash(workdir, users, interactions), "history": [["received", time.time()]],
+    }
+    save_request(workdir, record)
+    return ForgetRequest(request_id, affected, "received")
+
+
+def advance(workdir: Workdir, record: dict, state: str, **fields) -> dict:
+    record.update(fields, state=state)
+    record["history"].append([state, time.time()])
+    save_request(workdir, record)
+    return record
+
+
+def scrub(record: dict) -> dict:
+    """Drop the plain ids once a request is done: only the salted hash remains."""
+    return {k: v for k, v in record.items() if k not in ("users", "interactions")}
+
+
+def masked_by_pending(workdir: Workdir) -> set[int]:
+    """Shards that must stay masked: those of every request not yet past `registered`."""
+    return {s for r in pending_requests(workdir) if state_index(r["state"]) < state_index("unmasked") for s in r["affected_shards"]}
+
+
+@contextlib.contextmanager
+def round_lock(workdir: Workdir):
+    """At most one forgetting round at a time per work dir; yields False if another holds it."""
+    path = _requests_dir(workdir) / ".lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+# --- the subject's salted hash --------------------------------------------------------------------
+
+
+def _salt(workdir: Workdir) -> bytes:
+    path = workdir.path("audit", ".salt")
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes(secrets.token_bytes(32))
+        tmp.chmod(0o600)
+        tmp.replace(path)
+    return path.read_bytes()
+
+
+def subject_hash(workdir: Workdir, users: list[str], interactions: list[str]) -> str:
+    subject = json.dumps({"users": sorted(users), "interactions": sorted(interactions)})
+    return hashlib.sha256(_salt(workdir) + subject.encode()).hexdigest()
+
+
+# --- the plan of a round ----------------------------------------------------------------------------
+
+
+def plan_round(workdir: Workdir, users: set[str], interactions: set[str]) -> dict:
+    """Which shards retrain from which slice, and how many samples go, before anything is deleted."""
+    hits = shard_hits(workdir, users, interactions)
+    removed, known = {}, set()
+    for name in SPLITS:
+        frame = read_parquet(workdir.split(name))
+        touched = samples_touching(frame, users, interactions)
+        removed[name] = int(touched.sum())
+        known |= set(frame.loc[touched, "user_id"])
+    return {
+        "shards": {str(k): {"restart_slice": int(t["slice"].min()), "samples_removed": len(t)} for k, t in sorted(hits.items())},
+        "samples_removed": removed,
+        "unknown_users": len(users - known),  # reported, not an error: the rest of the request goes on
+    }
+
+
+# --- the scan for traces ------------------------------------------------------------------------
+
+
+def scan_workdir(workdir: Workdir, users: set[str], interactions: set[str]) -> list[str]:
+    """Every place in the work dir where a sample of the subject could remain; returns findings."""
+    findings = []
+    files = [workdir.split(n) for n in SPLITS] + [workdir.shard_samples(k) for k in range(workdir.num_shards())]
+    for path in files:
+        if path.exists() and samples_touching(read_parquet(path), users, interactions).any():
+            findings.append(f"sample store: {path.relative_to(workdir.root)} still holds samples of the subject")
+    for shard in range(workdir.num_shards()):
+        samples = read_parquet(workdir.shard_samples(shard))
+        slices = [samples.loc[samples["slice"] == r, "sample_id"].tolist() for r in range(int(samples["slice"].max() + 1) if len(samples) else 0)]
+        checkpoints = sorted(workdir.checkpoints(shard).glob("slice-*.pt"))
+        if slices and len(checkpoints) > last_clean_stage(workdir.checkpoints(shard), slices) + 1:
+            findings.append(f"checkpoints: shard {shard} keeps a checkpoint trained on other data")
+    aggregator = workdir.path("aggregator")
+    if (aggregator / "state.pt").exists():
+        state = AggregatorState.load(aggregator)
+        touched = [s for s in state.sample_ids if s.split(":")[0] in users or s in interactions]
+        if touched:
+            findings.append(f"aggregator state: {len(touched)} validation sample(s) of the subject")
+    for record in map(json.loads, map(Path.read_text, _requests_dir(workdir).glob("*.json"))):
+        if record["state"] == "done" and ("users" in record or "interactions" in record):
+            findings.append(f"request log: {record['request_id']} keeps plain ids")
+    return findings
+
+
+# --- bit-for-bit comparison -----------------------------------------------------------------------
+
+
+def compare_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> list[str]:
+    if sorted(a) != sorted(b):
+        return [f"different tensor names: {sorted(set(a) ^ set(b))[:3]}"]
+    return [name for name in sorted(a) if not torch.equal(a[name], b[name])]
+
+
+def compare_states(a: AggregatorState, b: AggregatorState) -> list[str]:
+    diffs = []
+    if a.sample_ids != b.sample_ids:
+        diffs.append("validation sample ids")
+    for field in ("labels", "embeddings"):
+        if not torch.equal(getattr(a, field), getattr(b, field)):
+            diffs.append(field)
+    if a.shards() != b.shards():
+        diffs.append("shards")
+    diffs += [f"predictions of shard {k}" for k in a.shards() if k in b.predictions and not torch.equal(a.predictions[k], b.predictions[k])]
+    return diffs

@@ -1,0 +1,265 @@
+"""Forget users or interactions exactly: mask, delete, retrain the affected shards from their last
+clean slice checkpoint, register, swap, purge, scan, and (with --verify) prove the result equals a
+model trained from scratch without the data.
+
+    python -m ray_jobs.forget --config configs/tiny.yaml --workdir runs/tiny --users 13,42
+    python -m ray_jobs.forget ... --interactions 13:250 --request-id ticket-991 --verify
+    python -m ray_jobs.forget ... --request-id ticket-991      # resume / process a recorded request
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+from components.aggregate import AggregatorState, load_mixture, predict
+from components.config import Config
+import torch
+
+from components.data import read_parquet, samples_touching
+from components.model import load_tokenizer
+from components.partition import Partitioner
+from components.registry import Registry
+from components.store import Workdir, load_splits, remove_samples, write_json
+from components.train import ADAPTER_FILE, checkpoint_path
+from components.unlearn import (
+    RequestError,
+    advance,
+    compare_states,
+    compare_tensors,
+    load_request,
+    masked_by_pending,
+    new_request,
+    pending_requests,
+    plan_round,
+    round_lock,
+    scan_workdir,
+    scrub,
+    state_index,
+)
+from ray_jobs.common import connect_ray, fail, id_list, job_parser, load_job
+from ray_jobs.train import publish_adapter_set, register_shards, train_shards
+from ray_jobs.train import run as train_from_scratch
+
+
+def _round_path(workdir: Workdir) -> Path:
+    return workdir.path("rounds", "current.json")
+
+
+def process(config: Config, workdir: Workdir, verify: bool = False) -> list[dict]:
+    """Process every pending request, round by round; returns the audit records written.
+    If another process is running a round, the requests stay queued for it and nothing is done."""
+    audits = []
+    with round_lock(workdir) as held:
+        if not held:
+            print("another forget job is running a round: the request is queued and will be coalesced into its next round")
+            return audits
+        while True:
+            round_ = json.loads(_round_path(workdir).read_text()) if _round_path(workdir).exists() else None
+            if round_ is None:
+                batch = pending_requests(workdir)
+                if not batch:
+                    return audits
+                round_ = {"round_id": uuid.uuid4().hex[:12], "request_ids": [r["request_id"] for r in batch],
+                          "users": sorted({u for r in batch for u in r["users"]}),
+                          "interactions": sorted({i for r in batch for i in r["interactions"]}),
+                          "state": "received", "seconds": {}}
+                write_json(_round_path(workdir), round_)
+            audits += run_round(config, workdir, round_, verify)
+
+
+def _set_state(workdir: Workdir, round_: dict, state: str, started: float, **fields) -> None:
+    round_.update(fields, state=state)
+    round_["seconds"][state] = round(time.time() - started, 3)
+    write_json(_round_path(workdir), round_)
+    for request_id in round_["request_ids"]:
+        advance(workdir, load_request(workdir, request_id), state)
+    print(f"[{round_['round_id']}] {state} ({round_['seconds'][state]}s)", flush=True)
+
+
+def run_round(config: Config, workdir: Workdir, round_: dict, verify: bool) -> list[dict]:
+    registry = Registry(config.experiment, workdir.root)
+    users, interactions = set(round_["users"]), set(round_["interactions"])
+    print(f"[{round_['round_id']}] forgetting for request(s) {', '.join(round_['request_ids'])} (state {round_['state']})", flush=True)
+
+    if round_["state"] == "received":
+        t = time.time()
+        plan = plan_round(workdir, users, interactions)
+        shards = sorted(int(k) for k in plan["shards"])
+        old = {str(k): registry.live_version(registry.shard_model(k)).version for k in shards}
+        valid = read_parquet(workdir.split("valid"))
+        removed_valid = valid.loc[samples_touching(valid, users, interactions), "sample_id"].tolist()
+        # Serving stops using the shards now, before any data is touched.
+        registry.set_masked_shards(registry.masked_shards() | set(shards) | masked_by_pending(workdir))
+        _set_state(workdir, round_, "masked", t, plan=plan, old_versions=old, old_set=registry.live_set_version(),
+                   removed_valid=removed_valid)
+        if not any(plan["samples_removed"].values()):  # nothing of the subject is here: nothing to redo
+            _set_state(workdir, round_, "purged", t, new_versions={}, new_set=round_["old_set"], purged=[])
+
+    shards = sorted(int(k) for k in round_["plan"]["shards"])
+    if round_["state"] == "masked":
+        t = time.time()
+        remove_samples(workdir, users, interactions)
+        for shard in shards:  # checkpoints from the first touched slice on were trained on the data
+            restart = round_["plan"]["shards"][str(shard)]["restart_slice"]
+            for stage in range(restart, config.partition.num_slices):
+                checkpoint_path(workdir.checkpoints(shard), stage).unlink(missing_ok=True)
+            shutil.rmtree(workdir.adapter(shard), ignore_errors=True)
+            workdir.progress(shard).unlink(missing_ok=True)
+        _set_state(workdir, round_, "deleted", t)
+
+    if state_index(round_["state"]) < state_index("registered"):
+        t = time.time()
+        results = {}
+        if shards:
+            connect_ray()
+            results = train_shards(config, workdir, shards)  # resumes from the clean checkpoints
+            _set_state(workdir, round_, "retrained", t, restarted_from={str(k): r["restarted_from"] for k, r in results.items()})
+        t = time.time()
+        new_versions = register_shards(config, workdir, registry, results, {"forget_request": round_["round_id"]})
+        with tempfile.TemporaryDirectory() as tmp:
+            live = registry.load_adapter_set(Path(tmp), round_["old_set"])
+            state = AggregatorState.load(live.folder / "aggregator").without(set(round_["removed_valid"]))
+            pinned = {k: str(v["version"]) for k, v in live.shards.items()}
+        for shard, result in results.items():
+            state.predictions[shard] = torch.tensor(result["valid_predictions"])
+        pinned.update({k: str(v) for k, v in new_versions.items()})
+        set_version = publish_adapter_set(config, workdir, registry, state, pinned, {"forget_request": round_["round_id"]})
+        _set_state(workdir, round_, "registered", t, new_versions={str(k): v for k, v in new_versions.items()}, new_set=set_version)
+
+    if round_["state"] == "registered":
+        t = time.time()
+        registry.set_masked_shards(masked_by_pending(workdir) - set(shards))
+        _set_state(workdir, round_, "unmasked", t)
+
+    if round_["state"] == "unmasked":
+        t = time.time()
+        purged = []
+        for shard in shards:
+            name = registry.shard_model(shard)
+            purged += [registry.purge_version(name, str(v.version)) for v in registry.versions(name)
+                       if str(v.version) != str(round_["new_versions"][str(shard)])]
+        purged += [registry.purge_version(registry.set_model, str(v.version)) for v in registry.versions(registry.set_model)
+                   if str(v.version) != str(round_["new_set"])]
+        _set_state(workdir, round_, "purged", t, purged=purged)
+
+    t = time.time()
+    findings = scan_workdir(workdir, users, interactions) + scan_registry(registry, round_)
+    verification = verify_from_scratch(config, workdir, registry, round_["round_id"]) if verify else None
+    audits = []
+    for request_id in round_["request_ids"]:
+        record = load_request(workdir, request_id)
+        audit = {
+            "request_id": request_id, "subject_hash": record["subject_hash"], "source": record["source"],
+            "coalesced_with": [r for r in round_["request_ids"] if r != request_id], "round_id": round_["round_id"],
+            "affected_shards": shards, "slice_restarted_from": {k: v["restart_slice"] for k, v in round_["plan"]["shards"].items()},
+            "samples_removed": round_["plan"]["samples_removed"], "unknown_users": round_["plan"]["unknown_users"],
+            "old_versions": round_["old_versions"], "new_versions": round_["new_versions"],
+            "old_adapter_set": round_["old_set"], "new_adapter_set": round_["new_set"],
+            "purged": round_["purged"], "seconds": round_["seconds"],
+            "scan": {"clean": not findings, "findings": findings}, "verification": verification,
+        }
+        write_json(workdir.path("audit", f"{request_id}.json"), audit)
+        audits.append(audit)
+    # Only now do the plain ids go: the request records keep the salted hash.
+    for request_id in round_["request_ids"]:
+        record = advance(workdir, scrub(load_request(workdir, request_id)), "done")
+    _round_path(workdir).unlink()
+    print(f"[{round_['round_id']}] done in {sum(round_['seconds'].values()) + time.time() - t:.1f}s; "
+          f"scan {'clean' if not findings else findings}", flush=True)
+    return audits
+
+
+def scan_registry(registry: Registry, round_: dict) -> list[str]:
+    """No version other than the new one survives for an affected shard, and no purged artifact remains."""
+    findings = []
+    for shard, version in round_["new_versions"].items():
+        others = [v.version for v in registry.versions(registry.shard_model(int(shard))) if str(v.version) != str(version)]
+        if others:
+            findings.append(f"registry: {registry.shard_model(int(shard))} keeps versions {others}")
+    for item in round_["purged"]:
+        if registry.run_artifacts(item["run_id"]):
+            findings.append(f"artifacts of {item['model']} v{item['version']} still present")
+    return findings
+
+
+def verify_from_scratch(config: Config, workdir: Workdir, registry: Registry, round_id: str) -> dict:
+    """Train every shard from scratch on the current store (which no longer holds the subject) and
+    compare every live adapter tensor, the aggregator state and the test predictions."""
+    started = time.time()
+    reference_dir = Workdir(workdir.path("verify", round_id))
+    shutil.rmtree(reference_dir.root, ignore_errors=True)
+    for name in load_splits(workdir):
+        reference_dir.split(name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(workdir.split(name), reference_dir.split(name))
+    reference_config = config.model_copy(update={"experiment": f"{config.experiment}-verify"})
+    train_from_scratch(reference_config, reference_dir)
+    result = compare_live(config, registry, Registry(reference_config.experiment, reference_dir.root),
+                          load_splits(workdir)["test"]["prompt"].tolist())
+    shutil.rmtree(reference_dir.root, ignore_errors=True)
+    return {**result, "seconds": round(time.time() - started, 2)}
+
+
+def compare_live(config: Config, ours: Registry, theirs: Registry, test_prompts: list[str]) -> dict:
+    """Bit-for-bit comparison of two live adapter sets: adapters, aggregator state, predictions."""
+    tokenizer = load_tokenizer()
+    with tempfile.TemporaryDirectory() as tmp:
+        sets = [ours.load_adapter_set(Path(tmp) / "a"), theirs.load_adapter_set(Path(tmp) / "b")]
+        files = [{k: Path(v["local"]) / ADAPTER_FILE for k, v in s.shards.items()} for s in sets]
+        adapter_diffs = {}
+        for shard in sorted(set(files[0]) | set(files[1])):
+            if shard not in files[0] or shard not in files[1]:
+                adapter_diffs[shard] = ["missing in one set"]
+            elif diff := compare_tensors(*(torch.load(f[shard], weights_only=True) for f in files)):
+                adapter_diffs[shard] = diff
+        states = [AggregatorState.load(s.folder / "aggregator") for s in sets]
+        predictions = []
+        for adapter_set, state, adapter_files in zip(sets, states, files):
+            partitioner = Partitioner.load(adapter_set.folder / "aggregator" / "partitioner.npz")
+            mixture = load_mixture(config, adapter_files, tokenizer)
+            predictions.append(predict(config, mixture, test_prompts, state, partitioner)[0])
+    state_diffs = compare_states(*states)
+    identical_predictions = bool(len(predictions[0]) == len(predictions[1]) and (predictions[0] == predictions[1]).all())
+    return {
+        "identical": not adapter_diffs and not state_diffs and identical_predictions,
+        "adapter_differences": adapter_diffs, "aggregator_differences": state_diffs,
+        "identical_test_predictions": identical_predictions, "test_samples": len(test_prompts),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = job_parser("ray_jobs.forget", "Forget users or interactions exactly, and prove it.")
+    parser.add_argument("--users", help="comma-separated user ids")
+    parser.add_argument("--interactions", help="comma-separated USER:ITEM interactions")
+    parser.add_argument("--request-id", help="idempotency key; alone, it resumes a recorded request")
+    parser.add_argument("--verify", action="store_true", help="also train from scratch without the data and compare bit for bit")
+    args, config, workdir = load_job(parser, argv)
+    if workdir.num_shards() == 0:
+        fail(f"{workdir.root} holds no trained shards: run ray_jobs.train first")
+    users, interactions = id_list(args.users), id_list(args.interactions)
+    try:
+        if users or interactions:
+            request = new_request(workdir, users, interactions, args.request_id)
+            print(f"request {request.request_id}: affects shard(s) {request.affected_shards} (state {request.state})")
+            # Mask at once, even if another job's round is running and this request has to wait.
+            registry = Registry(config.experiment, workdir.root)
+            registry.set_masked_shards(registry.masked_shards() | masked_by_pending(workdir))
+        elif args.request_id:
+            if load_request(workdir, args.request_id) is None:
+                fail(f"unknown request id {args.request_id!r}")
+        else:
+            fail("name --users, --interactions, or the --request-id of a recorded request")
+    except RequestError as err:
+        fail(str(err))
+    for audit in process(config, workdir, verify=args.verify):
+        print(f"audit: {workdir.path('audit', audit['request_id'] + '.json')}")
+        print(json.dumps({k: audit[k] for k in ("request_id", "affected_shards", "new_versions", "seconds", "scan", "verification")}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
