@@ -34,7 +34,7 @@ $(MODEL_DIR)/config.json: | $(STAMP)
 	$(PY) -m components.model --convert
 
 demo: setup
-	$(PY) -m demo
+	$(PY) demo.py
 
 test: setup
 	$(PY) -m pytest -m "not slow or ci" -q

@@ -64,15 +64,15 @@ def movielens_dir() -> Path:
 
 def _read_table(path: str | Path, required: tuple[str, ...]) -> pd.DataFrame:
     path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in (".csv", ".parquet", ".pq"):
+        raise DataError(f"{path}: unknown file format {suffix!r} (use .csv or .parquet)")
     if not path.exists():
         raise DataError(f"{path}: file not found")
-    suffix = path.suffix.lower()
     if suffix == ".csv":
         frame = pd.read_csv(path)
-    elif suffix in (".parquet", ".pq"):
-        frame = pd.read_parquet(path)
     else:
-        raise DataError(f"{path}: unknown file format {suffix!r} (use .csv or .parquet)")
+        frame = pd.read_parquet(path)
     missing = [c for c in required if c not in frame.columns]
     if missing:
         raise DataError(f"{path}: missing column(s) {', '.join(missing)} (has {', '.join(map(str, frame.columns))})")

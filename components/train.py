@@ -84,13 +84,24 @@ def checkpoint_path(checkpoint_dir: Path, stage: int) -> Path:
     return checkpoint_dir / f"slice-{stage}.pt"
 
 
-def stage_manifests(slices: list[list[str]]) -> list[str]:
-    return [manifest_sha256(s) for s in slices]
+def training_sha256(config: Config) -> str:
+    """What a checkpoint's bits depend on besides the data: model, adapter, training, seed."""
+    relevant = {"seed": config.seed, "model": config.model.model_dump(mode="json"), "adapter": config.adapter.model_dump(mode="json"),
+                "train": config.train.model_dump(mode="json", exclude={"cpus_per_actor", "gpus_per_actor", "max_restarts"}),
+                "num_slices": config.partition.num_slices}
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
 
 
-def last_clean_stage(checkpoint_dir: Path, slices: list[list[str]]) -> int:
-    """The latest stage whose checkpoint was trained on exactly the current slices 0..r; -1 if none."""
-    manifests = stage_manifests(slices)
+def stage_manifests(slices: list[list[str]], config: Config) -> list[str]:
+    """One fingerprint per stage: the slice's sample ids and the training configuration."""
+    training = training_sha256(config)
+    return [hashlib.sha256((training + manifest_sha256(s)).encode()).hexdigest() for s in slices]
+
+
+def last_clean_stage(checkpoint_dir: Path, slices: list[list[str]], config: Config) -> int:
+    """The latest stage whose checkpoint was trained on exactly the current slices 0..r with the
+    same training configuration; -1 if none."""
+    manifests = stage_manifests(slices, config)
     clean = -1
     for stage in range(len(slices)):
         path = checkpoint_path(checkpoint_dir, stage)
@@ -130,7 +141,7 @@ def train_shard(
     samples = samples.sort_values("sample_id").reset_index(drop=True)
     num_slices = config.partition.num_slices
     slices = [samples.loc[samples["slice"] == r, "sample_id"].tolist() for r in range(num_slices)]
-    manifests = stage_manifests(slices)
+    manifests = stage_manifests(slices, config)
     by_id = samples.set_index("sample_id")
     yes_id, no_id = answer_token_ids(tokenizer)
 
@@ -138,7 +149,7 @@ def train_shard(
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.train.learning_rate, weight_decay=config.train.weight_decay)
     losses: list[float] = []
-    resume = last_clean_stage(checkpoint_dir, slices)
+    resume = last_clean_stage(checkpoint_dir, slices, config)
     if resume >= 0:
         state = torch.load(checkpoint_path(checkpoint_dir, resume), map_location="cpu", weights_only=False)
         set_peft_model_state_dict(model, state["adapter"])

@@ -187,7 +187,7 @@ def plan_round(workdir: Workdir, users: set[str], interactions: set[str]) -> dic
 # --- the scan for traces ------------------------------------------------------------------------
 
 
-def scan_workdir(workdir: Workdir, users: set[str], interactions: set[str]) -> list[str]:
+def scan_workdir(workdir: Workdir, config, users: set[str], interactions: set[str]) -> list[str]:
     """Every place in the work dir where a sample of the subject could remain; returns findings."""
     findings = []
     files = [workdir.split(n) for n in SPLITS] + [workdir.shard_samples(k) for k in range(workdir.num_shards())]
@@ -196,9 +196,9 @@ def scan_workdir(workdir: Workdir, users: set[str], interactions: set[str]) -> l
             findings.append(f"sample store: {path.relative_to(workdir.root)} still holds samples of the subject")
     for shard in range(workdir.num_shards()):
         samples = read_parquet(workdir.shard_samples(shard))
-        slices = [samples.loc[samples["slice"] == r, "sample_id"].tolist() for r in range(int(samples["slice"].max() + 1) if len(samples) else 0)]
+        slices = [samples.loc[samples["slice"] == r, "sample_id"].tolist() for r in range(config.partition.num_slices)]
         checkpoints = sorted(workdir.checkpoints(shard).glob("slice-*.pt"))
-        if slices and len(checkpoints) > last_clean_stage(workdir.checkpoints(shard), slices) + 1:
+        if len(checkpoints) > last_clean_stage(workdir.checkpoints(shard), slices, config) + 1:
             findings.append(f"checkpoints: shard {shard} keeps a checkpoint trained on other data")
     aggregator = workdir.path("aggregator")
     if (aggregator / "state.pt").exists():

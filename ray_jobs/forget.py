@@ -148,7 +148,7 @@ def run_round(config: Config, workdir: Workdir, round_: dict, verify: bool) -> l
         _set_state(workdir, round_, "purged", t, purged=purged)
 
     t = time.time()
-    findings = scan_workdir(workdir, users, interactions) + scan_registry(registry, round_)
+    findings = scan_workdir(workdir, config, users, interactions) + scan_registry(registry, round_)
     verification = verify_from_scratch(config, workdir, registry, round_["round_id"]) if verify else None
     audits = []
     for request_id in round_["request_ids"]:

@@ -141,7 +141,8 @@ def run(config: Config, workdir: Workdir, exclude_users=(), exclude_interactions
         "partition": config.partition.method, "seconds": round(time.time() - started, 2),
         "shards": {
             str(k): {"version": versions[k], "samples": r["samples"], "manifest_sha256": r["manifest_sha256"],
-                     "adapter_sha256": r["adapter_sha256"], "seconds": round(r["seconds"], 2),
+                     "adapter_sha256": r["adapter_sha256"], "restarted_from": r["restarted_from"],
+                     "seconds": round(r["seconds"], 2), "started_at": r["started_at"], "finished_at": r["finished_at"],
                      "peak_rss_mb": round(r["peak_rss_mb"], 1)}
             for k, r in sorted(results.items())
         },

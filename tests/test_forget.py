@@ -1,0 +1,161 @@
+"""Issue 6: exact forgetting, end to end, compared bit for bit with training from scratch."""
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+from components.data import read_parquet
+from components.registry import Registry
+from components.store import Workdir, load_splits
+from components.unlearn import RequestError, new_request, pending_requests
+from ray_jobs import forget as forget_job
+from ray_jobs import train as train_job
+
+from .conftest import ROOT, TINY
+
+
+def shard_of_users(workdir):
+    """user -> set of shards holding that user's training samples."""
+    owners = {}
+    for shard in range(workdir.num_shards()):
+        for user in read_parquet(workdir.shard_samples(shard))["user_id"]:
+            owners.setdefault(user, set()).add(shard)
+    return owners
+
+
+def assert_identical_to_scratch(config, workdir, tmp_path, users, interactions):
+    scratch = Workdir(tmp_path / f"scratch-{uuid.uuid4().hex[:8]}")  # never reuse a path: MLflow caches stores by URI
+    train_job.run(config, scratch, users, interactions)
+    result = forget_job.compare_live(config, Registry(config.experiment, workdir.root),
+                                     Registry(config.experiment, scratch.root), load_splits(workdir)["test"]["prompt"].tolist())
+    assert result["identical"], result
+    assert result["test_samples"] == len(load_splits(scratch)["test"]) > 0
+    shutil.rmtree(scratch.root)
+
+
+FORGOTTEN = {"users": [], "interactions": []}  # everything the module's work dir has forgotten so far
+
+
+@pytest.fixture(scope="module")
+def forgetting(ray_session, tiny_config, tmp_path_factory):
+    workdir = Workdir(tmp_path_factory.mktemp("forget"))
+    train_job.run(tiny_config, workdir)
+    return workdir
+
+
+def test_forgetting_equals_training_without_the_data(forgetting, tiny_config, tmp_path):
+    workdir, config = forgetting, tiny_config
+    registry = Registry(config.experiment, workdir.root)
+    owners = shard_of_users(workdir)
+    forgotten_users, forgotten_interactions = FORGOTTEN["users"], FORGOTTEN["interactions"]
+
+    # 1. a user in one shard
+    single = sorted(u for u, s in owners.items() if len(s) == 1)[0]
+    new_request(workdir, [single], [], "one-shard")
+    [audit] = forget_job.process(config, workdir)
+    assert audit["affected_shards"] == sorted(owners[single]) and audit["scan"]["clean"], audit
+    assert registry.masked_shards() == set()
+    forgotten_users.append(single)
+    assert_identical_to_scratch(config, workdir, tmp_path, forgotten_users, forgotten_interactions)
+
+    # 2. two requests coalesced into one round; their users sit in different shards
+    owners = shard_of_users(workdir)
+    a = next(u for u, s in sorted(owners.items()) if u != single)
+    b = next(u for u, s in sorted(owners.items()) if not s & owners[a])
+    new_request(workdir, [a], [], "coalesced-a")
+    new_request(workdir, [b], [], "coalesced-b")
+    audits = forget_job.process(config, workdir)
+    assert [x["round_id"] for x in audits][0] == audits[1]["round_id"], "the two requests ran in separate rounds"
+    assert len(audits[0]["affected_shards"]) >= 2 and audits[0]["coalesced_with"] == ["coalesced-b"]
+    for shard in audits[0]["affected_shards"]:  # each affected shard retrained once: one new version
+        assert len(registry.versions(registry.shard_model(shard))) == 1
+    forgotten_users += [a, b]
+    assert_identical_to_scratch(config, workdir, tmp_path, forgotten_users, forgotten_interactions)
+
+    # 3. one interaction that sits in other samples' histories, plus a validation sample's user
+    train = load_splits(workdir)["train"]
+    in_history = train.iloc[0]["interactions"][0]  # history of this sample, target of another one or none
+    valid_user = load_splits(workdir)["valid"]["user_id"].iloc[0]
+    before = {s: sum(in_history in ids for ids in load_splits(workdir)[s]["interactions"]) for s in ("train", "valid", "test")}
+    assert sum(before.values()) >= 1
+    new_request(workdir, [valid_user], [in_history], "interaction")
+    [audit] = forget_job.process(config, workdir)
+    assert audit["samples_removed"]["valid"] >= 1
+    after = load_splits(workdir)
+    assert not any(in_history in ids for s in after.values() for ids in s["interactions"])
+    assert valid_user not in set(after["valid"]["user_id"])
+    forgotten_users.append(valid_user)
+    forgotten_interactions.append(in_history)
+    assert_identical_to_scratch(config, workdir, tmp_path, forgotten_users, forgotten_interactions)
+
+    # Nothing of anyone forgotten is left in plain text: request log, audit, store.
+    for path in list(workdir.root.joinpath("requests").glob("*.json")) + list(workdir.root.joinpath("audit").glob("*.json")):
+        record = json.loads(path.read_text())
+        assert "users" not in record and "interactions" not in record and len(record["subject_hash"]) == 64
+    assert pending_requests(workdir) == []
+
+
+def test_same_request_id_twice_does_no_extra_work(forgetting, tiny_config):
+    owners = shard_of_users(forgetting)
+    user = sorted(owners)[-1]
+    first = new_request(forgetting, [user], [], "twice")
+    forget_job.process(tiny_config, forgetting)
+    versions = {s: len(Registry(tiny_config.experiment, forgetting.root).versions(f"{tiny_config.experiment}.shard-{s}")) for s in first.affected_shards}
+    again = new_request(forgetting, [user], [], "twice")
+    assert again.state == "done" and forget_job.process(tiny_config, forgetting) == []
+    FORGOTTEN["users"].append(user)
+    assert versions == {s: len(Registry(tiny_config.experiment, forgetting.root).versions(f"{tiny_config.experiment}.shard-{s}")) for s in first.affected_shards}
+
+
+def test_unknown_users_are_reported_and_the_rest_goes_on(forgetting, tiny_config):
+    user = sorted(shard_of_users(forgetting))[0]
+    new_request(forgetting, [user, "no-such-user"], [], "partly-unknown")
+    [audit] = forget_job.process(tiny_config, forgetting)
+    assert audit["unknown_users"] == 1 and audit["affected_shards"] and audit["scan"]["clean"]
+    FORGOTTEN["users"].append(user)
+
+
+def test_bad_requests_are_refused_with_a_reason(forgetting):
+    with pytest.raises(RequestError, match="USER:ITEM"):
+        new_request(forgetting, [], ["13-250"])
+    with pytest.raises(RequestError, match="at least one"):
+        new_request(forgetting, [], [])
+    with pytest.raises(RequestError, match="invalid request id"):
+        new_request(forgetting, ["1"], [], "../etc")
+
+
+def test_cli_exits_2_with_a_message_on_bad_input(tmp_path):
+    run = lambda *args: subprocess.run([sys.executable, "-m", "ray_jobs.forget", *args], cwd=ROOT, capture_output=True, text=True)  # noqa: E731
+    missing = run("--config", str(tmp_path / "nope.yaml"), "--users", "1")
+    assert missing.returncode == 2 and "config file not found" in missing.stderr
+    empty = run("--config", str(TINY), "--workdir", str(tmp_path), "--users", "1")
+    assert empty.returncode == 2 and "no trained shards" in empty.stderr
+
+
+def test_a_job_killed_during_retraining_resumes_to_the_same_result(forgetting, tiny_config, tmp_path):
+    """Kill the forget process in its retraining state, run it again: it completes, and the result
+    equals training from scratch without everything forgotten so far."""
+    workdir = forgetting
+    user = sorted(shard_of_users(workdir))[1]
+    request = workdir.root / "requests" / "killed.json"
+    command = [sys.executable, "-m", "ray_jobs.forget", "--config", str(TINY), "--workdir", str(workdir.root)]
+    process = subprocess.Popen(command + ["--users", user, "--request-id", "killed"], cwd=ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (request.exists() and json.loads(request.read_text())["state"] == "deleted"):
+        time.sleep(0.02)
+    process.kill()
+    process.wait()
+    assert json.loads(request.read_text())["state"] == "deleted", "the job was not killed while retraining"
+
+    resumed = subprocess.run(command + ["--request-id", "killed"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    audit = json.loads((workdir.root / "audit" / "killed.json").read_text())
+    assert audit["scan"]["clean"] and "retrained" in audit["seconds"]
+    FORGOTTEN["users"].append(user)
+    assert_identical_to_scratch(tiny_config, workdir, tmp_path, FORGOTTEN["users"], FORGOTTEN["interactions"])

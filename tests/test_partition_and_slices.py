@@ -1,0 +1,94 @@
+"""Issue 3, without Ray: shards and slices are pure functions; resuming equals training through."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from components.config import DataConfig, PartitionConfig
+from components.data import build_samples, load_interactions_and_items, split_by_time
+from components.model import embed, load_base_model, load_tokenizer, make_deterministic
+from components.partition import Partitioner, reference_prompts, slice_of
+from components.train import checkpoint_path, train_shard
+
+
+@pytest.fixture(scope="module")
+def world(tiny_config):
+    make_deterministic(1)
+    tokenizer = load_tokenizer()
+    model = load_base_model(tiny_config.model, tiny_config.seed, tokenizer)
+    inter, items = load_interactions_and_items(DataConfig())
+    splits = split_by_time(build_samples(inter, items, tiny_config.data), tiny_config.data, tiny_config.seed)
+    prompts = reference_prompts(items, 64, 10, seed=1)
+    reference = embed(model, tokenizer, prompts, tiny_config.model.max_length)
+    train = splits["train"]
+    train_emb = embed(model, tokenizer, train["prompt"].tolist(), tiny_config.model.max_length)
+    return {"tokenizer": tokenizer, "items": items, "splits": splits, "reference": reference,
+            "train": train, "train_emb": train_emb, "prompts": prompts}
+
+
+def test_reference_set_is_catalogue_only_and_seeded(world):
+    again = reference_prompts(world["items"], 64, 10, seed=1)
+    assert again == world["prompts"]
+    assert reference_prompts(world["items"], 64, 10, seed=2) != world["prompts"]
+    titles = set(world["items"]["title"])
+    assert all(any(t in p for t in titles) for p in world["prompts"][:5])
+
+
+@pytest.mark.parametrize("method", ["semantic", "adaptive", "random", "user"])
+def test_removing_a_sample_moves_no_other_sample(world, method):
+    config = PartitionConfig(method=method, num_shards=4, distance_threshold=0.9, min_cluster_size=4)
+    partitioner = Partitioner.fit(config, 7, world["reference"])
+    train, emb = world["train"], world["train_emb"]
+    shards = partitioner.assign(train, emb)
+    slices = slice_of(train["sample_id"], 4, 7)
+    for drop in (0, len(train) // 2):
+        keep = np.arange(len(train)) != drop
+        rest = train[keep].reset_index(drop=True)
+        assert np.array_equal(partitioner.assign(rest, emb[keep]), shards[keep])
+        assert np.array_equal(slice_of(rest["sample_id"], 4, 7), slices[keep])
+    assert len(set(shards)) > 1
+
+
+def test_semantic_centroids_are_balanced_on_the_reference_set(world):
+    partitioner = Partitioner.fit(PartitionConfig(method="semantic", num_shards=4), 7, world["reference"])
+    sizes = np.bincount(partitioner.nearest(world["reference"]), minlength=4)
+    assert sizes.min() >= 8  # 64 reference prompts, 16 per centroid when perfectly balanced
+
+
+def test_adaptive_partition_finds_more_clusters_for_a_smaller_threshold(world):
+    counts = [Partitioner.fit(PartitionConfig(method="adaptive", distance_threshold=t, min_cluster_size=2), 7,
+                              world["reference"]).num_shards for t in (0.3, 0.6, 1.2)]
+    assert counts[0] > counts[1] > counts[2] >= 1, counts
+
+
+def test_small_adaptive_clusters_merge_into_neighbours(world):
+    partitioner = Partitioner.fit(PartitionConfig(method="adaptive", distance_threshold=0.3, min_cluster_size=12), 7, world["reference"])
+    sizes = np.bincount(partitioner.nearest(world["reference"]), minlength=partitioner.num_shards)
+    assert partitioner.num_shards < 64 // 12 + 1
+    assert sizes.sum() == 64
+
+
+def test_resuming_from_a_slice_checkpoint_equals_training_straight_through(world, tiny_config, tmp_path):
+    train = world["train"].head(40).assign(slice=lambda f: slice_of(f["sample_id"], 4, 7))
+    valid = world["splits"]["valid"]
+    through = train_shard(tiny_config, 0, train, valid, tmp_path / "a", world["tokenizer"])
+    assert through.restarted_from == 0 and len(list((tmp_path / "a").glob("slice-*.pt"))) == 4
+    for stage in (2, 3):
+        checkpoint_path(tmp_path / "a", stage).unlink()
+    resumed = train_shard(tiny_config, 0, train, valid, tmp_path / "a", world["tokenizer"])
+    assert resumed.restarted_from == 2
+    assert all(torch.equal(through.adapter[k], resumed.adapter[k]) for k in through.adapter)
+    assert np.array_equal(through.valid_predictions, resumed.valid_predictions)
+    assert through.losses == resumed.losses
+
+
+def test_a_changed_slice_invalidates_its_checkpoint_and_later_ones(world, tiny_config, tmp_path):
+    train = world["train"].head(40).assign(slice=lambda f: slice_of(f["sample_id"], 4, 7))
+    valid = world["splits"]["valid"]
+    train_shard(tiny_config, 0, train, valid, tmp_path, world["tokenizer"])
+    victim = train[train["slice"] == 2].index[0]
+    after = train_shard(tiny_config, 0, train.drop(index=victim), valid, tmp_path, world["tokenizer"])
+    assert after.restarted_from == 2
+    scratch = train_shard(tiny_config, 0, train.drop(index=victim), valid, tmp_path / "scratch", world["tokenizer"])
+    assert all(torch.equal(after.adapter[k], scratch.adapter[k]) for k in after.adapter)

@@ -1,0 +1,128 @@
+"""Issue 4: every shard adapter versioned in a real MLflow registry, with lineage; adapter sets; purge."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from components.data import read_parquet
+from components.registry import Registry
+from components.store import Workdir
+from ray_jobs import forget as forget_job
+from ray_jobs import train as train_job
+
+LINEAGE_TAGS = {"shard", "samples", "manifest_sha256", "adapter_sha256", "config_sha256", "seed", "restarted_from", "parent_version"}
+
+
+def check_trained_registry(registry: Registry, report: dict, config) -> None:
+    for shard in range(4):
+        name = registry.shard_model(shard)
+        versions = registry.versions(name)
+        assert [str(v.version) for v in versions] == ["1"]
+        live = registry.live_version(name)
+        assert str(live.version) == "1"
+        assert LINEAGE_TAGS <= set(live.tags), set(live.tags)
+        assert live.tags["adapter_sha256"] == report["shards"][str(shard)]["adapter_sha256"]
+        assert live.tags["manifest_sha256"] == report["shards"][str(shard)]["manifest_sha256"]
+        assert live.tags["config_sha256"] == config.sha256()
+        run = registry.client.get_run(live.run_id)
+        assert run.data.params["shard"] == str(shard)
+        assert len(registry.client.get_metric_history(live.run_id, "train_loss")) == len(json.loads(
+            (Path(registry.download(live.source, Path(os.environ["TMPDIR_TEST"]) / f"s{shard}")) / "meta.json").read_text())["losses"])
+        files = registry.run_artifacts(live.run_id)
+        assert "adapter/adapter.pt" in files and "loss_curve.png" in files
+        assert any(f.startswith("checkpoints/slice-") for f in files)
+    adapter_set = registry.live_version(registry.set_model)
+    assert str(adapter_set.version) == "1"
+    assert json.loads(adapter_set.tags["shards"]) == {str(k): "1" for k in range(4)} or \
+           json.loads(adapter_set.tags["shards"]) == {str(k): 1 for k in range(4)}
+
+
+@pytest.fixture(autouse=True)
+def _download_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("TMPDIR_TEST", str(tmp_path))
+
+
+def test_train_registers_every_shard_with_lineage_and_an_adapter_set(trained_tiny, tiny_config, tmp_path):
+    workdir, report = trained_tiny
+    registry = Registry(tiny_config.experiment, workdir.root)
+    assert registry.tracking_uri == f"sqlite:///{workdir.root / 'mlflow.db'}"
+    check_trained_registry(registry, report, tiny_config)
+    loaded = registry.load_adapter_set(tmp_path)
+    assert sorted(loaded.shards) == [0, 1, 2, 3]
+    assert (loaded.folder / "aggregator" / "state.pt").exists() and (loaded.folder / "aggregator" / "partitioner.npz").exists()
+    assert all((Path(info["local"]) / "adapter.pt").exists() for info in loaded.shards.values())
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path, monkeypatch):
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination", str(tmp_path / "server-artifacts")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    else:
+        server.kill()
+        pytest.fail("mlflow server did not start")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+    yield url, tmp_path / "server-artifacts"
+    os.killpg(server.pid, 15)
+    server.wait(timeout=30)
+
+
+def test_retrain_purge_and_lineage_against_a_real_mlflow_server(ray_session, tiny_config, tmp_path, mlflow_server):
+    url, artifact_root = mlflow_server
+    workdir = Workdir(tmp_path / "work")
+    report = train_job.run(tiny_config, workdir)
+    registry = Registry(tiny_config.experiment, workdir.root)
+    assert registry.tracking_uri == url and not (workdir.root / "mlflow.db").exists()
+    check_trained_registry(registry, report, tiny_config)
+    assert any(artifact_root.rglob("adapter.pt"))  # the server stores the artifacts
+
+    # Forget a user who lives in exactly one shard: only that shard gets a version 2.
+    owners = {}
+    for shard in range(4):
+        for user in read_parquet(workdir.shard_samples(shard))["user_id"]:
+            owners.setdefault(user, set()).add(shard)
+    user, [shard] = next((u, sorted(s)) for u, s in sorted(owners.items()) if len(s) == 1)
+    old = registry.live_version(registry.shard_model(shard))
+    old_files = registry.run_artifacts(old.run_id)
+    assert old_files
+    from components.unlearn import new_request
+
+    new_request(workdir, [user], [], "server-forget")
+    [audit] = forget_job.process(tiny_config, workdir)
+    assert audit["scan"]["clean"], audit
+
+    live = registry.live_version(registry.shard_model(shard))
+    assert str(live.version) == "2" and live.tags["parent_version"] == "1" and live.tags["forget_request"] == audit["round_id"]
+    for other in set(range(4)) - {shard}:
+        assert str(registry.live_version(registry.shard_model(other)).version) == "1"
+    adapter_set = registry.live_version(registry.set_model)
+    assert str(adapter_set.version) == "2" and json.loads(adapter_set.tags["shards"])[str(shard)] in ("2", 2)
+    # The replaced version is gone from the registry and its files from the artifact store.
+    assert [str(v.version) for v in registry.versions(registry.shard_model(shard))] == ["2"]
+    assert registry.run_artifacts(old.run_id) == []
+    assert not list((artifact_root).rglob(f"*{old.run_id}*/**/adapter.pt"))
+    assert {p["version"] for p in audit["purged"] if p["model"] == registry.shard_model(shard)} == {"1"}
