@@ -124,5 +124,5 @@ def test_retrain_purge_and_lineage_against_a_real_mlflow_server(ray_session, tin
     # The replaced version is gone from the registry and its files from the artifact store.
     assert [str(v.version) for v in registry.versions(registry.shard_model(shard))] == ["2"]
     assert registry.run_artifacts(old.run_id) == []
-    assert not list((artifact_root).rglob(f"*{old.run_id}*/**/adapter.pt"))
+    assert not [p for p in artifact_root.rglob("*") if p.is_file() and old.run_id in str(p)]
     assert {p["version"] for p in audit["purged"] if p["model"] == registry.shard_model(shard)} == {"1"}
