@@ -108,7 +108,9 @@ def load_base_model(config: ModelConfig, seed: int, tokenizer=None) -> torch.nn.
 
 
 def make_deterministic(threads: int) -> None:
-    """Same seeds, same bits on CPU: deterministic kernels and a fixed thread count."""
+    """Same seeds, same bits on CPU: deterministic kernels and a fixed thread count. (On a GPU
+    the kernels are deterministic too, but bits may differ from the CPU's.)"""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # required by deterministic cuBLAS
     torch.use_deterministic_algorithms(True)
     torch.set_num_threads(max(1, int(threads)))
 
@@ -120,12 +122,14 @@ def tokenize(tokenizer, prompts: list[str], max_length: int) -> dict[str, torch.
 
 def answer_logits(model, batch: dict[str, torch.Tensor], **forward_kwargs) -> torch.Tensor:
     """Vocabulary logits at the last (answer) position, shape [batch, vocab]."""
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=1, **forward_kwargs)
+    device = model.device
+    out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                logits_to_keep=1, **forward_kwargs)
     return out.logits[:, -1, :]
 
 
 def p_yes(logits: torch.Tensor, yes_id: int, no_id: int) -> torch.Tensor:
-    return torch.softmax(logits[:, [yes_id, no_id]].float(), dim=-1)[:, 0]
+    return torch.softmax(logits[:, [yes_id, no_id]].float(), dim=-1)[:, 0].cpu()
 
 
 @torch.no_grad()
@@ -149,19 +153,19 @@ def _decoder(model):
 def embed_batch(model, batch: dict[str, torch.Tensor], layers: int | None = None) -> torch.Tensor:
     """Mean-pooled hidden state after the first `layers` decoder layers (all if None): [batch, hidden]."""
     decoder = _decoder(model)
-    mask = batch["attention_mask"]
+    ids, mask = batch["input_ids"].to(model.device), batch["attention_mask"].to(model.device)
     if layers is None or layers >= len(decoder.layers):
-        hidden = decoder(input_ids=batch["input_ids"], attention_mask=mask).last_hidden_state
+        hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state
     else:
         # Run only the first layers: a cheap embedding for routing (no final norm, like a probe).
         saved = decoder.layers
         decoder.layers = saved[:layers]
         try:
-            hidden = decoder(input_ids=batch["input_ids"], attention_mask=mask).last_hidden_state
+            hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state
         finally:
             decoder.layers = saved
     weights = mask.unsqueeze(-1).to(hidden.dtype)
-    return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
+    return ((hidden * weights).sum(1) / weights.sum(1).clamp(min=1)).cpu()
 
 
 @torch.no_grad()

@@ -110,7 +110,8 @@ class Registry:
     def set_live(self, name: str, version: str) -> None:
         self.client.set_registered_model_alias(name, LIVE, version)
 
-    def register_adapter_set(self, shard_versions: dict[int, str], aggregator_dir: Path, tags: dict[str, str]) -> str:
+    def register_adapter_set(self, shard_versions: dict[int, str], aggregator_dir: Path, tags: dict[str, str],
+                             figures: dict[str, object] | None = None) -> str:
         """A new adapter-set version pinning `shard_versions` and the aggregator state in `aggregator_dir`."""
         self._ensure_model(self.set_model, f"The shard adapters and aggregator state that serving loads ({self.experiment})")
         pinned = {}
@@ -126,6 +127,8 @@ class Registry:
             (Path(tmp) / "adapter_set.json").write_text(json.dumps({"experiment": self.experiment, "shards": pinned}, indent=1))
             self.client.log_artifacts(run.info.run_id, tmp, "adapter_set")
         self.client.log_artifacts(run.info.run_id, str(aggregator_dir), "adapter_set/aggregator")
+        for artifact_file, figure in (figures or {}).items():
+            self.client.log_figure(run.info.run_id, figure, artifact_file)
         self.client.set_terminated(run.info.run_id)
         version = self.client.create_model_version(self.set_model, f"{run.info.artifact_uri}/adapter_set", run.info.run_id, tags=tags)
         return version.version

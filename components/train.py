@@ -146,6 +146,8 @@ def train_shard(
     yes_id, no_id = answer_token_ids(tokenizer)
 
     model = new_adapter_model(config, shard, tokenizer)
+    if config.train.gpus_per_actor > 0 and torch.cuda.is_available():
+        model.to("cuda")  # the actor was given (a fraction of) a GPU
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.train.learning_rate, weight_decay=config.train.weight_decay)
     losses: list[float] = []
@@ -155,6 +157,8 @@ def train_shard(
         set_peft_model_state_dict(model, state["adapter"])
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])  # dropout continues as if never interrupted
+        if state.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state["cuda_rng"])
         losses = list(state["losses"])
     for stale in range(resume + 1, num_slices):  # checkpoints of other data must not survive
         checkpoint_path(checkpoint_dir, stale).unlink(missing_ok=True)
@@ -169,7 +173,7 @@ def train_shard(
             for start in range(0, len(stage_ids), config.train.batch_size):
                 rows = by_id.loc[[stage_ids[i] for i in order[start : start + config.train.batch_size].tolist()]]
                 batch = tokenize(tokenizer, rows["prompt"].tolist(), config.model.max_length)
-                targets = torch.tensor([yes_id if label else no_id for label in rows["label"]])
+                targets = torch.tensor([yes_id if label else no_id for label in rows["label"]], device=model.device)
                 loss = torch.nn.functional.cross_entropy(answer_logits(model, batch), targets)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -182,6 +186,7 @@ def train_shard(
                 "adapter": get_peft_model_state_dict(model),
                 "optimizer": optimizer.state_dict(),
                 "rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state() if model.device.type == "cuda" else None,
                 "losses": losses,
                 "manifests": manifests[: stage + 1],
             },
@@ -191,7 +196,7 @@ def train_shard(
             progress({"shard": shard, "stage": stage, "checkpoint": True, "step": len(losses)})
 
     model.eval()
-    adapter = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
+    adapter = {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(model).items()}
     valid_predictions = score(model, tokenizer, valid["prompt"].tolist(), config.model.max_length)
     return ShardResult(
         shard=shard,

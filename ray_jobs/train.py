@@ -16,6 +16,7 @@ import torch
 
 from components.aggregate import AggregatorState
 from components.config import Config
+from components.data import read_parquet
 from components.metrics import auc, bar_figure, close, loss_curve_figure
 from components.model import load_base_model, load_tokenizer, make_deterministic
 from components.registry import Registry
@@ -105,7 +106,13 @@ def publish_adapter_set(config: Config, workdir: Workdir, registry: Registry, st
     (folder / "partitioner.npz").write_bytes(workdir.partitioner.read_bytes())
     for shard, version in shard_versions.items():
         registry.set_live(registry.shard_model(shard), version)
-    version = registry.register_adapter_set(shard_versions, folder, {"config_sha256": config.sha256(), **(tags or {})})
+    sizes = {f"shard {k}": len(read_parquet(workdir.shard_samples(k))) for k in sorted(shard_versions)}
+    figure = bar_figure(sizes, "training samples", f"{config.experiment}: shard sizes")
+    try:
+        version = registry.register_adapter_set(shard_versions, folder, {"config_sha256": config.sha256(), **(tags or {})},
+                                                figures={"shard_sizes.png": figure})
+    finally:
+        close(figure)
     registry.set_live(registry.set_model, version)
     return version
 
@@ -148,9 +155,6 @@ def run(config: Config, workdir: Workdir, exclude_users=(), exclude_interactions
         },
     }
     write_json(workdir.path("reports", "train.json"), report)
-    sizes_figure = bar_figure({f"shard {k}": v for k, v in sizes.items()}, "samples", "shard sizes")
-    sizes_figure.savefig(workdir.path("reports", "shard_sizes.png"))
-    close(sizes_figure)
     return report
 
 
