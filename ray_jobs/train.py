@@ -175,6 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     bad = [i for i in id_list(args.exclude_interactions) if i.count(":") != 1]
     if bad:
         fail(f"--exclude-interactions takes USER:ITEM pairs, got {bad[0]!r}")
+    if (args.exclude_users or args.exclude_interactions) and workdir.path("reports", "train.json").exists():
+        fail(f"{workdir.root} is already trained: forget with `python -m ray_jobs.forget` (which purges what the data "
+             "touched); --exclude-* builds a from-scratch reference in a new work dir")
     report = run(config, workdir, id_list(args.exclude_users), id_list(args.exclude_interactions))
     print(json.dumps({k: v for k, v in report.items() if k != "shards"}))
     if args.baseline == "retrain":

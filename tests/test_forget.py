@@ -159,3 +159,9 @@ def test_a_job_killed_during_retraining_resumes_to_the_same_result(forgetting, t
     assert audit["scan"]["clean"] and "retrained" in audit["seconds"]
     FORGOTTEN["users"].append(user)
     assert_identical_to_scratch(tiny_config, workdir, tmp_path, FORGOTTEN["users"], FORGOTTEN["interactions"])
+
+
+def test_train_cli_refuses_to_exclude_from_a_trained_work_dir(forgetting):
+    done = subprocess.run([sys.executable, "-m", "ray_jobs.train", "--config", str(TINY), "--workdir", str(forgetting.root),
+                           "--exclude-users", "1"], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 2 and "already trained" in done.stderr
