@@ -21,7 +21,7 @@ from components.metrics import auc, bar_figure, close, loss_curve_figure
 from components.model import load_base_model, load_tokenizer, make_deterministic
 from components.registry import Registry
 from components.store import Workdir, fit_partitioner, load_splits, prepare, remove_samples, write_json, write_shards
-from ray_jobs.common import connect_ray, fail, id_list, job_parser, load_job
+from ray_jobs.common import ALLOCATOR_ENV, connect_ray, fail, id_list, job_parser, load_job
 from ray_jobs.shard_actor import ShardTrainer
 
 
@@ -54,6 +54,7 @@ def train_shards(config: Config, workdir: Workdir, shards: list[int]) -> dict[in
             num_gpus=config.train.gpus_per_actor,
             max_restarts=config.train.max_restarts,
             max_task_retries=config.train.max_restarts,
+            runtime_env={"env_vars": ALLOCATOR_ENV},
         ).remote(config.model_dump(mode="json"), str(workdir.root), shard)
         for shard in shards
     }
