@@ -14,6 +14,7 @@ batched matmuls and no merged weight is ever built per request.
 
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,6 +71,8 @@ def apa_weights(
 ) -> torch.Tensor:
     """The APA attention of each request over the shards, shape [batch, K] (K = state.shards())."""
     shards = state.shards()
+    if not state.sample_ids:  # every validation sample forgotten: no evidence, equal weights
+        return uniform_weights(len(query), shards, masked)
     keys = nn.functional.normalize(state.embeddings.float(), dim=-1)
     similarity = nn.functional.normalize(query.float(), dim=-1) @ keys.T  # [b, n]
     nearest = similarity.topk(min(neighbours, len(state.sample_ids)), dim=-1).indices  # [b, m]
@@ -90,15 +93,15 @@ def uniform_weights(batch: int, shards: list[int], masked: set[int] = frozenset(
 
 
 def routing_weights(ranking: np.ndarray, shards: list[int], masked: set[int] = frozenset()) -> torch.Tensor:
-    """LMEraser: all weight on the nearest prototype's shard (the next nearest if it is masked).
-    `ranking` is [batch, K]: each row's shards from nearest to farthest."""
+    """LMEraser: all weight on the nearest prototype's shard (the next nearest if it is masked or
+    not in the set). `ranking` is [batch, K]: each row's shards from nearest to farthest."""
     ranking = np.asarray(ranking).reshape(len(ranking), -1)
     weights = torch.zeros(len(ranking), len(shards))
-    for row, ranking in enumerate(ranking):
-        shard = next((s for s in ranking if s not in masked), None)
+    for row, order in enumerate(ranking):
+        shard = next((int(s) for s in order if int(s) not in masked and int(s) in shards), None)
         if shard is None:
             raise ValueError("every shard is masked: no adapter may serve")
-        weights[row, shards.index(int(shard))] = 1.0
+        weights[row, shards.index(shard)] = 1.0
     return weights
 
 
@@ -106,7 +109,13 @@ def routing_weights(ranking: np.ndarray, shards: list[int], masked: set[int] = f
 
 
 class MixtureLoRALinear(nn.Module):
-    """A frozen linear layer plus K stacked LoRA adapters mixed per row of the batch."""
+    """A frozen linear layer plus K stacked LoRA adapters mixed per row of the batch.
+
+    Non-decomposed, the K adapters are one rank-(K r) adapter: A_cat = [A_1; ...; A_K] and
+    B_cat = [B_1 ... B_K], and a row's weights scale its K blocks of r intermediate features:
+        sum_k w_k s_k B_k (A_k x) = B_cat (diag(repeat(w s, r)) (A_cat x))
+    Two matmuls for the whole batch, whatever K; the [batch, tokens, K r] intermediate is small.
+    """
 
     def __init__(self, base: nn.Linear, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: torch.Tensor):
         super().__init__()
@@ -114,6 +123,10 @@ class MixtureLoRALinear(nn.Module):
         self.register_buffer("lora_a", lora_a)  # [K, r, in]
         self.register_buffer("lora_b", lora_b)  # [K, out, r]
         self.register_buffer("scaling", scaling)  # [K]
+        k, r, d_in = lora_a.shape
+        self.rank = r
+        self.register_buffer("a_cat", lora_a.reshape(k * r, d_in).contiguous(), persistent=False)  # [K r, in]
+        self.register_buffer("b_cat", lora_b.permute(1, 0, 2).reshape(lora_b.shape[1], k * r).contiguous(), persistent=False)  # [out, K r]
         self.weights: torch.Tensor | None = None  # [batch, K]; None = frozen base only
         self.decomposed = False
 
@@ -122,15 +135,18 @@ class MixtureLoRALinear(nn.Module):
         if self.weights is None:
             return out
         w = self.weights.to(x.dtype)
+        if w.shape[0] != x.shape[0]:
+            raise ValueError(f"mixture weights for {w.shape[0]} rows, input has {x.shape[0]}")
+        row = (w.shape[0],) + (1,) * (x.dim() - 2)  # broadcast a row's weights over its tokens
         if self.decomposed:
-            a = torch.einsum("bk,kri->bri", w, self.lora_a)  # sum_k w_k A_k, per row
-            b = torch.einsum("bk,kor->bor", w, self.lora_b)  # sum_k w_k B_k, per row
-            return out + self.scaling[0] * torch.matmul(torch.matmul(x, a.transpose(1, 2)), b.transpose(1, 2))
-        xa = torch.matmul(x.unsqueeze(1), self.lora_a.transpose(1, 2).unsqueeze(0))  # [b, K, t, r]
-        delta = torch.matmul(xa, self.lora_b.transpose(1, 2).unsqueeze(0))  # [b, K, t, out]
-        for k in range(delta.shape[1]):  # sum in shard order; a one-hot row adds exact zeros
-            out = out + delta[:, k] * self.scaling[k] * w[:, k, None, None]
-        return out
+            a = torch.einsum("bk,kri->bri", w, self.lora_a)  # sum_k w_k A_k, per row: [b, r, in]
+            b = torch.einsum("bk,kor->bor", w, self.lora_b)  # sum_k w_k B_k, per row: [b, out, r]
+            x3 = x.reshape(x.shape[0], -1, x.shape[-1])
+            delta = torch.matmul(torch.matmul(x3, a.transpose(1, 2)), b.transpose(1, 2)) * self.scaling[0]
+            return out + delta.reshape(out.shape)
+        ws = (w * self.scaling.to(x.dtype)).repeat_interleave(self.rank, dim=1)  # [b, K r]
+        hidden = nn.functional.linear(x, self.a_cat) * ws.reshape(*row, -1)
+        return out + nn.functional.linear(hidden, self.b_cat)
 
 
 def _lora_layers(adapter: dict[str, torch.Tensor]) -> list[str]:
@@ -145,8 +161,13 @@ class MixtureModel:
 
     def __init__(self, base: nn.Module, tokenizer, adapters: dict[int, dict[str, torch.Tensor]], scaling: float, max_length: int):
         self.model, self.tokenizer, self.max_length = base, tokenizer, max_length
+        if not adapters:
+            raise ValueError("a mixture needs at least one adapter")
         self.shards = sorted(adapters)
         self.yes_id, self.no_id = answer_token_ids(tokenizer)
+        # The mixture weights and a truncated embedding pass are set on the shared modules for the
+        # duration of a forward: one forward at a time per model (threads of a server included).
+        self.lock = threading.RLock()
         stacked = [adapters[k] for k in self.shards]
         self.prompts = None
         self.layers: list[MixtureLoRALinear] = []
@@ -166,20 +187,22 @@ class MixtureModel:
 
     @contextmanager
     def mixing(self, weights: torch.Tensor | None, decomposed: bool = False):
-        for layer in self.layers:
-            layer.weights, layer.decomposed = weights, decomposed
-        try:
-            yield
-        finally:
+        with self.lock:
             for layer in self.layers:
-                layer.weights = None
+                layer.weights, layer.decomposed = weights, decomposed
+            try:
+                yield
+            finally:
+                for layer in self.layers:
+                    layer.weights = None
 
     def batch(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         return tokenize(self.tokenizer, prompts, self.max_length)
 
     @torch.no_grad()
     def embed(self, batch, layers: int | None) -> torch.Tensor:
-        return embed_batch(self.model, batch, layers)  # layers are unmixed outside `mixing`
+        with self.lock:  # layers are unmixed outside `mixing`; a truncated pass edits the stack
+            return embed_batch(self.model, batch, layers)
 
     @torch.no_grad()
     def p_yes(self, batch: dict[str, torch.Tensor], weights: torch.Tensor, decomposed: bool = False) -> torch.Tensor:
@@ -190,6 +213,8 @@ class MixtureModel:
             return p_yes(answer_logits(self.model, batch), self.yes_id, self.no_id)
 
     def _p_yes_prompted(self, batch, weights):
+        if weights.shape != (len(batch["input_ids"]), len(self.shards)):
+            raise ValueError(f"weights of shape {tuple(weights.shape)} for {len(batch['input_ids'])} rows and {len(self.shards)} shards")
         prompt = torch.einsum("bk,kvh->bvh", weights.to(self.prompts.dtype), self.prompts)
         tokens = self.model.get_input_embeddings()(batch["input_ids"])
         mask = torch.cat([torch.ones(prompt.shape[:2], dtype=batch["attention_mask"].dtype), batch["attention_mask"]], 1)
@@ -232,7 +257,12 @@ def mixture_weights(config, mixture: MixtureModel, batch, state: AggregatorState
         return uniform_weights(rows, mixture.shards, masked)
     query = mixture.embed(batch, config.model.embedding_layers)
     if method == "routing":
+        if partitioner is None or partitioner.centroids is None:
+            raise ValueError(f"routing needs a semantic or adaptive partitioner (this one is {getattr(partitioner, 'method', None)!r})")
         return routing_weights(partitioner.ranking(query.numpy()), mixture.shards, masked)
+    if state is None or state.shards() != mixture.shards:
+        raise ValueError(f"the aggregator state covers shards {None if state is None else state.shards()}, "
+                         f"the adapters are {mixture.shards}")
     return apa_weights(query, state, config.aggregate.neighbours, config.aggregate.tau, masked)
 
 
@@ -253,3 +283,101 @@ def predict(config, mixture: MixtureModel, prompts: list[str], state: Aggregator
     if not scores:
         return np.zeros(0), np.zeros((0, len(mixture.shards)))
     return torch.cat(scores).numpy(), torch.cat(weights).numpy()
+
+
+# --- serving: one adapter set held in memory, and the prompts of a request ---------------------------
+# (Pure Python + torch: the Ray Serve application in serving/ is HTTP wiring around these.)
+
+
+@dataclass
+class ServedSet:
+    """An adapter set loaded fully into memory (adapters, aggregator state, public partitioner),
+    ready to answer; a server swaps whole ServedSets, never parts of one."""
+
+    version: str
+    shards: dict[int, dict]  # shard -> {"name", "version", "adapter_sha256"} as registered
+    mixture: MixtureModel
+    state: AggregatorState | None
+    partitioner: object | None  # components.partition.Partitioner
+    method: str
+
+    def predict(self, config, prompts: list[str], masked: set[int] = frozenset()) -> tuple[np.ndarray, np.ndarray]:
+        """P(yes) [n] and shard weights [n, K] of prompts scored together in one batch."""
+        return predict(config, self.mixture, prompts, self.state, self.partitioner, set(masked), self.method,
+                       batch_size=max(1, len(prompts)))
+
+    def serving(self, masked: set[int]) -> list[int]:
+        """The shards that may serve under `masked`."""
+        return [k for k in self.mixture.shards if k not in masked]
+
+
+def load_served_set(config, adapter_set, tokenizer=None) -> ServedSet:
+    """Build a ServedSet from a downloaded adapter set (components.registry.AdapterSet: version,
+    shards with their `local` folders, folder with aggregator/). Checks each adapter against its
+    registered sha256. Everything is read into memory: the files may be deleted afterwards."""
+    from components.model import load_tokenizer
+    from components.partition import Partitioner
+    from components.train import ADAPTER_FILE, tensors_sha256
+
+    folder = Path(adapter_set.folder)
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer()
+    adapters, shards = {}, {}
+    for shard, info in sorted(adapter_set.shards.items()):
+        adapter = torch.load(Path(info["local"]) / ADAPTER_FILE, map_location="cpu", weights_only=True)
+        digest = tensors_sha256(adapter)
+        if info.get("adapter_sha256") and info["adapter_sha256"] != digest:
+            raise ValueError(f"adapter of shard {shard} ({info.get('name')} v{info.get('version')}) does not match "
+                             f"its registered sha256 {info['adapter_sha256']} (got {digest})")
+        adapters[int(shard)] = adapter
+        shards[int(shard)] = {"name": info.get("name"), "version": str(info.get("version")), "adapter_sha256": digest}
+    state_dir = folder / "aggregator"
+    state = AggregatorState.load(state_dir) if (state_dir / STATE_FILE).exists() else None
+    partitioner = Partitioner.load(state_dir / "partitioner.npz") if (state_dir / "partitioner.npz").exists() else None
+    method = config.aggregate.method
+    if method in ("attention", "decomposed") and (state is None or state.shards() != sorted(adapters)):
+        raise ValueError(f"adapter set {adapter_set.version}: aggregation {method!r} needs the aggregator state of "
+                         f"shards {sorted(adapters)}, found {None if state is None else state.shards()}")
+    if method == "routing" and (partitioner is None or partitioner.centroids is None):
+        raise ValueError(f"adapter set {adapter_set.version}: routing needs the public semantic/adaptive partitioner")
+    from components.model import load_base_model
+
+    base = load_base_model(config.model, config.seed, tokenizer)
+    mixture = MixtureModel(base, tokenizer, adapters, config.adapter.alpha / config.adapter.r, config.model.max_length)
+    return ServedSet(str(adapter_set.version), shards, mixture, state, partitioner, method)
+
+
+def served_mask(registry_mask: set[int], current_mask: set[int], loaded_pins: dict[int, str],
+                live_pins: dict[int, str] | None) -> set[int]:
+    """The shards a server must not use. The registry's mask, plus every shard this server has
+    masked whose loaded version is not the live one: a forget job unmasks a shard once its clean
+    version is live, and the old version in memory must stay masked until the new set is loaded.
+    `live_pins` None (unknown) counts every loaded shard as stale."""
+    stale = {k for k, v in loaded_pins.items() if live_pins is None or str(live_pins.get(k)) != str(v)}
+    return set(registry_mask) | (stale & set(current_mask))
+
+
+def history_split(history: list[tuple[object, float]], titles: dict[str, str], like_threshold: float,
+                  history_len: int) -> tuple[list[str], list[str]]:
+    """TALLRec's liked / disliked titles from a history of (item id, rating), oldest first: the
+    latest `history_len` interactions, liked if rating > like_threshold (as in training)."""
+    recent = list(history)[-history_len:] if history_len else []
+    liked = [titles[str(item)] for item, rating in recent if rating > like_threshold]
+    disliked = [titles[str(item)] for item, rating in recent if rating <= like_threshold]
+    return liked, disliked
+
+
+def unknown_items(item_ids, titles: dict[str, str]) -> list:
+    """The ids (as given) that the catalogue does not hold, in order, without repeats."""
+    seen, unknown = set(), []
+    for item in item_ids:
+        if str(item) not in titles and str(item) not in seen:
+            seen.add(str(item))
+            unknown.append(item)
+    return unknown
+
+
+def candidate_prompts(liked: list[str], disliked: list[str], candidates, titles: dict[str, str]) -> list[str]:
+    """One TALLRec prompt per candidate item, the same text training and evaluation use."""
+    from components.data import build_prompt
+
+    return [build_prompt(liked, disliked, titles[str(item)]) for item in candidates]

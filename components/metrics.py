@@ -36,3 +36,24 @@ def bar_figure(values: dict[str, float], ylabel: str, title: str):
 
 def close(fig) -> None:
     plt.close(fig)
+
+
+def grouped_bar_figure(groups: dict[str, dict[str, float]], ylabel: str, title: str, log: bool = False):
+    """Bars side by side per group: {group: {series: value}} (series in the order first seen)."""
+    series = list(dict.fromkeys(s for values in groups.values() for s in values))
+    fig, ax = plt.subplots(figsize=(max(4, 1.1 * len(groups) + 2), 3.4))
+    width = 0.8 / max(1, len(series))
+    positions = np.arange(len(groups))
+    for i, name in enumerate(series):
+        heights = [groups[g].get(name, np.nan) for g in groups]
+        ax.bar(positions + (i - (len(series) - 1) / 2) * width, heights, width, label=name)
+    ax.set_xticks(positions, list(groups), rotation=30)
+    ax.set(ylabel=ylabel, title=title)
+    if log:
+        ax.set_yscale("log")
+    if series:
+        ax.legend(fontsize="small")
+    else:
+        ax.text(0.5, 0.5, "nothing measured", transform=ax.transAxes, ha="center", va="center", color="grey")
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,134 @@
+"""`python -m benchmarks` (`make bench`): every benchmark in sequence, then one summary in which
+every figure is a ratio to its baseline measured in the same run.
+
+    python -m benchmarks                       # bench_train, bench_serving, bench_forget, evaluation
+    python -m benchmarks --only bench_forget   # a subset (names below, "eval" for the evaluation)
+    python -m benchmarks --skip eval
+
+Each benchmark runs as its own process (`python -m benchmarks.<name>`, its own local Ray, its
+memory freed when it ends); one that is missing is skipped with a message. A benchmark reports its
+figures by writing {"figures": [...]} to the file named by $BENCH_RESULT (benchmarks/common.py).
+The evaluation is `python -m ray_jobs.evaluate --config configs/movielens.yaml` into
+runs/bench/movielens (trained once, reused by later runs); its AUCs are shown against the `retrain`
+baseline's and its latencies against the single adapter's. On 2 CPU cores the evaluation trains
+five work dirs of SmolLM2 the first time: expect the better part of an hour.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from benchmarks.common import ENV, MOVIELENS, ROOT, bench_dir, figure, table
+
+BENCHMARKS = ("bench_train", "bench_serving", "bench_forget")
+EVAL = "eval"
+
+
+def run_module(name: str) -> tuple[int, dict | None, float]:
+    path = Path(__file__).with_name(f"{name}.py")
+    if not path.exists():
+        print(f"\n### {name}: skipped ({path.relative_to(ROOT)} does not exist yet)", flush=True)
+        return 0, None, 0.0
+    result_file = bench_dir() / "results" / f"{name}.json"
+    result_file.parent.mkdir(parents=True, exist_ok=True)
+    result_file.unlink(missing_ok=True)
+    print(f"\n### {name}: python -m benchmarks.{name}", flush=True)
+    started = time.time()
+    rc = subprocess.call([sys.executable, "-m", f"benchmarks.{name}"], cwd=ROOT,
+                         env={**os.environ, **ENV, "BENCH_RESULT": str(result_file), "BENCH_DIR": str(bench_dir())})
+    result = json.loads(result_file.read_text()) if result_file.exists() else None
+    if rc == 0 and result is None:
+        print(f"### {name}: finished without a result file ($BENCH_RESULT); its figures are in its output above")
+    return rc, result, time.time() - started
+
+
+def run_evaluation(config: Path, methods: str | None, forget_cost: str) -> tuple[int, dict | None, float]:
+    workdir = bench_dir() / "movielens"
+    command = [sys.executable, "-m", "ray_jobs.evaluate", "--config", str(config), "--workdir", str(workdir),
+               "--forget-cost", forget_cost]
+    if methods:
+        command += ["--methods", methods]
+    print(f"\n### evaluation: {' '.join(command[1:])}", flush=True)
+    started = time.time()
+    rc = subprocess.call(command, cwd=ROOT, env={**os.environ, **ENV})
+    report_file = workdir / "reports" / "eval.json"
+    if rc != 0 or not report_file.exists():
+        return rc or 1, None, time.time() - started
+    return rc, {"figures": evaluation_figures(json.loads(report_file.read_text()))}, time.time() - started
+
+
+def evaluation_figures(report: dict) -> list[dict]:
+    """AUC of every method against the retrain baseline's, latency against one adapter's, and the
+    forget cost of every partitioning against its full retrain."""
+    methods = report["methods"]
+    figures = []
+    reference = "retrain" if "retrain" in methods else next(iter(methods))
+    base_auc, base_latency = methods[reference]["auc"], methods[reference]["latency_ms"]
+    for name, row in methods.items():
+        if math.isfinite(row["auc"]):
+            figures.append(figure(f"AUC {name}", row["auc"], "", f"AUC {reference}", base_auc))
+    for name, row in methods.items():
+        figures.append(figure(f"latency {name}", row["latency_ms"], "ms/sample", f"latency {reference}", base_latency,
+                              higher_is_better=False))
+    for name, cost in report.get("forget_cost", {}).items():
+        figures.append(figure(f"forget one user, {name}", cost["forget_seconds"], "s", "its full train job",
+                              cost["full_retrain_seconds"], higher_is_better=False))
+    return figures
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
+    names = (*BENCHMARKS, EVAL)
+    parser.add_argument("--only", help=f"comma-separated subset of {','.join(names)}")
+    parser.add_argument("--skip", help="comma-separated benchmarks to leave out")
+    parser.add_argument("--eval-config", default=str(MOVIELENS), help="config of the evaluation (default configs/movielens.yaml)")
+    parser.add_argument("--eval-methods", help="--methods for the evaluation (default: all)")
+    parser.add_argument("--eval-forget-cost", default="none", choices=("measure", "existing", "none"),
+                        help="--forget-cost of the evaluation (default none: bench_forget measures forgetting; "
+                             "measure adds a forget per partitioning and an extra APA train job)")
+    args = parser.parse_args(argv)
+    chosen = [n.strip() for n in args.only.split(",")] if args.only else list(names)
+    skipped = [n.strip() for n in args.skip.split(",")] if args.skip else []
+    unknown = [n for n in chosen + skipped if n not in names]
+    if unknown:
+        parser.error(f"unknown benchmark {unknown[0]!r}: choose from {', '.join(names)}")
+    chosen = [n for n in chosen if n not in skipped]
+    for key, value in ENV.items():
+        os.environ.setdefault(key, value)
+
+    started = time.time()
+    outcomes = {}
+    for name in chosen:
+        if name == EVAL:
+            outcomes[name] = run_evaluation(Path(args.eval_config), args.eval_methods, args.eval_forget_cost)
+        else:
+            outcomes[name] = run_module(name)
+
+    print(f"\n\n######## summary ({time.time() - started:.0f}s; every ratio is against a baseline measured in this run,"
+          f" oriented so that bigger is better)", flush=True)
+    failed = []
+    for name, (rc, result, seconds) in outcomes.items():
+        if rc != 0:
+            failed.append(name)
+            print(f"\n== {name}: FAILED (exit code {rc}) after {seconds:.0f}s")
+        elif result is not None:
+            print("\n" + table(f"{name} ({seconds:.0f}s)", result["figures"]))
+    missed = [f"{n}: {f['name']}" for n, (_, r, _) in outcomes.items() if r for f in r["figures"] if f.get("ok") is False]
+    if missed:
+        print("\ntargets missed:\n  " + "\n  ".join(missed))
+    summary = {n: {"rc": rc, "seconds": round(s, 1), "figures": r["figures"] if r else None} for n, (rc, r, s) in outcomes.items()}
+    (bench_dir() / "results").mkdir(parents=True, exist_ok=True)
+    (bench_dir() / "results" / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    print(f"\nresults: {bench_dir() / 'results'}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

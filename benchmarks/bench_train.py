@@ -1,0 +1,146 @@
+"""Training: shard actors in parallel, their memory, and the train job against the retrain baseline.
+
+    python -m benchmarks.bench_train [--config configs/movielens.yaml] [--n-train 128]
+
+With SmolLM2-135M on this machine, in one run, on one prepared sample store:
+  1. samples/s of one shard actor alone, then of two shard actors in parallel on identical work
+     (the same shard of two copies of the store): the speedup (target >= 1.6x on 2 cores);
+  2. peak RSS of a shard actor (the shard results of the train job; target < 1.5 GB);
+  3. wall time of the whole train job (K shard actors, as many at once as there are CPUs)
+     against the `retrain` baseline job (one adapter on all the training data, one actor).
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+
+import numpy as np
+import ray
+
+from benchmarks.common import bench_config, copy_store, figure, finish, fresh_workdir, limit, offline, parser, prepare_store
+from components.config import Config
+from components.data import read_parquet, write_parquet
+from components.store import Workdir
+
+NAME = "bench_train"
+
+
+def samples_seen(config: Config, shard_samples) -> int:
+    """Samples one training pass of a shard processes (cumulative slices count again at each stage)."""
+    sizes = shard_samples["slice"].value_counts().reindex(range(config.partition.num_slices), fill_value=0).to_numpy()
+    per_stage = np.cumsum(sizes) if config.train.slice_mode == "cumulative" else sizes
+    return int(per_stage.sum()) * config.train.epochs
+
+
+def actor_copy(source: Workdir, target: Workdir, shard: int) -> None:
+    """A work dir holding `source`'s shard and one validation sample (scoring stays out of the timing)."""
+    copy_store(source, target)
+    valid = read_parquet(target.split("valid"))
+    write_parquet(valid.head(1), target.split("valid"))
+    target.shard_samples(shard).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source.shard_samples(shard), target.shard_samples(shard))
+
+
+def train_actors(config: Config, workdirs: list[Workdir], shard: int) -> list[dict]:
+    """The real shard actor, one per work dir, all started together; their results."""
+    from ray_jobs import common
+    from ray_jobs.shard_actor import ShardTrainer
+
+    env = getattr(common, "ALLOCATOR_ENV", {})  # the shard actors' environment, as the train job sets it
+    actors = [ShardTrainer.options(name=f"{config.experiment}/actor-{i}", num_cpus=config.train.cpus_per_actor,
+                                   runtime_env={"env_vars": env})
+              .remote(config.model_dump(mode="json"), str(w.root), shard) for i, w in enumerate(workdirs)]
+    try:
+        return ray.get([a.train.remote() for a in actors])
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+
+
+def run(config_path: str, workdir: str | None = None, n_train: int = 128, n_valid: int = 32, n_test: int = 32) -> dict:
+    from ray_jobs.common import connect_ray
+    from ray_jobs.train import retrain_baseline_config
+    from ray_jobs.train import run as train_job
+
+    offline()
+    started = time.time()
+    root = fresh_workdir(workdir, NAME)
+    config = bench_config(config_path, "bench-train", data={"n_train": n_train, "n_valid": n_valid, "n_test": n_test})
+    main = Workdir(root.path("sharded"))
+    print(f"{NAME}: {config.model.name}, n_train {n_train}, K={config.partition.num_shards}, R={config.partition.num_slices}, "
+          f"{config.train.cpus_per_actor:g} CPU per actor; work dir {root.root}", flush=True)
+    prepared = prepare_store(config, main)
+    print(f"sample store and partitioner prepared in {prepared:.0f}s (not timed below)", flush=True)
+    connect_ray()
+
+    print("\n[1/3] the whole train job (K shard actors)", flush=True)
+    t = time.time()
+    report = train_job(config, main)
+    sharded_wall = time.time() - t
+    print("\n[2/3] the retrain baseline job (one adapter on all the data)", flush=True)
+    retrain_config = retrain_baseline_config(config)
+    retrain_dir = Workdir(root.path("retrain"))
+    copy_store(main, retrain_dir)
+    t = time.time()
+    retrain_report = train_job(retrain_config, retrain_dir)
+    retrain_wall = time.time() - t
+
+    print("\n[3/3] one shard actor alone, then two in parallel on identical work", flush=True)
+    sizes = {int(k): v["samples"] for k, v in report["shards"].items()}
+    shard = sorted(sizes, key=lambda k: (sizes[k], k))[len(sizes) // 2]  # the median shard
+    seen = samples_seen(config, read_parquet(main.shard_samples(shard)))
+    copies = [Workdir(root.path(f"actor-{i}")) for i in range(3)]
+    for copy in copies:
+        actor_copy(main, copy, shard)
+    [alone] = train_actors(config, copies[:1], shard)
+    alone_rate = seen / (alone["finished_at"] - alone["started_at"])
+    print(f"  alone: {seen} samples in {alone['finished_at'] - alone['started_at']:.1f}s = {alone_rate:.2f} samples/s", flush=True)
+    pair = train_actors(config, copies[1:], shard)
+    pair_wall = max(r["finished_at"] for r in pair) - min(r["started_at"] for r in pair)
+    pair_rate = 2 * seen / pair_wall
+    print(f"  two in parallel: {2 * seen} samples in {pair_wall:.1f}s = {pair_rate:.2f} samples/s", flush=True)
+    identical = alone["adapter_sha256"] == pair[0]["adapter_sha256"] == pair[1]["adapter_sha256"]
+
+    rss = max(s["peak_rss_mb"] for s in report["shards"].values())
+    weights_mb = _weights_mb(config)
+    compute = sum(s["seconds"] for s in report["shards"].values())
+    retrain_compute = sum(s["seconds"] for s in retrain_report["shards"].values())
+    figures = [
+        figure("samples/s, two shard actors in parallel", pair_rate, "samples/s", "one actor alone", alone_rate, target=1.6),
+        limit("peak RSS of a shard actor", rss, "MB", 1500, "frozen model weights (fp32)", weights_mb),
+        figure(f"train job wall time (K={len(report['shards'])} shards)", sharded_wall, "s",
+               "retrain baseline job (1 adapter)", retrain_wall, higher_is_better=False),
+        figure("train job compute (sum of shard seconds)", compute, "s", "retrain baseline compute", retrain_compute,
+               higher_is_better=False),
+    ]
+    return finish(NAME, {
+        "figures": figures, "seconds": time.time() - started, "prepare_seconds": prepared,
+        "config": config.model_dump(mode="json"), "train_report": report, "retrain_report": retrain_report,
+        "throughput": {"shard": shard, "samples_seen": seen, "alone": _brief(alone), "pair": [_brief(r) for r in pair],
+                       "identical_adapters": identical},
+    })
+
+
+def _brief(result: dict) -> dict:
+    return {k: v for k, v in result.items() if k not in ("losses", "valid_predictions")}
+
+
+def _weights_mb(config: Config) -> float:
+    from components.model import load_base_model, load_tokenizer
+
+    model = load_base_model(config.model, config.seed, load_tokenizer())
+    return sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser(NAME, __doc__.splitlines()[0])
+    p.add_argument("--n-train", type=int, default=128, help="training samples (default 128: about 7 minutes on 2 cores)")
+    p.add_argument("--n-valid", type=int, default=32)
+    args = p.parse_args(argv)
+    run(args.config, args.workdir, args.n_train, args.n_valid)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,549 @@
+"""Evaluate every method on the test split: the APA paper's comparison table, on our data.
+
+    python -m ray_jobs.evaluate --config configs/tiny.yaml --workdir runs/tiny
+    python -m ray_jobs.evaluate ... --methods apa,sisa,retrain,shard-0
+    python -m ray_jobs.evaluate ... --forget-cost existing   # read audit records, forget nothing
+
+Methods, all scored on the test split of DIR:
+    retrain         one adapter on all the training data               DIR/baselines/retrain
+    sisa            K random shards, average of the K models' P(yes)   DIR/baselines/sisa
+    user            K user-based shards, average of the K outputs      DIR/baselines/user
+    apa             K semantic shards (DIR itself), attention, non-decomposed merge
+    apa-decomposed  the same adapters, decomposed merge
+    uniform         the same adapters, uniform parameter averaging
+    lmeraser        adaptive clusters, prompt tuning, routing          DIR/baselines/lmeraser
+    shard-<k>       APA shard k alone ("shards": every shard)
+A baseline is a derived config with its own experiment name (`<experiment>-<name>`), trained into
+its folder on a copy of DIR's *current* sample store, so it never sees what DIR has forgotten (a
+baseline that still holds samples DIR has since forgotten forgets them first); it is reused when
+present.
+
+Forget cost, per partitioning: the seconds of forgetting one user against the full train job of
+the same work dir. Read from audit records where there are some (DIR/audit for APA); otherwise
+measured by forgetting one training user (the same one everywhere) in the baseline's own work dir
+before its AUC is taken, so every run scores the same state, and for APA in a dedicated
+DIR/baselines/forget-cost (DIR itself is never changed here). For `retrain`, forgetting is
+retraining from scratch.
+
+Writes DIR/reports/eval.json, eval.md, predictions/<method>.npy (+ labels.npy), auc.png and
+cost.png, and logs the reports and metrics (auc_<method>, ...) to an MLflow run named "evaluate".
+"""
+
+from __future__ import annotations
+
+import datetime
+import gc
+import hashlib
+import json
+import math
+import os
+import platform
+import re
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from components.aggregate import AggregatorState, load_mixture, predict
+from components.config import Config
+from components.data import SPLITS, read_parquet, stable_hash
+from components.metrics import auc, bar_figure, close, grouped_bar_figure
+from components.model import load_base_model, load_tokenizer
+from components.partition import Partitioner
+from components.registry import Registry
+from components.store import Workdir, load_splits, prepare, write_json
+from components.train import ADAPTER_FILE
+from components.unlearn import new_request
+from ray_jobs.common import connect_ray, fail, id_list, job_parser, load_job
+
+METHODS = ("retrain", "sisa", "user", "apa", "apa-decomposed", "uniform", "lmeraser")
+SHARDS = "shards"  # every shard-<k> of the APA set
+DEFAULT_METHODS = METHODS + (SHARDS,)
+DEMO_METHODS = ("apa", "apa-decomposed", "uniform", SHARDS)  # no baseline to train
+APA_METHODS = {"apa": "attention", "apa-decomposed": "decomposed", "uniform": "uniform"}
+BASELINES = ("retrain", "sisa", "user", "lmeraser")
+BASELINE_AGGREGATE = {"retrain": "uniform", "sisa": "average", "user": "average", "lmeraser": "routing"}
+FORGET_COST_MODES = ("measure", "existing", "none")
+FORGET_COST_REQUEST = "eval-forget-cost"  # the request id of a measuring forget in a baseline
+PREDICT_BATCH = 16
+SHARD_METHOD = re.compile(r"shard-(\d+)")
+
+
+class EvaluationError(ValueError):
+    """An evaluation that cannot run as asked; the message says why."""
+
+
+_STARTED = time.time()
+
+
+def log(message: str) -> None:
+    print(f"[evaluate {time.time() - _STARTED:6.1f}s] {message}", flush=True)
+
+
+# --- what to evaluate -------------------------------------------------------------------------------
+
+
+def parse_methods(names) -> list[str]:
+    """Validate method names (a comma-separated string or a list); unknown names raise."""
+    names = id_list(names) if isinstance(names, str) else [str(n).strip() for n in (names or []) if str(n).strip()]
+    if not names:
+        raise EvaluationError(f"no method named; choose from {', '.join(DEFAULT_METHODS)} or shard-<k>")
+    bad = [n for n in names if n not in DEFAULT_METHODS and not SHARD_METHOD.fullmatch(n)]
+    if bad:
+        raise EvaluationError(f"unknown method {bad[0]!r} in --methods; choose from {', '.join(DEFAULT_METHODS)} or shard-<k>")
+    return list(dict.fromkeys(names))
+
+
+def baseline_config(config: Config, name: str) -> Config:
+    """The derived config of a baseline (or of the forget-cost copy of APA), with its own experiment."""
+    from ray_jobs.train import retrain_baseline_config
+
+    if name == "retrain":
+        return retrain_baseline_config(config)
+    if name == "forget-cost":
+        return config.model_copy(update={"experiment": f"{config.experiment}-forget-cost"})
+    partition = {"sisa": "random", "user": "user", "lmeraser": "adaptive"}[name]
+    update = {
+        "experiment": f"{config.experiment}-{name}",
+        "partition": config.partition.model_copy(update={"method": partition}),
+        "aggregate": config.aggregate.model_copy(update={"method": BASELINE_AGGREGATE[name]}),
+    }
+    if name == "lmeraser":
+        update["adapter"] = config.adapter.model_copy(update={"kind": "prompt"})
+    return config.model_copy(update=update)
+
+
+# --- the work dirs: train what is missing, reuse what is there ---------------------------------
+
+
+def _train_report(workdir: Workdir) -> dict | None:
+    path = workdir.path("reports", "train.json")
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def ensure_main(config: Config, workdir: Workdir, train: bool) -> dict | None:
+    """DIR trained with the config as given (when `train`), or at least its sample store prepared."""
+    from ray_jobs.train import run as train_run
+
+    report = _train_report(workdir)
+    if report is not None:
+        if report.get("config_sha256") != config.sha256():
+            log(f"note: {workdir.root} was trained with a different configuration (sha256 {report.get('config_sha256', '?')[:12]})")
+        return report
+    if train:
+        log(f"{workdir.root} has no reports/train.json: training the APA shards first")
+        return train_run(config, workdir)
+    if not all(workdir.split(name).exists() for name in SPLITS):
+        log(f"preparing the sample store of {workdir.root}")
+        tokenizer = load_tokenizer()
+        prepare(config, workdir, load_base_model(config.model, config.seed, tokenizer), tokenizer)
+    return None
+
+
+def training_sha256(config: Config) -> str:
+    """What a baseline's adapters depend on: data, model, partition, adapter, training and seed
+    (not serving, aggregation or resources), so a change elsewhere keeps the baselines."""
+    relevant = config.model_dump(mode="json", include={"seed", "data", "model", "partition", "adapter", "train"})
+    for key in ("cpus_per_actor", "gpus_per_actor", "max_restarts"):
+        relevant["train"].pop(key, None)
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
+
+
+def _sample_users(workdir: Workdir) -> dict[str, set[str]]:
+    return {name: set(read_parquet(workdir.split(name))[["sample_id", "user_id"]].itertuples(index=False, name=None))
+            for name in SPLITS if workdir.split(name).exists()}
+
+
+def _forget_in(config: Config, workdir: Workdir, users: list[str], request_id: str) -> list[dict]:
+    from ray_jobs.forget import process
+
+    new_request(workdir, users, [], request_id, source="evaluate")
+    return process(config, workdir)
+
+
+def ensure_baseline(config: Config, workdir: Workdir, source: Workdir, label: str) -> dict:
+    """A baseline work dir trained on a copy of `source`'s current store, reused when present."""
+    from ray_jobs.train import run as train_run
+
+    report = _train_report(workdir)
+    marker = workdir.path("baseline.json")
+    if report is not None:
+        trained_as = json.loads(marker.read_text())["training_sha256"] if marker.exists() else report.get("config_sha256")
+        if trained_as not in (training_sha256(config), config.sha256()):
+            raise EvaluationError(f"baseline {label} in {workdir.root} was trained with another configuration: "
+                                  f"delete that folder to train it again")
+        # Samples the source has forgotten since the baseline was built must go from the baseline too.
+        ours, theirs = _sample_users(workdir), _sample_users(source)
+        extra = {user for name, pairs in ours.items() for _, user in pairs - theirs.get(name, set())}
+        if extra:
+            log(f"baseline {label}: {len(extra)} user(s) forgotten in {source.root} since it was trained; forgetting them here too")
+            _forget_in(config, workdir, sorted(extra), f"sync-{time.strftime('%Y%m%d%H%M%S')}-{os.getpid()}")
+        log(f"baseline {label}: reusing {workdir.root} (adapter set v{report['adapter_set_version']})")
+        return report
+    for name in SPLITS:  # the source's store as it is now (also over a half-trained copy): forgotten samples are gone
+        workdir.split(name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source.split(name), workdir.split(name))
+    log(f"baseline {label}: training {config.partition.method} partition, {config.adapter.kind} adapters into {workdir.root}")
+    report = train_run(config, workdir)
+    write_json(marker, {"baseline": label, "training_sha256": training_sha256(config), "config_sha256": config.sha256()})
+    return report
+
+
+# --- scoring -----------------------------------------------------------------------------------------
+
+
+class LiveSet:
+    """The live adapter set of a work dir, downloaded to a temporary folder."""
+
+    def __init__(self, config: Config, workdir: Workdir):
+        self.registry = Registry(config.experiment, workdir.root)
+        self._tmp = tempfile.TemporaryDirectory(prefix="evaluate-")
+        self.set = self.registry.load_adapter_set(Path(self._tmp.name))
+        if self.set is None:
+            self._tmp.cleanup()
+            raise EvaluationError(f"{workdir.root} has no live adapter set ({config.experiment}.adapter-set@live)")
+        aggregator = self.set.folder / "aggregator"
+        self.state = AggregatorState.load(aggregator)
+        self.partitioner = Partitioner.load(aggregator / "partitioner.npz")
+        self.files = {k: Path(v["local"]) / ADAPTER_FILE for k, v in sorted(self.set.shards.items())}
+        self.masked = self.registry.masked_shards()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._tmp.cleanup()
+
+
+class Scorer:
+    """Scores prompts with one MixtureModel at a time on one shared frozen base model."""
+
+    def __init__(self, config: Config, prompts: list[str], labels: np.ndarray, out: Path, threads: int):
+        self.config, self.prompts, self.labels, self.out, self.threads = config, prompts, labels, out, threads
+        self.tokenizer = load_tokenizer()
+        self.base = load_base_model(config.model, config.seed, self.tokenizer)  # same model and seed everywhere
+
+    def score(self, name: str, config: Config, mixture, live: LiveSet, method: str, masked=frozenset()) -> dict:
+        torch.set_num_threads(self.threads)  # training in this process may have changed it
+        predict(config, mixture, self.prompts[:PREDICT_BATCH], live.state, live.partitioner, masked, method,
+                batch_size=PREDICT_BATCH)  # warm-up, untimed: first-call allocations are not latency
+        # Batch by batch (the same batches predict() makes of the whole list): the median batch is
+        # the latency, robust to other work on a shared machine; the mean is reported too.
+        chunks, per_sample, total = [], [], 0.0
+        for start in range(0, len(self.prompts), PREDICT_BATCH):
+            batch = self.prompts[start : start + PREDICT_BATCH]
+            started = time.perf_counter()
+            chunks.append(predict(config, mixture, batch, live.state, live.partitioner, masked, method, batch_size=PREDICT_BATCH)[0])
+            seconds = time.perf_counter() - started
+            per_sample.append(seconds * 1000 / len(batch))
+            total += seconds
+        scores = np.concatenate(chunks)
+        latency = float(np.median(per_sample))
+        path = self.out / f"{name}.npy"
+        np.save(path, scores)
+        value = auc(self.labels, scores)
+        log(f"{name:<16} AUC {value:.4f}   {latency:8.2f} ms/sample   ({method}, {len(mixture.shards)} adapter(s))")
+        return {"auc": value, "n_test": len(self.prompts), "latency_ms": round(latency, 3),
+                "latency_ms_mean": round(total * 1000 / len(self.prompts), 3), "aggregate": method,
+                "adapters": len(mixture.shards), "predictions": str(path.relative_to(self.out.parents[1])),
+                "adapter_set_version": live.set.version}
+
+    def mixture(self, config: Config, files: dict[int, Path]):
+        return load_mixture(config, files, self.tokenizer, self.base)
+
+
+# --- forget cost ------------------------------------------------------------------------------------
+
+
+def _audits(workdir: Workdir, request_prefix: str = "") -> list[dict]:
+    records = [json.loads(p.read_text()) for p in sorted(workdir.path("audit").glob("*.json"))]
+    return [r for r in records if r.get("request_id", "").startswith(request_prefix)]
+
+
+def forget_user_order(config: Config, workdir: Workdir) -> list[str]:
+    """Training users in a seeded order: the first one a work dir still holds is the one to forget."""
+    users = sorted(set(read_parquet(workdir.split("train"))["user_id"].astype(str)))
+    return sorted(users, key=lambda u: stable_hash("forget-cost", config.seed, u))
+
+
+def forget_cost(config: Config, workdir: Workdir, mode: str, users: list[str], request_prefix: str, label: str) -> dict | None:
+    """Seconds of forgetting one user in `workdir` (audit records, or one measured forget) against
+    its full train job."""
+    audits = _audits(workdir, request_prefix)
+    if not audits and mode == "measure":
+        held = set(read_parquet(workdir.split("train"))["user_id"].astype(str))
+        user = next((u for u in users if u in held), None)
+        if user is None:
+            log(f"{label}: no training user left to forget; forget cost not measured")
+            return None
+        log(f"{label}: measuring the cost of forgetting one training user in {workdir.root}")
+        started = time.time()
+        _forget_in(config, workdir, [user], FORGET_COST_REQUEST)
+        log(f"{label}: forgot one user in {time.time() - started:.1f}s")
+        audits = _audits(workdir, request_prefix)
+    report = _train_report(workdir)
+    if not audits or report is None:
+        return None
+    seconds = [sum(a["seconds"].values()) for a in audits]
+    forget_seconds = float(np.mean(seconds))
+    full = float(report["seconds"])
+    return {
+        "forget_seconds": round(forget_seconds, 3), "full_retrain_seconds": round(full, 3),
+        "ratio": round(full / forget_seconds, 3) if forget_seconds > 0 else None,
+        "requests": len(audits), "shards": len(report["shards"]),
+        "shards_retrained": float(np.mean([len(a["affected_shards"]) for a in audits])),
+        "source": str(workdir.path("audit")), "train_report": str(workdir.path("reports", "train.json")),
+    }
+
+
+# --- the run ------------------------------------------------------------------------------------------
+
+
+def _expand_shards(methods: list[str], shards: list[int]) -> list[str]:
+    names = []
+    for name in methods:
+        if name == SHARDS:
+            names += [f"shard-{k}" for k in shards]
+        elif (match := SHARD_METHOD.fullmatch(name)) and int(match.group(1)) not in shards:
+            raise EvaluationError(f"method {name!r}: the APA adapter set has shards {shards}")
+        else:
+            names.append(name)
+    return list(dict.fromkeys(names))
+
+
+def _sha256_file(path) -> str | None:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest() if path and Path(path).is_file() else None
+
+
+def run(config: Config, workdir: Workdir, methods=None, forget_cost_mode: str = "measure",
+        config_file: str | None = None, threads: int | None = None) -> dict:
+    """Evaluate `methods` (default: all) and write, plot and log the reports; returns eval.json."""
+    global _STARTED
+    started = _STARTED = time.time()
+    methods = parse_methods(methods if methods is not None else list(DEFAULT_METHODS))
+    if forget_cost_mode not in FORGET_COST_MODES:
+        raise EvaluationError(f"forget cost mode {forget_cost_mode!r}: choose from {', '.join(FORGET_COST_MODES)}")
+    threads = threads or os.cpu_count() or 1
+    apa_family = [m for m in methods if m in APA_METHODS or m == SHARDS or SHARD_METHOD.fullmatch(m)]
+    baselines = [m for m in BASELINES if m in methods]
+    log(f"methods: {', '.join(methods)}; work dir {workdir.root}")
+    connect_ray()
+
+    train_report = ensure_main(config, workdir, train=bool(apa_family))
+    test = load_splits(workdir)["test"]
+    if len(test) == 0:
+        raise EvaluationError(f"{workdir.split('test')} holds no test samples")
+    prompts, labels = test["prompt"].tolist(), test["label"].to_numpy().astype(int)
+    out = workdir.path("reports", "predictions")
+    shutil.rmtree(out, ignore_errors=True)  # predictions of an earlier run may be of another split
+    out.mkdir(parents=True)
+    np.save(out / "labels.npy", labels)
+    log(f"test split: {len(test)} samples ({int(labels.sum())} positive); scoring at batch {PREDICT_BATCH}, {threads} torch thread(s)")
+    users = forget_user_order(config, workdir)
+    scorer = Scorer(config, prompts, labels, out, threads)
+    results: dict[str, dict] = {}
+    costs: dict[str, dict] = {}
+
+    if apa_family:
+        with LiveSet(config, workdir) as live:
+            names = _expand_shards(methods, list(live.files))
+            samples = {int(k): v["samples"] for k, v in (train_report or {}).get("shards", {}).items()}
+            if live.masked:
+                log(f"note: shards {sorted(live.masked)} are masked (a forget is pending): mixtures leave them out")
+            if any(m in APA_METHODS for m in names):
+                mixture = scorer.mixture(config, live.files)
+                for name in (m for m in names if m in APA_METHODS):
+                    results[name] = scorer.score(name, config, mixture, live, APA_METHODS[name], live.masked)
+                    results[name]["notes"] = _apa_note(config, name, len(live.files), len(_audits(workdir)))
+                mixture = None
+                gc.collect()
+            for name in names:
+                if match := SHARD_METHOD.fullmatch(name):
+                    shard = int(match.group(1))
+                    mixture = scorer.mixture(config, {shard: live.files[shard]})
+                    results[name] = scorer.score(name, config, mixture, live, "uniform")
+                    results[name]["notes"] = (f"APA shard {shard} alone ({samples.get(shard, '?')} training samples)"
+                                              + (", masked: forget pending" if shard in live.masked else ""))
+                    mixture = None
+                    gc.collect()
+        if forget_cost_mode != "none":
+            found = forget_cost(config, workdir, "existing", users, "", "apa")  # real requests DIR has served
+            if found is None:  # else measured on a copy trained the same way: DIR itself stays as it is
+                copy_config = baseline_config(config, "forget-cost")
+                copy_dir = Workdir(workdir.path("baselines", "forget-cost"))
+                if forget_cost_mode == "measure":
+                    ensure_baseline(copy_config, copy_dir, workdir, "forget-cost (APA)")
+                if _train_report(copy_dir) is not None:
+                    found = forget_cost(copy_config, copy_dir, forget_cost_mode, users, FORGET_COST_REQUEST, "apa")
+            if found is not None:
+                costs["apa"] = found
+
+    for name in baselines:
+        derived = baseline_config(config, name)
+        folder = Workdir(workdir.path("baselines", name))
+        report = ensure_baseline(derived, folder, workdir, name)
+        if name == "retrain":
+            costs["retrain"] = {"forget_seconds": report["seconds"], "full_retrain_seconds": report["seconds"], "ratio": 1.0,
+                                "requests": 0, "shards": 1, "shards_retrained": 1.0,
+                                "source": "forgetting is retraining from scratch", "train_report": str(folder.path("reports", "train.json"))}
+        elif forget_cost_mode != "none":
+            # Before scoring, so that the AUC is that of the same state on every run.
+            found = forget_cost(derived, folder, forget_cost_mode, users, FORGET_COST_REQUEST, name)
+            if found is not None:
+                costs[name] = found
+        with LiveSet(derived, folder) as live:
+            mixture = scorer.mixture(derived, live.files)
+            results[name] = scorer.score(name, derived, mixture, live, BASELINE_AGGREGATE[name], live.masked)
+            results[name]["notes"] = _baseline_note(derived, name, len(live.files), report, len(_audits(folder)))
+            results[name]["workdir"] = str(folder.root)
+            mixture = None
+            gc.collect()
+    scorer = None
+    gc.collect()
+
+    retrain_seconds = costs.get("retrain", {}).get("full_retrain_seconds")
+    for cost in costs.values():
+        if retrain_seconds and cost["forget_seconds"]:
+            cost["ratio_vs_retrain_baseline"] = round(retrain_seconds / cost["forget_seconds"], 3)
+    order = [m for m in (*METHODS, *sorted((m for m in results if m.startswith("shard-")), key=lambda m: int(m[6:])))
+             if m in results]
+    report = {
+        "experiment": config.experiment, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch_threads": threads,
+                    "python": platform.python_version(), "torch": torch.__version__},
+        "config_file": str(config_file) if config_file else None, "config_file_sha256": _sha256_file(config_file),
+        "config_sha256": config.sha256(), "workdir": str(workdir.root),
+        "n_test": len(test), "n_positive": int(labels.sum()), "labels": "reports/predictions/labels.npy",
+        "batch_size": PREDICT_BATCH, "methods": {m: results[m] for m in order},
+        "forget_cost": costs, "seconds": None, "mlflow_run_id": None,
+    }
+    return _publish(config, workdir, report, started)
+
+
+def _apa_note(config: Config, name: str, shards: int, forgets: int) -> str:
+    merge = {"apa": "attention, non-decomposed merge", "apa-decomposed": "attention, decomposed merge",
+             "uniform": "uniform parameter averaging"}[name]
+    attention = f" (tau {config.aggregate.tau:g}, {config.aggregate.neighbours} neighbours)" if name != "uniform" else ""
+    note = f"K={shards} {config.partition.method} shards, {config.adapter.kind}; {merge}{attention}"
+    return note + (f"; after {forgets} forget request(s) in its work dir" if forgets else "")
+
+
+def _baseline_note(config: Config, name: str, shards: int, report: dict, forgets: int) -> str:
+    samples = sum(s["samples"] for s in report["shards"].values())
+    if name == "retrain":
+        note = f"1 {config.adapter.kind} adapter on all {samples} training samples"
+    elif name == "lmeraser":
+        note = f"K={shards} adaptive clusters, prompt tuning ({config.adapter.num_virtual_tokens} tokens), routing to the nearest prototype"
+    else:
+        note = f"K={shards} {config.partition.method}-based shards, average of the K models' P(yes)"
+    return note + (f"; after {forgets} forget request(s) in its work dir" if forgets else "")
+
+
+def _fmt(value, digits: int = 4) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and not math.isfinite(value)) else f"{value:.{digits}f}"
+
+
+def markdown(report: dict) -> str:
+    machine = report["machine"]
+    lines = [
+        f"# Evaluation: {report['experiment']}",
+        "",
+        f"- date: {report['date']}",
+        f"- machine: {machine['platform']}, {machine['cpu_count']} CPU(s), torch {machine['torch']} with "
+        f"{machine['torch_threads']} thread(s), Python {machine['python']}",
+        f"- config: {report['config_file'] or '(in-process)'}"
+        + (f" (file sha256 {report['config_file_sha256']})" if report["config_file_sha256"] else "")
+        + f"; resolved config sha256 {report['config_sha256']}",
+        f"- test split: {report['n_test']} samples, {report['n_positive']} positive; latency = wall time of "
+        f"`components.aggregate.predict` per sample, median over batches of {report['batch_size']} after one warm-up batch",
+        f"- work dir: {report['workdir']}; MLflow run {report['mlflow_run_id']} (\"evaluate\")",
+        "",
+        "| method | AUC | latency (ms/sample) | notes |",
+        "|---|---:|---:|---|",
+    ]
+    for name, row in report["methods"].items():
+        lines.append(f"| {name} | {_fmt(row['auc'])} | {_fmt(row['latency_ms'], 2)} | {row['notes']} |")
+    if report["forget_cost"]:
+        lines += [
+            "",
+            "## Forgetting one user against the full retrain",
+            "",
+            "| partition | forget (s) | full train job (s) | speedup | vs retrain baseline | shards retrained | source |",
+            "|---|---:|---:|---:|---:|---:|---|",
+        ]
+        for name, cost in report["forget_cost"].items():
+            lines.append(
+                f"| {name} | {_fmt(cost['forget_seconds'], 1)} | {_fmt(cost['full_retrain_seconds'], 1)} | "
+                f"{_fmt(cost['ratio'], 2)}x | {_fmt(cost.get('ratio_vs_retrain_baseline'), 2)}"
+                f"{'x' if cost.get('ratio_vs_retrain_baseline') else ''} | "
+                f"{cost['shards_retrained']:g} of {cost['shards']} | {cost['source']} |")
+    return "\n".join(lines) + "\n"
+
+
+def _publish(config: Config, workdir: Workdir, report: dict, started: float) -> dict:
+    """eval.json, eval.md, the plots, and the MLflow run that carries them."""
+    reports = workdir.path("reports")
+    registry = Registry(config.experiment, workdir.root)
+    run = registry.client.create_run(registry.experiment_id, run_name="evaluate",
+                                     tags={"config_sha256": config.sha256(), "methods": ",".join(report["methods"])})
+    run_id = report["mlflow_run_id"] = run.info.run_id
+    try:
+        aucs = {m: r["auc"] for m, r in report["methods"].items()}
+        figure = bar_figure({m: (v if math.isfinite(v) else 0.0) for m, v in aucs.items()}, "AUC", f"{config.experiment}: test AUC")
+        figure.axes[0].axhline(0.5, color="grey", lw=0.8, ls="--")
+        figure.savefig(reports / "auc.png")
+        close(figure)
+        costs = report["forget_cost"]
+        figure = grouped_bar_figure(
+            {name: {"forget one user": c["forget_seconds"], "full train job": c["full_retrain_seconds"]} for name, c in costs.items()}
+            or {"(no forget cost)": {}}, "seconds", f"{config.experiment}: forgetting vs full retrain")
+        figure.savefig(reports / "cost.png")
+        close(figure)
+        report["seconds"] = round(time.time() - started, 2)
+        write_json(reports / "eval.json", report)
+        (reports / "eval.md").write_text(markdown(report))
+
+        metrics = {f"auc_{m}": v for m, v in aucs.items()}
+        metrics.update({f"latency_ms_{m}": r["latency_ms"] for m, r in report["methods"].items()})
+        for name, cost in costs.items():
+            metrics.update({f"forget_seconds_{name}": cost["forget_seconds"], f"full_retrain_seconds_{name}": cost["full_retrain_seconds"]})
+            if cost["ratio"]:
+                metrics[f"forget_speedup_{name}"] = cost["ratio"]
+        registry.log_metrics(run_id, {k: v for k, v in metrics.items() if v is not None and math.isfinite(v)})
+        registry.client.log_param(run_id, "n_test", report["n_test"])
+        registry.client.log_param(run_id, "config_file", report["config_file"] or "(in-process)")
+        for name in ("eval.json", "eval.md", "auc.png", "cost.png"):
+            registry.client.log_artifact(run_id, str(reports / name), "evaluation")
+        registry.client.set_terminated(run_id)
+    except BaseException:
+        registry.client.set_terminated(run_id, status="FAILED")
+        raise
+    log(f"report: {reports / 'eval.md'} (MLflow run {run_id}, {report['seconds']:.0f}s)")
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = job_parser("ray_jobs.evaluate", "Evaluate APA, its variants and the baselines on the test split.")
+    parser.add_argument("--methods", help=f"comma-separated subset of {','.join(DEFAULT_METHODS)} or shard-<k> (default: all)")
+    parser.add_argument("--forget-cost", choices=FORGET_COST_MODES, default="measure",
+                        help="measure: forget one user where no audit record exists yet; existing: only read audit "
+                             "records; none: skip (default: measure)")
+    parser.add_argument("--threads", type=int, help="torch threads for scoring (default: CPU count)")
+    args, config, workdir = load_job(parser, argv)
+    try:
+        methods = parse_methods(args.methods) if args.methods is not None else list(DEFAULT_METHODS)
+        if args.threads is not None and args.threads < 1:
+            raise EvaluationError("--threads must be at least 1")
+        report = run(config, workdir, methods, args.forget_cost, args.config, args.threads)
+    except EvaluationError as err:
+        fail(str(err))
+    print((workdir.path("reports", "eval.md")).read_text())
+    print(json.dumps({m: round(r["auc"], 4) for m, r in report["methods"].items()}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

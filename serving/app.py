@@ -1,0 +1,531 @@
+"""The Ray Serve application: one `Recommender` deployment behind a FastAPI ingress.
+
+    serve run serving/serve_config.yaml                    (or: python -m serving --config ... --workdir ...)
+    POST /v1/predict   GET /v1/adapters   GET /healthz   POST /v1/forget   GET /v1/forget/{id}   /docs
+
+A replica holds the live adapter set (`<experiment>.adapter-set@live`) in memory as one immutable
+`View` (the loaded set + the shards masked right now). A request reads `self.view` once and uses
+that view for all its rows; a background task polls the registry, loads a new set off the event
+loop and swaps it in with a single assignment, and applies mask changes the same way. Each
+candidate of a request is one prompt row; rows of all concurrent requests are batched by
+`@serve.batch` into one forward pass, every row mixed with its own shard weights.
+"""
+
+import os
+
+for _key, _value in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+                     "MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}.items():
+    os.environ.setdefault(_key, _value)  # before transformers / mlflow are imported: nothing goes to a hub
+
+import asyncio  # noqa: E402
+import hmac  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import math  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Annotated, Any  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from fastapi import FastAPI, HTTPException, Request  # noqa: E402
+from fastapi.exceptions import RequestValidationError  # noqa: E402
+from fastapi.responses import JSONResponse  # noqa: E402
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, ValidationError, WithJsonSchema, model_validator  # noqa: E402
+from ray import serve  # noqa: E402
+from ray.serve import Application  # noqa: E402
+
+from components.aggregate import (  # noqa: E402
+    ServedSet,
+    candidate_prompts,
+    history_split,
+    load_served_set,
+    served_mask,
+    unknown_items,
+)
+from components.config import Config, ServingConfig, load_config  # noqa: E402
+from components.data import load_interactions_and_items  # noqa: E402
+from components.registry import Registry  # noqa: E402
+from components.store import Workdir  # noqa: E402
+
+logger = logging.getLogger("ray.serve")
+ROOT = Path(__file__).resolve().parents[1]  # the project (or the Ray working_dir): ray_jobs lives here too
+_DEFAULTS = ServingConfig()
+
+
+# --- request and response bodies ----------------------------------------------------------------
+
+
+def _item_id(value: Any) -> int | str:
+    if isinstance(value, bool) or not isinstance(value, (int, str)) or (isinstance(value, str) and not 0 < len(value) <= 64):
+        raise ValueError(f"an item id is an integer or a string of 1 to 64 characters, got {value!r}")
+    return value
+
+
+def _rating(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"a rating is a finite number, got {value!r}")
+    return float(value)
+
+
+ItemId = Annotated[int | str, PlainValidator(_item_id), WithJsonSchema({"anyOf": [{"type": "integer"}, {"type": "string"}]})]
+Rating = Annotated[float, PlainValidator(_rating), WithJsonSchema({"type": "number"})]
+Title = Annotated[str, Field(strict=True, min_length=1, max_length=300)]
+
+
+class Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class HistoryEntry(Body):
+    item_id: ItemId
+    rating: Rating
+
+
+class PredictRequest(Body):
+    """Either a history of rated item ids (oldest first; the latest `data.history_len` are used,
+    liked if rating > `data.like_threshold`), or liked / disliked titles directly."""
+
+    user_id: Annotated[str, Field(strict=True, max_length=128)] | None = Field(
+        None, description="optional, for the caller's bookkeeping: not used to predict and not stored")
+    history: list[HistoryEntry] | None = None
+    liked: list[Title] | None = None
+    disliked: list[Title] | None = None
+    candidates: list[ItemId] = Field(description="item ids to score")
+
+    @model_validator(mode="after")
+    def _one_form(self):
+        titles = self.liked is not None or self.disliked is not None
+        if self.history is not None and titles:
+            raise ValueError("give either history or liked/disliked, not both")
+        if self.history is None and not titles:
+            raise ValueError("give a history (item ids with ratings) or liked/disliked titles")
+        return self
+
+
+class Prediction(BaseModel):
+    item_id: int | str
+    p_yes: float = Field(description="P(' Yes') of the mixed model for this candidate")
+    weights: dict[str, float] = Field(description="this row's weight per shard (masked shards 0)")
+
+
+class PredictResponse(BaseModel):
+    predictions: list[Prediction]
+    weights: dict[str, float] = Field(description="mean of the rows' shard weights over the candidates")
+    adapter_set_version: str
+    masked_shards: list[int]
+    method: str
+
+
+class ForgetBody(Body):
+    users: list[Annotated[str, Field(strict=True, min_length=1, max_length=128)]] = []
+    interactions: list[Annotated[str, Field(strict=True, min_length=3, max_length=257)]] = Field(
+        [], description="USER:ITEM pairs")
+    request_id: Annotated[str, Field(strict=True, min_length=1, max_length=128)] | None = None
+
+
+class ForgetAccepted(BaseModel):
+    request_id: str
+    affected_shards: list[int]
+    status_url: str
+    state: str
+
+
+# --- the app: limits and error shapes (every error is {"detail": "<message>"}) ----------------------
+
+app = FastAPI(
+    title="Exact-unlearning recommender",
+    version="1",
+    description="TALLRec-style P(yes) from K shard adapters mixed per request (APA); exact forgetting.",
+)
+_body_limit = {"bytes": _DEFAULTS.max_body_bytes}  # set from the config by the replica (one per process)
+
+
+class BodyLimit:
+    """Refuse bodies over `serving.max_body_bytes`: by Content-Length, and by counting what arrives
+    (chunked bodies, or a Content-Length that lies)."""
+
+    def __init__(self, asgi_app):
+        self.app = asgi_app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit = _body_limit["bytes"]
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None:
+            if not declared.strip().isdigit():
+                return await _send_error(send, 400, "Content-Length is not a number")
+            if int(declared) > limit:
+                return await _send_error(send, 413, _too_large(int(declared), limit))
+        received, started = 0, False
+
+        async def counting_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:  # FastAPI passes an HTTPException from reading the body through
+                    raise HTTPException(413, _too_large(received, limit, at_least=True))
+            return message
+
+        async def tracking_send(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, tracking_send)
+        except HTTPException as err:  # raised by counting_receive outside any route's error handling
+            if started or err.status_code != 413:
+                raise
+            await _send_error(send, 413, err.detail)
+
+
+def _too_large(size: int, limit: int, at_least: bool = False) -> str:
+    return (f"request body of {'more than ' if at_least else ''}{size} bytes is larger than the limit of "
+            f"{limit} bytes (serving.max_body_bytes)")
+
+
+async def _send_error(send, status: int, message: str) -> None:
+    body = json.dumps({"detail": message}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+app.add_middleware(BodyLimit)
+
+
+def _validation_message(errors, content_type: str | None = None) -> str:
+    parts = []
+    for e in errors:
+        loc = [str(p) for p in e.get("loc", ()) if not str(p).startswith("function-plain[")]
+        kind, msg = e.get("type"), e.get("msg", "invalid")
+        if kind == "json_invalid":
+            error = (e.get("ctx") or {}).get("error", "")
+            parts.append(f"body: not valid JSON ({error}{' at position ' + loc[1] if len(loc) > 1 else ''})")
+            continue
+        if kind == "model_attributes_type" and loc == ["body"] and "json" not in (content_type or ""):
+            parts.append("body: expected a JSON object with Content-Type: application/json")
+            continue
+        msg = "unknown field" if kind == "extra_forbidden" else msg.removeprefix("Value error, ")
+        parts.append(f"{'.'.join(loc)}: {msg}" if loc else msg)
+    return "; ".join(parts) or "invalid request"
+
+
+@app.exception_handler(RequestValidationError)
+async def _invalid(request: Request, err: RequestValidationError):
+    return JSONResponse({"detail": _validation_message(err.errors(), request.headers.get("content-type"))}, status_code=422)
+
+
+@app.exception_handler(Exception)
+async def _unexpected(request: Request, err: Exception):
+    logger.exception("unexpected error on %s", request.url.path)
+    return JSONResponse({"detail": f"internal error: {type(err).__name__}"}, status_code=500)
+
+
+# --- the deployment -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class View:
+    """What a request sees, swapped as a whole: the loaded set and the shards masked now."""
+
+    served: ServedSet
+    masked: frozenset[int]
+
+
+def _pins(model_version) -> dict[int, str] | None:
+    """shard -> version pinned by a registered adapter-set version (its `shards` tag)."""
+    try:
+        return {int(k): str(v) for k, v in json.loads(model_version.tags["shards"]).items()}
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return None
+
+
+def _resolve(path: str) -> Path:
+    return Path(path).expanduser().resolve()
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=64, health_check_period_s=10)
+@serve.ingress(app)
+class Recommender:
+    async def __init__(self, config: str, workdir: str):
+        self.config_path = _resolve(config)
+        self.config: Config = load_config(self.config_path)
+        self.workdir = Workdir(_resolve(workdir))
+        serving = self.config.serving
+        _body_limit["bytes"] = serving.max_body_bytes
+        self._score_rows.set_max_batch_size(serving.max_batch_size)
+        self._score_rows.set_batch_wait_timeout_s(serving.batch_wait_timeout_s)
+        try:
+            import ray
+
+            cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
+        except Exception:  # noqa: BLE001 - outside Ray (local testing mode)
+            cpus = 1
+        torch.set_num_threads(max(1, int(round(cpus))))
+        items = load_interactions_and_items(self.config.data)[1]
+        self.titles = {str(i): str(t) for i, t in zip(items["item_id"], items["title"])}
+        self.registry = Registry(self.config.experiment, self.workdir.root)
+        live = await asyncio.to_thread(self.registry.live_version, self.registry.set_model)
+        if live is None:
+            raise RuntimeError(f"no live adapter set {self.registry.set_model!r} in {self.workdir.root}: "
+                               f"run python -m ray_jobs.train first")
+        served = await asyncio.to_thread(self._load_set, str(live.version))
+        masked = await asyncio.to_thread(self.registry.masked_shards)
+        self.view = View(served, frozenset(masked))
+        self._mask_lock = asyncio.Lock()
+        self._loading: asyncio.Task | None = None
+        self._jobs: list[subprocess.Popen] = []
+        self._last_poll = time.time()
+        self._poller = asyncio.create_task(self._follow_live())
+        logger.info("serving adapter set %s (%s, shards %s, masked %s)", served.version, served.method,
+                    served.mixture.shards, sorted(masked))
+
+    # --- following the `live` alias and the masks ---------------------------------------------
+    def _load_set(self, version: str) -> ServedSet:
+        """Download one adapter-set version, read it into memory, and delete the files."""
+        download = Path(tempfile.mkdtemp(prefix=f"adapter-set-{version}-"))
+        try:
+            adapter_set = self.registry.load_adapter_set(download, version)
+            if adapter_set is None:
+                raise RuntimeError(f"adapter set version {version} not found")
+            return load_served_set(self.config, adapter_set)
+        finally:
+            shutil.rmtree(download, ignore_errors=True)  # no copy of any adapter stays on disk
+
+    async def _follow_live(self) -> None:
+        while True:
+            try:
+                await self._poll_once()
+            except Exception:  # noqa: BLE001 - a registry hiccup must not stop the follower
+                logger.exception("polling the registry failed; serving adapter set %s", self.view.served.version)
+            self._last_poll = time.time()
+            self._jobs = [job for job in self._jobs if job.poll() is None]  # reap finished forget jobs
+            await asyncio.sleep(self.config.serving.poll_interval_s)
+
+    async def _poll_once(self) -> None:
+        live = await asyncio.to_thread(self.registry.live_version, self.registry.set_model)
+        async with self._mask_lock:
+            registry_mask = await asyncio.to_thread(self.registry.masked_shards)
+            view = self.view
+            loaded = {k: v["version"] for k, v in view.served.shards.items()}
+            live_pins = loaded if live is not None and str(live.version) == view.served.version else _pins(live)
+            masked = frozenset(served_mask(registry_mask, view.masked, loaded, live_pins))
+            if masked != view.masked:
+                self.view = View(view.served, masked)
+                logger.info("masked shards now %s", sorted(masked))
+        if live is not None and str(live.version) != self.view.served.version and self._loading is None:
+            self._loading = asyncio.create_task(self._swap_to(str(live.version)))
+
+    async def _swap_to(self, version: str) -> None:
+        try:
+            started = time.time()
+            served = await asyncio.to_thread(self._load_set, version)  # fully loaded before anyone sees it
+            async with self._mask_lock:
+                live = await asyncio.to_thread(self.registry.live_version, self.registry.set_model)
+                registry_mask = await asyncio.to_thread(self.registry.masked_shards)
+                loaded = {k: v["version"] for k, v in served.shards.items()}
+                live_pins = loaded if live is not None and str(live.version) == version else _pins(live)
+                masked = served_mask(registry_mask, self.view.masked, loaded, live_pins)
+                old = self.view
+                self.view = View(served, frozenset(masked))  # the swap: one reference assignment
+            logger.info("swapped adapter set %s -> %s in %.1fs (masked %s)", old.served.version, version,
+                        time.time() - started, sorted(masked))
+        except Exception:  # noqa: BLE001 - keep serving the old set; the next poll tries again
+            logger.exception("loading adapter set %s failed; still serving %s", version, self.view.served.version)
+            await asyncio.sleep(max(1.0, self.config.serving.poll_interval_s))
+        finally:
+            self._loading = None
+
+    def check_health(self) -> None:
+        """Serve's replica health check: the follower must be alive and recent."""
+        if self._poller.done():
+            raise RuntimeError("the registry follower stopped")
+
+    # --- scoring: rows of every concurrent request, batched ---------------------------------------
+    @serve.batch(max_batch_size=_DEFAULTS.max_batch_size, batch_wait_timeout_s=_DEFAULTS.batch_wait_timeout_s)
+    async def _score_rows(self, rows: list[tuple[View, str]]) -> list[tuple[float, np.ndarray]]:
+        return await asyncio.to_thread(self._score, rows)
+
+    def _score(self, rows: list[tuple[View, str]]) -> list[tuple[float, np.ndarray]]:
+        """One forward per distinct view in the batch (normally one), each row with its own weights."""
+        groups: dict[int, tuple[View, list[int]]] = {}
+        for index, (view, _) in enumerate(rows):
+            groups.setdefault(id(view), (view, []))[1].append(index)
+        results: list[Any] = [None] * len(rows)
+        for view, indices in groups.values():
+            scores, weights = view.served.predict(self.config, [rows[i][1] for i in indices], view.masked)
+            for j, i in enumerate(indices):
+                results[i] = (float(scores[j]), weights[j])
+        return results
+
+    # --- routes ------------------------------------------------------------------------------------
+    @app.post("/v1/predict", response_model=PredictResponse, responses={
+        413: {"description": "body too large"}, 422: {"description": "invalid input"}, 503: {"description": "every shard masked"}})
+    async def predict(self, body: PredictRequest) -> PredictResponse:
+        """P(yes) for each candidate, given a history (item ids + ratings) or liked/disliked titles."""
+        limits, data = self.config.serving, self.config.data
+        if not body.candidates:
+            raise HTTPException(422, "candidates: the list is empty; give at least one item id")
+        if len(body.candidates) > limits.max_candidates:
+            raise HTTPException(422, f"candidates: {len(body.candidates)} items, more than the limit of "
+                                     f"{limits.max_candidates} (serving.max_candidates)")
+        history_size = len(body.history) if body.history is not None else len(body.liked or []) + len(body.disliked or [])
+        if history_size > limits.max_history:
+            field = "history" if body.history is not None else "liked + disliked"
+            raise HTTPException(422, f"{field}: {history_size} items, more than the limit of "
+                                     f"{limits.max_history} (serving.max_history)")
+        for field, ids in (("candidates", body.candidates), ("history", [h.item_id for h in body.history or []])):
+            unknown = unknown_items(ids, self.titles)
+            if unknown:
+                shown = ", ".join(map(repr, unknown[:10])) + (" ..." if len(unknown) > 10 else "")
+                raise HTTPException(422, f"{field}: unknown item id(s) {shown}")
+        if body.history is not None:
+            liked, disliked = history_split([(h.item_id, h.rating) for h in body.history], self.titles,
+                                            data.like_threshold, data.history_len)
+        else:
+            liked, disliked = list(body.liked or []), list(body.disliked or [])
+        view = self.view  # one read: every row of this request uses the same set and masks
+        if not view.served.serving(view.masked):
+            raise HTTPException(503, f"every shard is masked {sorted(view.masked)}: no adapter may serve until "
+                                     f"the forget job registers clean versions")
+        prompts = candidate_prompts(liked, disliked, body.candidates, self.titles)
+        rows = await asyncio.gather(*(self._score_rows((view, prompt)) for prompt in prompts))
+        shards = view.served.mixture.shards
+        predictions = [Prediction(item_id=item, p_yes=p, weights={str(k): float(w[i]) for i, k in enumerate(shards)})
+                       for item, (p, w) in zip(body.candidates, rows)]
+        mean = np.mean(np.stack([w for _, w in rows]), axis=0)
+        return PredictResponse(predictions=predictions, weights={str(k): float(mean[i]) for i, k in enumerate(shards)},
+                               adapter_set_version=view.served.version, masked_shards=sorted(view.masked),
+                               method=view.served.method)
+
+    @app.get("/v1/adapters")
+    async def adapters(self) -> dict:
+        """The live adapter set this replica serves: each shard's registered name, version and sha256."""
+        view = self.view
+        return {
+            "adapter_set_version": view.served.version,
+            "method": view.served.method,
+            "masked_shards": sorted(view.masked),
+            "shards": {str(k): {**info, "masked": k in view.masked} for k, info in sorted(view.served.shards.items())},
+            "loading": self._loading is not None,
+            "last_poll_age_s": round(time.time() - self._last_poll, 3),
+        }
+
+    @app.get("/healthz")
+    async def healthz(self) -> JSONResponse:
+        view = self.view
+        serving = view.served.serving(view.masked)
+        payload = {"status": "ok" if serving else "unavailable: every shard is masked",
+                   "adapter_set_version": view.served.version, "serving_shards": serving,
+                   "masked_shards": sorted(view.masked)}
+        return JSONResponse(payload, status_code=200 if serving else 503)
+
+    # --- forgetting --------------------------------------------------------------------------------
+    def _authorize(self, request: Request) -> None:
+        token = self.config.forget_token_value()
+        if not token:
+            raise HTTPException(503, f"forgetting over HTTP is disabled: set ${self.config.serving.forget_token_env} "
+                                     f"or serving.forget_token")
+        scheme, _, given = (request.headers.get("authorization") or "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+            raise HTTPException(401, "a valid 'Authorization: Bearer <token>' header is required",
+                                headers={"WWW-Authenticate": "Bearer"})
+
+    @app.post("/v1/forget", status_code=202, response_model=ForgetAccepted, openapi_extra={"requestBody": {
+        "required": True, "content": {"application/json": {"schema": ForgetBody.model_json_schema()}}}},
+        responses={401: {"description": "no or wrong bearer token"}, 422: {"description": "invalid request"},
+                   503: {"description": "no token configured"}})
+    async def forget(self, request: Request) -> JSONResponse:
+        """Forget users and/or USER:ITEM interactions: the affected shards are masked at once, the
+        exact forget job (retrain from the last clean slice, swap, purge, audit) runs in the background."""
+        from components.unlearn import RequestError, new_request, state_index
+
+        self._authorize(request)  # before the body is even parsed
+        try:
+            body = ForgetBody.model_validate_json(await request.body())
+        except ValidationError as err:
+            raise HTTPException(422, _validation_message(err.errors(include_url=False))) from None
+        try:
+            record = await asyncio.to_thread(new_request, self.workdir, body.users, body.interactions,
+                                             request_id=body.request_id, source="http")
+        except RequestError as err:
+            raise HTTPException(422, str(err)) from None
+        affected = {int(s) for s in record.affected_shards}
+        if state_index(record.state) < state_index("unmasked"):  # (a repeated request id may be further on)
+            async with self._mask_lock:  # the poller cannot undo this with a stale read
+                view = self.view
+                self.view = View(view.served, view.masked | affected)  # this replica: at once
+                await asyncio.to_thread(self._mask_in_registry, affected)  # every replica: next poll
+        if record.state != "done":
+            await asyncio.to_thread(self._launch_forget_job, record.request_id)
+        payload = ForgetAccepted(request_id=record.request_id, affected_shards=sorted(affected),
+                                 status_url=f"/v1/forget/{record.request_id}", state=record.state)
+        return JSONResponse(payload.model_dump(), status_code=202 if record.state != "done" else 200)
+
+    def _mask_in_registry(self, shards: set[int]) -> None:
+        if shards:
+            self.registry.set_masked_shards(self.registry.masked_shards() | shards)
+
+    def _launch_forget_job(self, request_id: str) -> None:
+        """`python -m ray_jobs.forget --request-id ...` in its own session, joined to this Ray
+        cluster; output to DIR/requests/<id>.log. Serving never imports ray_jobs."""
+        log_path = self.workdir.path("requests", f"{request_id}.log")
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        command = [sys.executable, "-m", "ray_jobs.forget", "--config", str(self.config_path),
+                   "--workdir", str(self.workdir.root), "--request-id", request_id]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+        try:
+            import ray
+
+            env["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+        except Exception:  # noqa: BLE001 - not inside Ray: the job starts its own
+            pass
+        with open(log_path, "ab") as log:
+            job = subprocess.Popen(command, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+            log.write(f"# {time.strftime('%Y-%m-%dT%H:%M:%S')} serving launched pid {job.pid}: {' '.join(command)}\n".encode())
+        self._jobs.append(job)
+        logger.info("forget request %s: launched job pid %d (log %s)", request_id, job.pid, log_path)
+
+    @app.get("/v1/forget/{request_id}", responses={401: {"description": "no or wrong bearer token"},
+                                                   404: {"description": "unknown request id"}})
+    async def forget_status(self, request_id: str, request: Request) -> dict:
+        """A forget request's record (its state and history); the ids to forget are not echoed."""
+        from components.unlearn import RequestError, load_request, scrub
+
+        self._authorize(request)
+        try:
+            record = await asyncio.to_thread(load_request, self.workdir, request_id)
+        except RequestError as err:
+            raise HTTPException(422, str(err)) from None
+        if record is None:
+            raise HTTPException(404, f"unknown forget request {request_id!r}")
+        return scrub(record)
+
+
+# --- the application builder: `serve run` / `serve deploy` / RayService import_path ---------------------
+
+
+class AppArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    config: str
+    workdir: str | None = None  # default runs/<experiment>
+
+
+def build_app(args: dict) -> Application:
+    """`serving.app:build_app` with args {"config": FILE, "workdir": DIR}. Paths that exist here are
+    made absolute (the replica may run in another directory); others are resolved by the replica."""
+    parsed = AppArgs.model_validate(dict(args or {}))
+    config = load_config(parsed.config)  # a bad config fails here, with the file and the key
+    workdir = parsed.workdir or str(Path("runs") / config.experiment)
+    absolute = lambda p: str(Path(p).resolve()) if Path(p).exists() else p  # noqa: E731
+    return Recommender.bind(absolute(parsed.config), absolute(workdir))

@@ -1,0 +1,123 @@
+"""A typed Python client for the recommender's HTTP API.
+
+    from serving.client import RecommenderClient
+    with RecommenderClient("http://127.0.0.1:8000") as client:
+        result = client.predict(candidates=[50, 181], history=[(1, 5), (121, 2)])
+        print(result.predictions[0].p_yes, result.adapter_set_version)
+        accepted = client.forget(users=["13"], token=os.environ["UNLEARN_FORGET_TOKEN"])
+
+Every 4xx/5xx answer raises RecommenderError carrying the server's status and message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import httpx
+
+ItemId = int | str
+
+
+class RecommenderError(Exception):
+    """The server refused a request; `status_code` and `detail` (the server's message) say why."""
+
+    def __init__(self, status_code: int, detail: str, method: str = "", url: str = ""):
+        self.status_code, self.detail, self.method, self.url = status_code, detail, method, url
+        super().__init__(f"{status_code} from {method} {url}: {detail}".replace("  ", " "))
+
+
+@dataclass(frozen=True)
+class Prediction:
+    item_id: ItemId
+    p_yes: float
+    weights: dict[int, float] = field(default_factory=dict)  # shard -> this row's weight
+
+
+@dataclass(frozen=True)
+class PredictResult:
+    predictions: list[Prediction]
+    weights: dict[int, float]  # shard -> mean weight over the candidates
+    adapter_set_version: str
+    masked_shards: list[int]
+    method: str
+
+    def p_yes(self) -> dict[ItemId, float]:
+        return {p.item_id: p.p_yes for p in self.predictions}
+
+
+@dataclass(frozen=True)
+class ForgetAccepted:
+    request_id: str
+    affected_shards: list[int]
+    status_url: str
+    state: str
+
+
+def _shard_keys(weights: Mapping[str, float]) -> dict[int, float]:
+    return {int(k): float(v) for k, v in weights.items()}
+
+
+class RecommenderClient:
+    def __init__(self, base_url: str = "http://127.0.0.1:8000", timeout: float = 60.0, token: str | None = None,
+                 transport: httpx.BaseTransport | None = None):
+        self.token = token
+        self._http = httpx.Client(base_url=base_url.rstrip("/"), timeout=timeout, transport=transport)
+
+    def __enter__(self) -> "RecommenderClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _call(self, method: str, path: str, token: str | None = None, **kwargs) -> dict:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        response = self._http.request(method, path, headers=headers, **kwargs)
+        if response.status_code >= 400:
+            try:
+                detail = response.json().get("detail", response.text)
+            except ValueError:
+                detail = response.text
+            raise RecommenderError(response.status_code, str(detail), method, str(response.request.url))
+        return response.json()
+
+    def predict(self, candidates: Iterable[ItemId], history: Iterable[tuple[ItemId, float] | Mapping] | None = None,
+                liked: Iterable[str] | None = None, disliked: Iterable[str] | None = None,
+                user_id: str | None = None) -> PredictResult:
+        """P(yes) for each candidate given a history of (item id, rating), oldest first, or
+        liked / disliked titles."""
+        body: dict = {"candidates": list(candidates)}
+        if history is not None:
+            body["history"] = [dict(h) if isinstance(h, Mapping) else {"item_id": h[0], "rating": h[1]} for h in history]
+        if liked is not None or disliked is not None:
+            body["liked"], body["disliked"] = list(liked or []), list(disliked or [])
+        if user_id is not None:
+            body["user_id"] = user_id
+        raw = self._call("POST", "/v1/predict", json=body)
+        return PredictResult(
+            predictions=[Prediction(p["item_id"], float(p["p_yes"]), _shard_keys(p.get("weights", {}))) for p in raw["predictions"]],
+            weights=_shard_keys(raw["weights"]), adapter_set_version=str(raw["adapter_set_version"]),
+            masked_shards=[int(s) for s in raw["masked_shards"]], method=raw.get("method", ""),
+        )
+
+    def adapters(self) -> dict:
+        """The live adapter set: version, method, masked shards, each shard's name/version/sha256."""
+        return self._call("GET", "/v1/adapters")
+
+    def health(self) -> dict:
+        return self._call("GET", "/healthz")
+
+    def forget(self, users: Iterable[str] = (), interactions: Iterable[str] = (), token: str | None = None,
+               request_id: str | None = None) -> ForgetAccepted:
+        """Ask to forget users and/or USER:ITEM interactions (needs the forget bearer token)."""
+        body: dict = {"users": [str(u) for u in users], "interactions": [str(i) for i in interactions]}
+        if request_id is not None:
+            body["request_id"] = request_id
+        raw = self._call("POST", "/v1/forget", token=token or self.token, json=body)
+        return ForgetAccepted(raw["request_id"], [int(s) for s in raw["affected_shards"]], raw["status_url"], raw.get("state", ""))
+
+    def forget_status(self, request_id: str, token: str | None = None) -> dict:
+        return self._call("GET", f"/v1/forget/{request_id}", token=token or self.token)

@@ -1,0 +1,286 @@
+"""Issue 5: the aggregation math (APA weights, routing, masking) and the batched mixture of LoRA
+adapters, checked against explicit formulas and against peft itself. Fast: no Ray, tiny model."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from peft import get_peft_model
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from torch import nn
+
+from components.aggregate import (
+    AggregatorState,
+    MixtureLoRALinear,
+    MixtureModel,
+    apa_weights,
+    candidate_prompts,
+    history_split,
+    masked_softmax,
+    mixture_weights,
+    routing_weights,
+    served_mask,
+    uniform_weights,
+    unknown_items,
+)
+from components.config import load_config
+from components.data import build_prompt
+from components.model import answer_logits, load_base_model, load_tokenizer, p_yes
+from components.partition import Partitioner
+from components.train import peft_config
+
+from .conftest import TINY
+
+K = 3
+
+
+# --- the mixture layer against the formula ---------------------------------------------------------
+
+
+def _layer(k=K, r=4, d_in=16, d_out=12, scaling=(2.0, 1.0, 0.5), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    base = nn.Linear(d_in, d_out)
+    with torch.no_grad():
+        base.weight.copy_(torch.randn(d_out, d_in, generator=g))
+        base.bias.copy_(torch.randn(d_out, generator=g))
+    a = torch.randn(k, r, d_in, generator=g)
+    b = torch.randn(k, d_out, r, generator=g)
+    return MixtureLoRALinear(base, a, b, torch.tensor(scaling[:k])), g
+
+
+def test_mixture_layer_equals_the_explicit_sum_for_random_per_row_weights():
+    layer, g = _layer()
+    x = torch.randn(5, 7, 16, generator=g)
+    w = torch.softmax(torch.randn(5, K, generator=g), -1)
+    layer.weights = w
+    got = layer(x)
+    # W x + sum_k w_k s_k B_k A_k x, in float64, one row at a time
+    x64, expected = x.double(), []
+    for row in range(5):
+        out = x64[row] @ layer.base.weight.double().T + layer.base.bias.double()
+        for k in range(K):
+            out = out + w[row, k].double() * layer.scaling[k].double() * (x64[row] @ layer.lora_a[k].double().T) @ layer.lora_b[k].double().T
+        expected.append(out)
+    torch.testing.assert_close(got.double(), torch.stack(expected), rtol=1e-5, atol=1e-4)
+
+
+def test_decomposed_mixture_layer_equals_its_formula():
+    layer, g = _layer(scaling=(2.0, 2.0, 2.0))
+    x = torch.randn(4, 6, 16, generator=g)
+    w = torch.softmax(torch.randn(4, K, generator=g), -1)
+    layer.weights, layer.decomposed = w, True
+    got = layer(x)
+    expected = []
+    for row in range(4):
+        a = sum(w[row, k].double() * layer.lora_a[k].double() for k in range(K))  # sum_k w_k A_k
+        b = sum(w[row, k].double() * layer.lora_b[k].double() for k in range(K))  # sum_k w_k B_k
+        base = x[row].double() @ layer.base.weight.double().T + layer.base.bias.double()
+        expected.append(base + 2.0 * (x[row].double() @ a.T) @ b.T)
+    torch.testing.assert_close(got.double(), torch.stack(expected), rtol=1e-5, atol=1e-4)
+
+
+def test_a_row_of_the_batch_is_mixed_with_its_own_weights_only():
+    layer, g = _layer()
+    x = torch.randn(4, 5, 16, generator=g)
+    w = torch.softmax(torch.randn(4, K, generator=g), -1)
+    layer.weights = w
+    together = layer(x)
+    for row in range(4):
+        layer.weights = w[row : row + 1]
+        torch.testing.assert_close(layer(x[row : row + 1])[0], together[row], rtol=1e-6, atol=1e-5)
+
+
+def test_without_weights_the_layer_is_the_frozen_base():
+    layer, g = _layer()
+    x = torch.randn(2, 3, 16, generator=g)
+    assert torch.equal(layer(x), layer.base(x))
+
+
+# --- the mixture model against peft ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    config = load_config(TINY)
+    tokenizer = load_tokenizer()
+    base = load_base_model(config.model, config.seed, tokenizer)
+    peft_model = get_peft_model(copy.deepcopy(base), peft_config(config))
+    peft_model.eval()  # no dropout
+    adapters = []
+    for k in range(K):  # trained-looking adapters: LoRA's init has B = 0, so randomize A and B
+        g = torch.Generator().manual_seed(100 + k)
+        state = {name: torch.randn(t.shape, generator=g) * 0.05 for name, t in get_peft_model_state_dict(peft_model).items()}
+        adapters.append(state)
+    mixture = MixtureModel(copy.deepcopy(base), tokenizer, dict(enumerate(adapters)),
+                           config.adapter.alpha / config.adapter.r, config.model.max_length)
+    prompts = [
+        build_prompt(["Toy Story (1995)", "Heat (1995)"], ["Jumanji (1995)"], "GoldenEye (1995)"),
+        build_prompt([], ["Casino (1995)"], "Babe (1995)"),
+        build_prompt(["Fargo (1996)"] * 5, [], "Star Wars (1977)"),
+    ]
+    return config, tokenizer, peft_model, adapters, mixture, mixture.batch(prompts)
+
+
+def _peft_logits(peft_model, adapter, batch):
+    set_peft_model_state_dict(peft_model, adapter)
+    with torch.no_grad():
+        return answer_logits(peft_model, batch)
+
+
+def _one_hot(rows, k):
+    w = torch.zeros(rows, K)
+    w[:, k] = 1.0
+    return w
+
+
+def test_a_one_hot_mixture_is_that_adapter_applied_by_peft(tiny):
+    config, tokenizer, peft_model, adapters, mixture, batch = tiny
+    rows = len(batch["input_ids"])
+    for k in range(K):
+        expected = _peft_logits(peft_model, adapters[k], batch)
+        with torch.no_grad(), mixture.mixing(_one_hot(rows, k)):
+            got = answer_logits(mixture.model, batch)
+        # Not bit-identical: peft computes B_k (A_k x) with two rank-r GEMMs, the mixture one
+        # rank-(K r) GEMM pair over all adapters (zero weights for the others), so the kernels sum
+        # the same terms in another order. The difference is float32 rounding: at most 2.4e-7 on
+        # logits of magnitude ~1.2 here (1-2 ulp), so 1e-5 leaves a wide margin.
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        assert not torch.equal(got, answer_logits(mixture.model, batch))  # the adapter does change the logits
+        torch.testing.assert_close(mixture.p_yes(batch, _one_hot(rows, k)), p_yes(expected, mixture.yes_id, mixture.no_id),
+                                   rtol=0, atol=1e-6)
+
+
+def test_rows_routed_to_different_adapters_share_one_forward(tiny):
+    config, tokenizer, peft_model, adapters, mixture, batch = tiny
+    rows = len(batch["input_ids"])
+    w = torch.zeros(rows, K)
+    for row in range(rows):
+        w[row, row % K] = 1.0
+    mixed = mixture.p_yes(batch, w)
+    for row in range(rows):
+        alone = p_yes(_peft_logits(peft_model, adapters[row % K], batch), mixture.yes_id, mixture.no_id)[row]
+        assert abs(float(mixed[row]) - float(alone)) < 1e-6
+
+
+def test_sisa_averaging_is_the_mean_of_the_single_adapter_passes(tiny):
+    config, tokenizer, peft_model, adapters, mixture, batch = tiny
+    singles = [p_yes(_peft_logits(peft_model, adapters[k], batch), mixture.yes_id, mixture.no_id) for k in range(K)]
+    torch.testing.assert_close(mixture.p_yes_averaged(batch), torch.stack(singles).mean(0), rtol=0, atol=1e-6)
+    torch.testing.assert_close(mixture.p_yes_averaged(batch, masked={1}), (singles[0] + singles[2]) / 2, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="every shard is masked"):
+        mixture.p_yes_averaged(batch, masked={0, 1, 2})
+
+
+def test_decomposed_mixture_with_one_hot_weights_is_that_adapter(tiny):
+    # (sum w_k B_k)(sum w_k A_k) = B_k A_k for a one-hot w: the decomposed form agrees there.
+    config, tokenizer, peft_model, adapters, mixture, batch = tiny
+    rows = len(batch["input_ids"])
+    for k in range(K):
+        torch.testing.assert_close(mixture.p_yes(batch, _one_hot(rows, k), decomposed=True),
+                                   mixture.p_yes(batch, _one_hot(rows, k)), rtol=0, atol=1e-6)
+
+
+def test_embedding_is_the_frozen_model_whatever_the_adapters(tiny):
+    config, tokenizer, peft_model, adapters, mixture, batch = tiny
+    base = load_base_model(config.model, config.seed, tokenizer)
+    from components.model import embed_batch
+
+    torch.testing.assert_close(mixture.embed(batch, None), embed_batch(base, batch, None), rtol=0, atol=0)
+    torch.testing.assert_close(mixture.embed(batch, 1), embed_batch(base, batch, 1), rtol=0, atol=0)
+
+
+# --- the weights --------------------------------------------------------------------------------------
+
+
+def _state(n=12, d=8, k=K, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return AggregatorState([f"u:{i}" for i in range(n)], torch.randint(0, 2, (n,), generator=g),
+                           torch.randn(n, d, generator=g), {s: torch.rand(n, generator=g) for s in range(k)})
+
+
+def test_apa_weights_follow_the_formula():
+    state, query = _state(), torch.randn(4, 8, generator=torch.Generator().manual_seed(1))
+    got = apa_weights(query, state, neighbours=5, tau=3.0)
+    keys = state.embeddings.numpy() / np.linalg.norm(state.embeddings.numpy(), axis=1, keepdims=True)
+    for row, q in enumerate(query.numpy()):
+        nearest = np.argsort(-(keys @ (q / np.linalg.norm(q))))[:5]
+        error = np.array([np.abs(state.labels.numpy()[nearest] - state.predictions[k].numpy()[nearest]).mean() for k in range(K)])
+        expected = np.exp(-3.0 * error) / np.exp(-3.0 * error).sum()
+        np.testing.assert_allclose(got[row].numpy(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_tau_zero_gives_uniform_weights():
+    state, query = _state(), torch.randn(3, 8)
+    assert torch.equal(apa_weights(query, state, neighbours=5, tau=0.0), torch.full((3, K), 1 / K))
+    assert torch.equal(uniform_weights(3, [0, 1, 2]), torch.full((3, K), 1 / K))
+
+
+@pytest.mark.parametrize("tau", [0.0, 1.0, 1000.0])
+def test_a_masked_shard_gets_zero_and_the_rest_sum_to_one(tau):
+    state, query = _state(), torch.randn(6, 8)
+    w = apa_weights(query, state, neighbours=4, tau=tau, masked={1})
+    assert torch.all(w[:, 1] == 0)
+    torch.testing.assert_close(w.sum(1), torch.ones(6))
+    assert torch.all(w[:, [0, 2]] > 0) or tau > 100  # with a large tau the best shard takes (almost) all
+
+
+def test_every_shard_masked_is_an_error_not_nan():
+    with pytest.raises(ValueError, match="every shard is masked"):
+        masked_softmax(torch.zeros(2, K), [0, 1, 2], {0, 1, 2})
+
+
+def test_apa_without_validation_samples_falls_back_to_uniform():
+    empty = AggregatorState([], torch.zeros(0), torch.zeros(0, 8), {k: torch.zeros(0) for k in range(K)})
+    w = apa_weights(torch.randn(2, 8), empty, neighbours=5, tau=1000.0, masked={2})
+    assert torch.equal(w, torch.tensor([[0.5, 0.5, 0.0]] * 2))
+
+
+def test_routing_picks_the_nearest_prototype_and_falls_back_when_it_is_masked():
+    centroids = np.eye(3, 4)
+    partitioner = Partitioner("adaptive", 3, 0, center=np.zeros(4), centroids=centroids)
+    query = np.array([[0.1, 0.2, 1.0, 0.0], [1.0, 0.6, 0.0, 0.0]])  # nearest 2 (then 1); nearest 0 (then 1)
+    assert partitioner.nearest(query).tolist() == [2, 0]
+    ranking = partitioner.ranking(query)
+    assert torch.equal(routing_weights(ranking, [0, 1, 2]), torch.tensor([[0.0, 0.0, 1.0], [1.0, 0.0, 0.0]]))
+    assert torch.equal(routing_weights(ranking, [0, 1, 2], masked={2}), torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]]))
+    assert torch.equal(routing_weights(ranking, [0, 1, 2], masked={0, 2}), torch.tensor([[0.0, 1.0, 0.0], [0.0, 1.0, 0.0]]))
+    with pytest.raises(ValueError, match="every shard is masked"):
+        routing_weights(ranking, [0, 1, 2], masked={0, 1, 2})
+
+
+def test_mixture_weights_dispatch_every_method(tiny):
+    config, tokenizer, peft_model, adapters, mixture, batch = tiny
+    rows = len(batch["input_ids"])
+    hidden = mixture.model.config.hidden_size
+    state = _state(n=10, d=hidden)
+    partitioner = Partitioner("semantic", K, 0, center=np.zeros(hidden), centroids=np.eye(K, hidden))
+    for method in ("attention", "decomposed", "uniform", "routing", "average"):
+        w = mixture_weights(config, mixture, batch, state, partitioner, masked={0}, method=method)
+        assert w.shape == (rows, K) and torch.all(w[:, 0] == 0)
+        torch.testing.assert_close(w.sum(1), torch.ones(rows))
+    with pytest.raises(ValueError, match="aggregator state"):
+        mixture_weights(config, mixture, batch, _state(k=2, d=hidden), partitioner, method="attention")
+
+
+# --- serving helpers -----------------------------------------------------------------------------------
+
+
+def test_a_shard_masked_by_a_server_stays_masked_until_its_new_version_is_loaded():
+    loaded = {0: "1", 1: "1", 2: "1"}
+    # the forget job unmasked shard 1 because its new version 2 is live; this server still holds v1
+    assert served_mask(set(), {1}, loaded, {0: "1", 1: "2", 2: "1"}) == {1}
+    # once the server holds the live versions, the registry's mask is the whole story
+    assert served_mask(set(), {1}, {0: "1", 1: "2", 2: "1"}, {0: "1", 1: "2", 2: "1"}) == set()
+    # a shard nobody masked is not masked just because a newer version exists (plain re-training)
+    assert served_mask({2}, set(), loaded, {0: "5", 1: "5", 2: "5"}) == {2}
+
+
+def test_request_history_becomes_the_training_prompt():
+    titles = {"1": "Toy Story (1995)", "2": "GoldenEye (1995)", "3": "Heat (1995)", "4": "Babe (1995)"}
+    liked, disliked = history_split([(1, 5), ("2", 2), (3, 4.5)], titles, like_threshold=3.0, history_len=10)
+    assert (liked, disliked) == (["Toy Story (1995)", "Heat (1995)"], ["GoldenEye (1995)"])
+    assert history_split([(1, 5), (2, 2), (3, 4)], titles, 3.0, history_len=2) == (["Heat (1995)"], ["GoldenEye (1995)"])
+    assert candidate_prompts(liked, disliked, [4, "1"], titles) == [
+        build_prompt(liked, disliked, "Babe (1995)"), build_prompt(liked, disliked, "Toy Story (1995)")]
+    assert unknown_items([1, 99, "x", 99, "2"], titles) == [99, "x"]

@@ -1,0 +1,180 @@
+"""Issue 7: the comparison table. Every method on the test split, AUCs that the stored predictions
+reproduce, APA recomputed from the live adapter set, plots, the MLflow run, and bad input."""
+
+import json
+import math
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from components.aggregate import AggregatorState, load_mixture, predict
+from components.data import SPLITS, read_parquet
+from components.metrics import auc
+from components.model import load_tokenizer
+from components.partition import Partitioner
+from components.registry import Registry
+from components.store import Workdir, load_splits
+from components.train import ADAPTER_FILE
+from components.unlearn import new_request
+from ray_jobs import evaluate as evaluate_job
+from ray_jobs import forget as forget_job
+from ray_jobs import train as train_job
+
+from .conftest import TINY
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def small(config):
+    """The tiny config, smaller still (K=2): five train jobs and a few forgets fit in the budget."""
+    return config.model_copy(update={
+        "data": config.data.model_copy(update={"n_train": 64, "n_valid": 16, "n_test": 24}),
+        "partition": config.partition.model_copy(update={"num_shards": 2, "num_slices": 2, "min_cluster_size": 24}),
+    })
+
+
+@pytest.fixture(scope="module")
+def evaluated(ray_session, tiny_config, tmp_path_factory):
+    """A trained work dir that has forgotten one user (its audit gives APA's forget cost), then
+    evaluated: every baseline trained on its store."""
+    config = small(tiny_config)
+    workdir = Workdir(tmp_path_factory.mktemp("evaluate"))
+    train_job.run(config, workdir)
+    new_request(workdir, [training_users(workdir)[0]], [], "forgotten-before-evaluation")
+    forget_job.process(config, workdir)
+    report = evaluate_job.run(config, workdir, forget_cost_mode="existing")
+    return config, workdir, report
+
+
+def training_users(workdir):
+    return sorted(set(read_parquet(workdir.split("train"))["user_id"].astype(str)))
+
+
+def test_every_method_has_a_finite_auc_that_its_stored_predictions_reproduce(evaluated):
+    config, workdir, report = evaluated
+    on_disk = json.loads(workdir.path("reports", "eval.json").read_text())
+    assert on_disk["methods"].keys() == report["methods"].keys()
+    shards = [f"shard-{k}" for k in range(config.partition.num_shards)]
+    assert list(report["methods"]) == [*evaluate_job.METHODS, *shards]
+
+    labels = np.load(workdir.path("reports", "predictions", "labels.npy"))
+    test = load_splits(workdir)["test"]
+    assert labels.tolist() == test["label"].astype(int).tolist() and 0 < labels.sum() < len(labels)
+    table = workdir.path("reports", "eval.md").read_text()
+    for name, row in on_disk["methods"].items():
+        assert math.isfinite(row["auc"]), name
+        assert row["n_test"] == len(test) and row["latency_ms"] > 0
+        assert row["predictions"] == f"reports/predictions/{name}.npy"
+        scores = np.load(workdir.path(row["predictions"]))
+        assert scores.shape == (len(test),) and np.isfinite(scores).all() and ((scores >= 0) & (scores <= 1)).all()
+        assert auc(labels, scores) == row["auc"], name
+        assert f"| {name} | {row['auc']:.4f} |" in table, name
+    for header in ("machine:", "date:", "config:", str(TINY.name) if on_disk["config_file"] else "(in-process)"):
+        assert header in table
+    # Baselines are trained in their own work dirs under their own experiments.
+    for name in evaluate_job.BASELINES:
+        assert workdir.path("baselines", name, "reports", "train.json").exists()
+        assert Registry(f"{config.experiment}-{name}", workdir.path("baselines", name)).live_set_version() is not None
+    assert on_disk["methods"]["retrain"]["adapters"] == 1
+    assert on_disk["methods"]["sisa"]["aggregate"] == on_disk["methods"]["user"]["aggregate"] == "average"
+    assert on_disk["methods"]["lmeraser"]["aggregate"] == "routing"
+
+
+def test_the_apa_auc_is_what_the_live_adapter_set_predicts(evaluated):
+    config, workdir, report = evaluated
+    test = load_splits(workdir)["test"]
+    torch.set_num_threads(report["machine"]["torch_threads"])
+    with tempfile.TemporaryDirectory() as tmp:
+        live = Registry(config.experiment, workdir.root).load_adapter_set(Path(tmp))
+        files = {k: Path(v["local"]) / ADAPTER_FILE for k, v in live.shards.items()}
+        assert sorted(files) == list(range(config.partition.num_shards))
+        state = AggregatorState.load(live.folder / "aggregator")
+        partitioner = Partitioner.load(live.folder / "aggregator" / "partitioner.npz")
+        mixture = load_mixture(config, files, load_tokenizer())
+        scores, weights = predict(config, mixture, test["prompt"].tolist(), state, partitioner, method="attention",
+                                  batch_size=evaluate_job.PREDICT_BATCH)
+    assert weights.shape == (len(test), config.partition.num_shards)
+    assert auc(test["label"], scores) == pytest.approx(report["methods"]["apa"]["auc"], abs=1e-12)
+    assert np.array_equal(scores, np.load(workdir.path("reports", "predictions", "apa.npy")))  # bit for bit
+
+
+def test_forget_cost_plots_and_the_mlflow_run(evaluated):
+    config, workdir, report = evaluated
+    # APA's cost comes from the audit of the work dir's own forget request; retrain's is its train job.
+    assert set(report["forget_cost"]) == {"apa", "retrain"}
+    apa = report["forget_cost"]["apa"]
+    [audit] = list(workdir.path("audit").glob("*.json"))
+    assert apa["source"] == str(workdir.path("audit")) and apa["requests"] == 1
+    assert apa["forget_seconds"] == pytest.approx(sum(json.loads(audit.read_text())["seconds"].values()), abs=1e-3)
+    assert apa["full_retrain_seconds"] == json.loads(workdir.path("reports", "train.json").read_text())["seconds"]
+    assert apa["ratio"] == pytest.approx(apa["full_retrain_seconds"] / apa["forget_seconds"], rel=1e-2)
+    retrain = report["forget_cost"]["retrain"]
+    assert retrain["forget_seconds"] == retrain["full_retrain_seconds"] > 0 and retrain["ratio"] == 1.0
+    assert "| apa |" in workdir.path("reports", "eval.md").read_text().split("## Forgetting")[1]
+
+    for plot in ("auc.png", "cost.png"):
+        data = workdir.path("reports", plot).read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 1000, plot
+
+    registry = Registry(config.experiment, workdir.root)
+    [run] = registry.client.search_runs([registry.experiment_id], "attributes.run_name = 'evaluate'")
+    assert run.info.run_id == report["mlflow_run_id"] and run.info.status == "FINISHED"
+    for name, row in report["methods"].items():
+        assert run.data.metrics[f"auc_{name}"] == pytest.approx(row["auc"]), name
+    logged = set(registry.run_artifacts(run.info.run_id))
+    assert {"evaluation/eval.json", "evaluation/eval.md", "evaluation/auc.png", "evaluation/cost.png"} <= logged
+
+
+def test_a_second_run_reuses_the_baselines_and_scores_the_same(evaluated):
+    config, workdir, report = evaluated
+    trained = {n: workdir.path("baselines", n, "reports", "train.json").read_text() for n in ("retrain", "sisa")}
+    again = evaluate_job.run(config, workdir, ["sisa", "retrain", "shard-0"], forget_cost_mode="existing")
+    assert list(again["methods"]) == ["retrain", "sisa", "shard-0"]
+    for name in again["methods"]:
+        assert again["methods"][name]["auc"] == report["methods"][name]["auc"], name
+    assert {n: workdir.path("baselines", n, "reports", "train.json").read_text() for n in trained} == trained
+    # eval.json describes the latest run only; stale predictions are gone.
+    assert sorted(p.stem for p in workdir.path("reports", "predictions").glob("*.npy")) == ["labels", "retrain", "shard-0", "sisa"]
+
+
+@pytest.mark.parametrize("methods", ["apa,bogus", "shard-x", ","])
+def test_bad_methods_exit_2_with_a_message(methods, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate_job.main(["--config", str(TINY), "--workdir", str(tmp_path / "w"), "--methods", methods])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and ("bogus" in err or "shard-x" in err or "no method" in err), err
+    assert not (tmp_path / "w").exists()  # rejected before anything is trained
+
+
+def test_a_user_forgotten_in_the_work_dir_leaves_the_baselines_too_and_a_forget_cost_is_measured(evaluated):
+    """Runs last in the module: it changes the main work dir and the `user` baseline."""
+    config, workdir, report = evaluated
+    baseline = Workdir(workdir.path("baselines", "user"))
+    held = set(read_parquet(baseline.split("train"))["user_id"].astype(str))
+    user = sorted(u for u in training_users(workdir) if u in held)[0]
+    new_request(workdir, [user], [], "forget-in-main")
+    forget_job.process(config, workdir)
+
+    again = evaluate_job.run(config, workdir, ["user"], forget_cost_mode="measure")
+    # 1. The baseline forgot what the work dir forgot (with the forget job), before it was scored.
+    for split in SPLITS:
+        assert user not in set(read_parquet(baseline.split(split))["user_id"].astype(str)), split
+    live = Registry(f"{config.experiment}-user", baseline.root).live_set_version()
+    assert str(live) != str(report["methods"]["user"]["adapter_set_version"])
+    assert str(again["methods"]["user"]["adapter_set_version"]) == str(live)
+    assert again["n_test"] == len(load_splits(workdir)["test"])
+    # 2. The forget cost of user-based shards, measured by forgetting one more user there.
+    cost = again["forget_cost"]["user"]
+    audits = sorted(p.stem for p in baseline.path("audit").glob("*.json"))
+    assert len(audits) == 2 and evaluate_job.FORGET_COST_REQUEST in audits
+    assert cost["source"] == str(baseline.path("audit")) and cost["requests"] == 1
+    assert cost["forget_seconds"] > 0 and cost["ratio"] == pytest.approx(cost["full_retrain_seconds"] / cost["forget_seconds"], rel=1e-2)
+    assert cost["shards_retrained"] == 1  # user-based shards: a user's samples all sit in one shard
+    assert len(held - set(read_parquet(baseline.split("train"))["user_id"].astype(str))) == 2
+    assert "after 2 forget request(s)" in again["methods"]["user"]["notes"]
+    data = workdir.path("reports", "cost.png").read_bytes()
+    assert data.startswith(PNG_MAGIC) and len(data) > 1000

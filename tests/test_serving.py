@@ -1,0 +1,455 @@
+"""Issue 5: the Ray Serve aggregator over real HTTP: predictions, limits and errors, OpenAPI, following
+the `live` alias while requests run, masking within a second, and the forget endpoint.
+
+Real Ray (the session's, 2 CPUs), real Serve on 127.0.0.1 on a free port, real MLflow (sqlite), httpx.
+"""
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import yaml
+
+from components.aggregate import AggregatorState, candidate_prompts, history_split, load_mixture, predict
+from components.config import ConfigError, load_config
+from components.data import load_interactions_and_items, read_parquet
+from components.model import load_tokenizer
+from components.partition import Partitioner
+from components.registry import Registry
+from components.store import Workdir
+from components.train import ADAPTER_FILE
+from serving.client import RecommenderClient, RecommenderError
+
+from .conftest import ROOT, TINY
+
+TOKEN = "test-forget-token"
+HISTORY = [{"item_id": 1, "rating": 5}, {"item_id": 50, "rating": 4}, {"item_id": "100", "rating": 2}, {"item_id": 181, "rating": 1}]
+CANDIDATES = [258, 286, 294, "300", 302]
+
+pytestmark = pytest.mark.timeout(600)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Served:
+    def __init__(self, config, config_path: Path, workdir: Workdir, base_url: str):
+        self.config, self.config_path, self.workdir, self.base_url = config, config_path, workdir, base_url
+        self.http = httpx.Client(base_url=base_url, timeout=60)
+        self.client = RecommenderClient(base_url)
+        self.registry = Registry(config.experiment, workdir.root)
+
+    def predict(self, body: dict) -> dict:
+        response = self.http.post("/v1/predict", json=body)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+
+def _forget_jobs(workdir: Workdir) -> list[int]:
+    """The forget jobs serving launched for this work dir (pids from the request logs)."""
+    pids = []
+    for log in workdir.path("requests").glob("*.log"):
+        pids += [int(p) for p in re.findall(r"serving launched pid (\d+)", log.read_text(errors="replace"))]
+    return pids
+
+
+def _stop_forget_jobs(workdir: Workdir) -> None:
+    for pid in _forget_jobs(workdir):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue  # finished
+        if "ray_jobs.forget" in cmdline and str(workdir.root) in cmdline:  # ours, started by this test's server
+            os.killpg(pid, signal.SIGTERM)  # its own session: the job and anything it started
+
+
+@pytest.fixture(scope="module")
+def served(ray_session, tmp_path_factory):
+    from ray import serve
+
+    from ray_jobs.train import run as train
+    from serving.app import build_app
+
+    root = tmp_path_factory.mktemp("serving")
+    raw = yaml.safe_load(TINY.read_text())
+    raw["serving"] = {**raw.get("serving", {}), "forget_token": TOKEN}
+    config_path = root / "tiny-serving.yaml"
+    config_path.write_text(yaml.safe_dump(raw))
+    config = load_config(config_path)
+    workdir = Workdir(root / "work")
+    train(config, workdir)
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app({"config": str(config_path), "workdir": str(workdir.root)}), name="recommender-test", route_prefix="/")
+    served = Served(config, config_path, workdir, f"http://127.0.0.1:{port}")
+    deadline = time.time() + 60
+    while served.http.get("/healthz").status_code != 200:
+        assert time.time() < deadline, "the recommender did not become healthy"
+        time.sleep(0.2)
+    yield served
+    _stop_forget_jobs(workdir)
+    served.http.close()
+    served.client.close()
+    serve.shutdown()
+
+
+def catalogue(config) -> dict:
+    items = load_interactions_and_items(config.data)[1]
+    return dict(zip(items["item_id"], items["title"]))
+
+
+def direct(config, workdir: Workdir, body: dict, tmp_path: Path, version: str | None = None, masked=frozenset()):
+    """The same request computed without Serve: the registered set, MixtureModel, components' predict."""
+    titles = {str(i): t for i, t in catalogue(config).items()}
+    liked, disliked = history_split([(h["item_id"], h["rating"]) for h in body["history"]], titles,
+                                    config.data.like_threshold, config.data.history_len)
+    prompts = candidate_prompts(liked, disliked, body["candidates"], titles)
+    adapter_set = Registry(config.experiment, workdir.root).load_adapter_set(tmp_path / f"direct-{time.time_ns()}", version)
+    mixture = load_mixture(config, {k: Path(v["local"]) / ADAPTER_FILE for k, v in adapter_set.shards.items()}, load_tokenizer())
+    state = AggregatorState.load(adapter_set.folder / "aggregator")
+    partitioner = Partitioner.load(adapter_set.folder / "aggregator" / "partitioner.npz")
+    scores, weights = predict(config, mixture, prompts, state, partitioner, set(masked), batch_size=len(prompts))
+    return adapter_set.version, scores, weights
+
+
+# --- predictions ----------------------------------------------------------------------------------
+
+
+def test_predictions_over_http_equal_the_mixture_computed_directly(served, tmp_path):
+    body = {"user_id": "someone", "history": HISTORY, "candidates": CANDIDATES}
+    got = served.predict(body)
+    version, scores, weights = direct(served.config, served.workdir, body, tmp_path)
+    assert got["adapter_set_version"] == str(version) and got["masked_shards"] == [] and got["method"] == "attention"
+    p = np.array([row["p_yes"] for row in got["predictions"]])
+    assert [row["item_id"] for row in got["predictions"]] == CANDIDATES
+    assert np.all((p > 0) & (p < 1))
+    # Same prompts, same adapters, same weights; only the batch the server formed may differ
+    # (left padding), which changes float32 rounding, not the result.
+    np.testing.assert_allclose(p, scores, rtol=0, atol=1e-5)
+    w = np.array([[row["weights"][str(k)] for k in range(4)] for row in got["predictions"]])
+    np.testing.assert_allclose(w, weights, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(w.sum(1), 1, atol=1e-6)
+    np.testing.assert_allclose([got["weights"][str(k)] for k in range(4)], w.mean(0), atol=1e-6)
+
+
+def test_the_titles_form_is_the_same_prompt_as_the_history_form(served):
+    titles = catalogue(served.config)
+    liked = [titles[1], titles[50]]
+    disliked = [titles[100], titles[181]]
+    by_history = served.client.predict(CANDIDATES[:2], history=[(h["item_id"], h["rating"]) for h in HISTORY])
+    by_titles = served.client.predict(CANDIDATES[:2], liked=liked, disliked=disliked)
+    assert [p.item_id for p in by_titles.predictions] == CANDIDATES[:2]
+    for a, b in zip(by_history.predictions, by_titles.predictions):
+        assert abs(a.p_yes - b.p_yes) < 1e-6 and 0 < a.p_yes < 1
+
+
+def _chunks(data: bytes, size: int = 4096):
+    for start in range(0, len(data), size):
+        yield data[start : start + size]
+
+
+BIG = json.dumps({"history": [], "candidates": [1], "user_id": "x" * 70_000}).encode()
+
+BAD_INPUTS = [
+    ("empty candidates", {"json": {"history": [], "candidates": []}}, 422, "candidates: the list is empty"),
+    ("too many candidates", {"json": {"history": [], "candidates": list(range(1, 102))}}, 422, "serving.max_candidates"),
+    ("unknown candidate", {"json": {"history": [], "candidates": [1, 999999, "nope"]}}, 422, "candidates: unknown item id(s) 999999, 'nope'"),
+    ("unknown history item", {"json": {"history": [{"item_id": 424242, "rating": 4}], "candidates": [1]}}, 422, "history: unknown item id(s) 424242"),
+    ("history too long", {"json": {"history": [{"item_id": 1, "rating": 4}] * 51, "candidates": [1]}}, 422, "serving.max_history"),
+    ("too many titles", {"json": {"liked": ["a"] * 30, "disliked": ["b"] * 30, "candidates": [1]}}, 422, "liked + disliked: 60 items"),
+    ("rating of the wrong type", {"json": {"history": [{"item_id": 1, "rating": "five"}], "candidates": [1]}}, 422, "history.0.rating"),
+    ("rating not finite", {"content": b'{"history": [{"item_id": 1, "rating": NaN}], "candidates": [1]}',
+                           "headers": {"content-type": "application/json"}}, 422, "rating is a finite number"),
+    ("item id of the wrong type", {"json": {"history": [], "candidates": [1, True]}}, 422, "candidates.1"),
+    ("item id an object", {"json": {"history": [], "candidates": [{"id": 1}]}}, 422, "candidates.0"),
+    ("candidates missing", {"json": {"history": []}}, 422, "candidates: Field required"),
+    ("unknown field", {"json": {"history": [], "candidates": [1], "top_k": 3}}, 422, "top_k: unknown field"),
+    ("history entry with an unknown field", {"json": {"history": [{"item_id": 1, "rating": 4, "ts": 0}], "candidates": [1]}}, 422, "ts: unknown field"),
+    ("neither form", {"json": {"candidates": [1]}}, 422, "give a history"),
+    ("both forms", {"json": {"history": [], "liked": ["x"], "candidates": [1]}}, 422, "not both"),
+    ("user id of the wrong type", {"json": {"user_id": {"a": 1}, "history": [], "candidates": [1]}}, 422, "user_id"),
+    ("invalid JSON", {"content": b'{"history": [', "headers": {"content-type": "application/json"}}, 422, "not valid JSON"),
+    ("JSON but not an object", {"json": [1, 2]}, 422, "body"),
+    ("no JSON content type", {"content": b'{"history": [], "candidates": [1]}'}, 422, "Content-Type: application/json"),
+    ("Content-Length over the limit", {"content": BIG, "headers": {"content-type": "application/json"}}, 413, "serving.max_body_bytes"),
+    ("chunked body over the limit", {"content": _chunks(BIG), "headers": {"content-type": "application/json"}}, 413, "serving.max_body_bytes"),
+]
+
+
+@pytest.mark.parametrize("name,request_kwargs,status,message", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_bad_input_gets_a_4xx_naming_the_problem(served, name, request_kwargs, status, message):
+    if name == "chunked body over the limit":
+        request_kwargs = {**request_kwargs, "content": _chunks(BIG)}  # a fresh generator each run
+    response = served.http.post("/v1/predict", **request_kwargs)
+    assert response.status_code == status, response.text
+    if name == "chunked body over the limit":
+        assert "content-length" not in {k.lower() for k in response.request.headers}
+    assert message in response.json()["detail"], response.json()
+
+
+def test_wrong_routes_and_methods_are_4xx(served):
+    assert served.http.get("/v1/predict").status_code == 405
+    assert served.http.get("/v2/nothing").status_code == 404
+
+
+def test_the_client_raises_with_the_servers_message(served):
+    with pytest.raises(RecommenderError) as err:
+        served.client.predict([999999], history=[])
+    assert err.value.status_code == 422 and "unknown item id(s) 999999" in err.value.detail
+    assert "unknown item id(s) 999999" in str(err.value)
+
+
+def test_openapi_and_docs_are_served(served):
+    spec = served.http.get("/openapi.json")
+    assert spec.status_code == 200
+    paths = spec.json()["paths"]
+    assert {"/v1/predict", "/v1/adapters", "/healthz", "/v1/forget", "/v1/forget/{request_id}"} <= set(paths)
+    assert "requestBody" in paths["/v1/predict"]["post"] and "requestBody" in paths["/v1/forget"]["post"]
+    docs = served.http.get("/docs")
+    assert docs.status_code == 200 and "swagger" in docs.text.lower()
+
+
+def test_adapters_and_health_describe_the_live_set(served):
+    info = served.client.adapters()
+    live = served.registry.live_version(served.registry.set_model)
+    assert info["adapter_set_version"] == str(live.version) and info["masked_shards"] == []
+    assert sorted(info["shards"]) == ["0", "1", "2", "3"]
+    for shard, entry in info["shards"].items():
+        registered = served.registry.live_version(served.registry.shard_model(int(shard)))
+        assert entry["name"] == f"{served.config.experiment}.shard-{shard}"
+        assert entry["version"] == str(registered.version)
+        assert entry["adapter_sha256"] == registered.tags["adapter_sha256"]
+    health = served.client.health()
+    assert health["status"] == "ok" and health["serving_shards"] == [0, 1, 2, 3]
+
+
+# --- following the registry: masks and the live alias --------------------------------------------------
+
+
+def _wait_until(condition, timeout: float, interval: float = 0.02):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval)
+    return None
+
+
+def test_masking_in_the_registry_takes_effect_within_a_second(served):
+    body = {"history": HISTORY, "candidates": CANDIDATES[:1]}
+    top = max(range(4), key=lambda k: served.predict(body)["weights"][str(k)])
+    served.registry.set_masked_shards({top})
+    started = time.time()
+    got = _wait_until(lambda: (r := served.predict(body))["weights"][str(top)] == 0.0 and r, timeout=5)
+    elapsed = time.time() - started
+    print(f"masking shard {top} took effect after {elapsed * 1000:.0f} ms")
+    assert got and elapsed < 1.0, f"mask not applied within 1 s ({elapsed:.2f}s)"
+    assert got["masked_shards"] == [top] and abs(sum(got["weights"].values()) - 1) < 1e-6
+    assert served.client.adapters()["shards"][str(top)]["masked"] is True
+
+    served.registry.set_masked_shards(set())
+    assert _wait_until(lambda: served.predict(body)["masked_shards"] == [], timeout=5)
+
+
+def test_every_shard_masked_is_503_not_500(served):
+    served.registry.set_masked_shards({0, 1, 2, 3})
+    try:
+        assert _wait_until(lambda: served.http.post("/v1/predict", json={"history": [], "candidates": [1]}).status_code == 503, 5)
+        response = served.http.post("/v1/predict", json={"history": [], "candidates": [1]})
+        assert "every shard is masked" in response.json()["detail"]
+        assert served.http.get("/healthz").status_code == 503
+    finally:
+        served.registry.set_masked_shards(set())
+    assert _wait_until(lambda: served.http.get("/healthz").status_code == 200, 5)
+
+
+def test_switching_the_live_set_while_requests_run_fails_none(served, tmp_path):
+    from ray_jobs.train import publish_adapter_set
+
+    old = served.client.adapters()["adapter_set_version"]
+    body = {"history": HISTORY, "candidates": CANDIDATES[:3]}
+    results, failures, stop = [], [], threading.Event()
+
+    def load():
+        with httpx.Client(base_url=served.base_url, timeout=60) as http:
+            while not stop.is_set():
+                try:
+                    response = http.post("/v1/predict", json=body)
+                    if response.status_code != 200:
+                        failures.append(f"{response.status_code}: {response.text}")
+                    else:
+                        results.append(response.json())
+                except httpx.HTTPError as err:
+                    failures.append(repr(err))
+
+    threads = [threading.Thread(target=load) for _ in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        _wait_until(lambda: len(results) >= 3, timeout=30)
+        # A new set version: the same shard adapters, an aggregator state whose cached predictions
+        # are rotated between shards, so the weights visibly change.
+        with_set = served.registry.load_adapter_set(tmp_path / "current")
+        state = AggregatorState.load(with_set.folder / "aggregator")
+        rotated = AggregatorState(state.sample_ids, state.labels, state.embeddings,
+                                  {k: state.predictions[(k + 1) % 4] for k in state.predictions})
+        versions = {k: str(v["version"]) for k, v in with_set.shards.items()}
+        new = publish_adapter_set(served.config, served.workdir, served.registry, rotated, versions, {"test": "swap"})
+        assert str(new) != old
+        seen_new = _wait_until(lambda: any(r["adapter_set_version"] == str(new) for r in results[-3:]), timeout=60, interval=0.1)
+        time.sleep(0.5)  # a few more requests on the new set
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=60)
+    assert seen_new, f"responses never reported version {new}; saw {sorted({r['adapter_set_version'] for r in results})}"
+    assert not failures, failures[:3]
+    order = [r["adapter_set_version"] for r in results]
+    print(f"{len(results)} requests during the swap, {order.count(old)} on v{old}, {order.count(str(new))} on v{new}")
+    assert set(order) == {old, str(new)}
+    # After the swap, the server answers with the new aggregator state, like a direct computation.
+    got = served.predict(body)
+    version, scores, weights = direct(served.config, served.workdir, body, tmp_path, str(new))
+    assert got["adapter_set_version"] == str(version)
+    np.testing.assert_allclose([p["p_yes"] for p in got["predictions"]], scores, atol=1e-5)
+    np.testing.assert_allclose([[p["weights"][str(k)] for k in range(4)] for p in got["predictions"]], weights, atol=1e-5)
+    assert served.client.adapters()["adapter_set_version"] == str(new)
+
+
+# --- forgetting over HTTP ------------------------------------------------------------------------------
+
+
+def test_forget_needs_the_bearer_token(served):
+    body = {"users": ["1"]}
+    assert served.http.post("/v1/forget", json=body).status_code == 401
+    wrong = served.http.post("/v1/forget", json=body, headers={"Authorization": "Bearer wrong"})
+    assert wrong.status_code == 401 and "Bearer" in wrong.json()["detail"]
+    assert served.http.post("/v1/forget", json=body, headers={"Authorization": TOKEN}).status_code == 401  # no scheme
+    assert served.http.get("/v1/forget/anything").status_code == 401
+    with pytest.raises(RecommenderError) as err:
+        served.client.forget(users=["1"], token="wrong")
+    assert err.value.status_code == 401
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    for bad, message in (({}, "at least one user"), ({"users": [1]}, "users.0"), ({"interactions": ["x"]}, "interactions"),
+                         ({"users": ["1"], "request_id": "../etc"}, "invalid request id"), ({"users": ["1"], "why": 1}, "unknown field")):
+        response = served.http.post("/v1/forget", json=bad, headers=auth)
+        assert response.status_code == 422 and message in response.json()["detail"], (bad, response.text)
+    assert served.http.get("/v1/forget/never-made", headers=auth).status_code == 404
+
+
+def test_without_a_configured_token_forgetting_is_503(served, monkeypatch):
+    from fastapi import HTTPException
+
+    from serving.app import Recommender
+
+    monkeypatch.delenv(served.config.serving.forget_token_env, raising=False)
+
+    class Replica:  # only what _authorize reads
+        config = served.config.model_copy(update={"serving": served.config.serving.model_copy(update={"forget_token": None})})
+
+    class Request:
+        headers = {"authorization": f"Bearer {TOKEN}"}
+
+    with pytest.raises(HTTPException) as err:
+        Recommender.func_or_class._authorize(Replica(), Request())
+    assert err.value.status_code == 503 and served.config.serving.forget_token_env in err.value.detail
+
+
+def test_forget_masks_at_once_and_the_clean_set_is_served_when_the_job_is_done(served):
+    shard = 1
+    user = read_parquet(served.workdir.shard_samples(shard))["user_id"].iloc[0]
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    body = {"history": HISTORY, "candidates": CANDIDATES[:2]}
+    before = served.client.adapters()
+
+    accepted = served.client.forget(users=[user], token=TOKEN, request_id="http-test-1")
+    assert shard in accepted.affected_shards and accepted.status_url == "/v1/forget/http-test-1"
+    # This replica masks the affected shards before answering 202; the registry tag too.
+    now = served.predict(body)
+    assert set(accepted.affected_shards) <= set(now["masked_shards"])
+    assert all(p["weights"][str(s)] == 0.0 for p in now["predictions"] for s in accepted.affected_shards)
+    assert set(accepted.affected_shards) <= served.registry.masked_shards()
+    record = served.http.get("/v1/forget/http-test-1", headers=auth).json()
+    assert record["request_id"] == "http-test-1" and record["source"] == "http" and "users" not in record
+    assert served.workdir.path("requests", "http-test-1.json").exists()
+    assert _forget_jobs(served.workdir), "no forget job was launched"
+
+    # The job retrains the affected shards, registers a new set and unmasks. Until this replica
+    # serves the new set, the old versions of the affected shards must keep weight 0.
+    old_versions = {int(k): v["version"] for k, v in before["shards"].items()}
+    deadline = time.time() + 240
+    while True:
+        got = served.predict(body)
+        info = served.client.adapters()
+        for s in accepted.affected_shards:
+            if info["shards"][str(s)]["version"] == old_versions[s] and got["adapter_set_version"] == info["adapter_set_version"]:
+                assert all(p["weights"][str(s)] == 0.0 for p in got["predictions"]), (s, got)
+        state = served.http.get("/v1/forget/http-test-1", headers=auth).json()["state"]
+        if state == "done" and info["masked_shards"] == [] and info["adapter_set_version"] != before["adapter_set_version"]:
+            break
+        assert time.time() < deadline, f"forget job not done: state {state}, served {info}; log:\n" + \
+            served.workdir.path("requests", "http-test-1.log").read_text()[-3000:]
+        time.sleep(0.1)
+    for s in accepted.affected_shards:
+        assert info["shards"][str(s)]["version"] != old_versions[s]
+    assert all(0 < p["p_yes"] < 1 for p in served.predict(body)["predictions"])
+    audit = json.loads(served.workdir.path("audit", "http-test-1.json").read_text())
+    assert audit["source"] == "http" and audit["scan"]["clean"]
+    # The same request id again: nothing to do, nothing masked, no job.
+    jobs = len(_forget_jobs(served.workdir))
+    again = served.http.post("/v1/forget", json={"users": [user], "request_id": "http-test-1"}, headers=auth)
+    assert again.status_code == 200 and again.json()["state"] == "done", again.text
+    assert served.predict(body)["masked_shards"] == [] and served.registry.masked_shards() == set()
+    assert len(_forget_jobs(served.workdir)) == jobs
+
+
+# --- the command line and the application builder --------------------------------------------------------
+
+
+def test_build_app_refuses_a_bad_config(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    from pydantic import ValidationError
+
+    from serving.app import build_app
+
+    with pytest.raises(ConfigError, match="not found"):
+        build_app({"config": str(tmp_path / "missing.yaml"), "workdir": str(tmp_path)})
+    with pytest.raises(ValidationError):
+        build_app({"workdir": str(tmp_path)})
+    spec = yaml.safe_load((ROOT / "serving" / "serve_config.yaml").read_text())
+    from ray.serve.schema import ServeDeploySchema
+
+    parsed = ServeDeploySchema.model_validate(spec) if hasattr(ServeDeploySchema, "model_validate") else ServeDeploySchema.parse_obj(spec)
+    assert parsed.applications[0].import_path == "serving.app:build_app"
+    assert build_app(parsed.applications[0].args) is not None  # configs/tiny.yaml, paths relative to the root
+
+
+def test_cli_exits_2_with_a_message(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("experiment: x\nserving: {port: -1}\n")
+    (tmp_path / "untrained").mkdir()
+    Registry("tiny", tmp_path / "untrained")  # an MLflow store without any adapter set
+    for args, message in ((["--config", str(bad)], "serving.port"),
+                          (["--config", str(TINY), "--workdir", str(tmp_path / "empty")], "no MLflow store"),
+                          (["--config", str(TINY), "--workdir", str(tmp_path / "untrained")], "no live adapter set"),
+                          (["--config", str(tmp_path / "nope.yaml")], "config file not found")):
+        result = subprocess.run([sys.executable, "-m", "serving", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 2, result
+        assert message in result.stderr, result.stderr
