@@ -20,7 +20,7 @@ from components.aggregate import AggregatorState, load_mixture, predict
 from components.config import Config
 import torch
 
-from components.data import read_parquet, samples_touching
+from components.data import SPLITS, read_parquet, samples_touching
 from components.model import load_tokenizer
 from components.partition import Partitioner
 from components.registry import Registry
@@ -110,6 +110,7 @@ def run_round(config: Config, workdir: Workdir, round_: dict, verify: bool) -> l
                 checkpoint_path(workdir.checkpoints(shard), stage).unlink(missing_ok=True)
             shutil.rmtree(workdir.adapter(shard), ignore_errors=True)
             workdir.progress(shard).unlink(missing_ok=True)
+        shutil.rmtree(workdir.path("reports", "predictions"), ignore_errors=True)  # cached per-sample scores
         _set_state(workdir, round_, "deleted", t)
 
     if state_index(round_["state"]) < state_index("registered"):
@@ -148,6 +149,7 @@ def run_round(config: Config, workdir: Workdir, round_: dict, verify: bool) -> l
         _set_state(workdir, round_, "purged", t, purged=purged)
 
     t = time.time()
+    forwarded = forward_to_baselines(config, workdir, users, interactions, round_["round_id"])
     findings = scan_workdir(workdir, config, users, interactions) + scan_registry(registry, round_)
     verification = verify_from_scratch(config, workdir, registry, round_["round_id"]) if verify else None
     audits = []
@@ -160,7 +162,7 @@ def run_round(config: Config, workdir: Workdir, round_: dict, verify: bool) -> l
             "samples_removed": round_["plan"]["samples_removed"], "unknown_users": round_["plan"]["unknown_users"],
             "old_versions": round_["old_versions"], "new_versions": round_["new_versions"],
             "old_adapter_set": round_["old_set"], "new_adapter_set": round_["new_set"],
-            "purged": round_["purged"], "seconds": round_["seconds"],
+            "purged": round_["purged"], "seconds": round_["seconds"], "forwarded_to_baselines": forwarded,
             "scan": {"clean": not findings, "findings": findings}, "verification": verification,
         }
         write_json(workdir.path("audit", f"{request_id}.json"), audit)
@@ -172,6 +174,24 @@ def run_round(config: Config, workdir: Workdir, round_: dict, verify: bool) -> l
     print(f"[{round_['round_id']}] done in {sum(round_['seconds'].values()) + time.time() - t:.1f}s; "
           f"scan {'clean' if not findings else findings}", flush=True)
     return audits
+
+
+def forward_to_baselines(config: Config, workdir: Workdir, users: set[str], interactions: set[str], round_id: str) -> dict:
+    """Baselines built by the evaluation (DIR/baselines/<name>) were trained on a copy of this
+    store: the subject is forgotten there too, each by its own forget round and audit."""
+    from ray_jobs.evaluate import baseline_config  # the derived configs live with the evaluation
+
+    forwarded = {}
+    for folder in sorted(p for p in workdir.path("baselines").glob("*") if p.is_dir()):
+        baseline = Workdir(folder)
+        if not baseline.path("reports", "train.json").exists():
+            continue
+        splits = [baseline.split(name) for name in SPLITS if baseline.split(name).exists()]
+        if not any(samples_touching(read_parquet(path), users, interactions).any() for path in splits):
+            continue
+        new_request(baseline, sorted(users), sorted(interactions), f"{round_id}-{folder.name}", source=f"forwarded:{round_id}")
+        forwarded[folder.name] = [a["request_id"] for a in process(baseline_config(config, folder.name), baseline)]
+    return forwarded
 
 
 def scan_registry(registry: Registry, round_: dict) -> list[str]:
