@@ -212,6 +212,26 @@ def main(argv: list[str] | None = None) -> int:
                      f"(>= 0.8x: {'met' if min(tp, tp_cpu) >= 0.8 else 'met in CPU time only' if tp_cpu >= 0.8 else 'NOT met'})")
         print(line)
     print(f"peak RSS {peak_rss_mb():.0f} MB; total {time.time() - started:.0f}s")
+
+    # the figures for `python -m benchmarks` (benchmarks/common.py): ratios oriented bigger = better
+    from benchmarks.common import figure, finish
+
+    figures = []
+    for name in candidates:
+        if name != base:
+            target = 1 / 1.15 if name.startswith("APA mixture") else None
+            figures.append(figure(f"latency b=1, {name}", latency[name] * 1000, "ms", f"latency b=1, {base}",
+                                  latency[base] * 1000, target=target, higher_is_better=False))
+    for name in throughput:
+        if name != base:
+            target = 0.8 if name.startswith("APA mixture") else None
+            figures.append(figure(f"throughput b={args.batch}, {name}", throughput[name], "req/s",
+                                  f"throughput b={args.batch}, {base}", throughput[base], target=target))
+    figures.append(figure("peak RSS of the benchmark process", peak_rss_mb(), "MB", "", 0))
+    finish("bench_serving", {"figures": figures, "seconds": time.time() - started, "model": args.model,
+                             "shards": args.shards, "cpu_time_ratios": {
+                                 "latency": {n: latency_cpu[n] / latency_cpu[base] for n in candidates},
+                                 "throughput": {n: throughput_cpu[n] / throughput_cpu[base] for n in throughput}}})
     return 0
 
 
