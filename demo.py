@@ -9,6 +9,7 @@ evaluation table, and a summary.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import time
@@ -79,7 +80,7 @@ def main() -> int:
             time.sleep(1)
     answer = client.predict(liked=["Star Wars (1977)", "Raiders of the Lost Ark (1981)", "Return of the Jedi (1983)"],
                             disliked=["Sleepless in Seattle (1993)"], candidates=[172, 181, 88])
-    print(json.dumps(answer, indent=1))
+    print(json.dumps(dataclasses.asdict(answer), indent=1, default=str))
 
     banner("4. Forget a user, exactly")
     from components.data import read_parquet
