@@ -62,7 +62,7 @@ from ray_jobs.common import connect_ray, fail, id_list, job_parser, load_job
 METHODS = ("retrain", "sisa", "user", "apa", "apa-decomposed", "uniform", "lmeraser")
 SHARDS = "shards"  # every shard-<k> of the APA set
 DEFAULT_METHODS = METHODS + (SHARDS,)
-DEMO_METHODS = ("apa", "apa-decomposed", "uniform", SHARDS)  # no baseline to train
+DEMO_METHODS = ("apa", "apa-decomposed", "uniform")  # no baseline to train; shards alone are `--methods shards`
 APA_METHODS = {"apa": "attention", "apa-decomposed": "decomposed", "uniform": "uniform"}
 BASELINES = ("retrain", "sisa", "user", "lmeraser")
 BASELINE_AGGREGATE = {"retrain": "uniform", "sisa": "average", "user": "average", "lmeraser": "routing"}
