@@ -11,9 +11,11 @@ Latency at batch 1 and throughput at batch 16 of:
     (with the embedding over all layers and over the first 2 / 4 / 8 layers)
   - APA decomposed mixture over K = 4
   - SISA output averaging over K = 4 (four forward passes)
-Each figure is the best of several interleaved rounds (the machine may be shared). Targets: the
-APA mixture at most 1.15x the single adapter's latency at batch 1 and at least 0.8x its throughput
-at batch 16.
+Each figure is the best of several interleaved rounds (the machine may be shared), in wall-clock
+time and, in brackets, in this process's CPU time. Targets: the APA mixture at most 1.15x the single
+adapter's latency at batch 1 and at least 0.8x its throughput at batch 16. On a machine shared with
+other heavy processes, two torch threads on two cores make even CPU-time figures swing (threads
+wait for each other); `--threads 1` then gives steadier ratios.
 """
 
 from __future__ import annotations
