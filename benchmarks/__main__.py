@@ -1,7 +1,7 @@
 """`python -m benchmarks` (`make bench`): every benchmark in sequence, then one summary in which
 every figure is a ratio to its baseline measured in the same run.
 
-    python -m benchmarks                       # bench_train, bench_serving, bench_forget, evaluation
+    python -m benchmarks                       # bench_train, bench_serving, bench_forget, eval, bench_embedding
     python -m benchmarks --only bench_forget   # a subset (names below, "eval" for the evaluation)
     python -m benchmarks --skip eval
 
@@ -11,7 +11,8 @@ figures by writing {"figures": [...]} to the file named by $BENCH_RESULT (benchm
 The evaluation is `python -m ray_jobs.evaluate --config configs/movielens.yaml` into
 runs/bench/movielens (trained once, reused by later runs); its AUCs are shown against the `retrain`
 baseline's and its latencies against the single adapter's. On 2 CPU cores the evaluation trains
-five work dirs of SmolLM2 the first time: expect the better part of an hour.
+five work dirs of SmolLM2 the first time: expect the better part of an hour. bench_embedding runs
+last, on the evaluation's trained work dir.
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ from pathlib import Path
 
 from benchmarks.common import ENV, MOVIELENS, ROOT, bench_dir, figure, table
 
-BENCHMARKS = ("bench_train", "bench_serving", "bench_forget")
 EVAL = "eval"
+ORDER = ("bench_train", "bench_serving", "bench_forget", EVAL, "bench_embedding")  # bench_embedding reads eval's work dir
 
 
 def run_module(name: str) -> tuple[int, dict | None, float]:
@@ -85,7 +86,7 @@ def evaluation_figures(report: dict) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
-    names = (*BENCHMARKS, EVAL)
+    names = ORDER
     parser.add_argument("--only", help=f"comma-separated subset of {','.join(names)}")
     parser.add_argument("--skip", help="comma-separated benchmarks to leave out")
     parser.add_argument("--eval-config", default=str(MOVIELENS), help="config of the evaluation (default configs/movielens.yaml)")
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in chosen + skipped if n not in names]
     if unknown:
         parser.error(f"unknown benchmark {unknown[0]!r}: choose from {', '.join(names)}")
-    chosen = [n for n in chosen if n not in skipped]
+    chosen = [n for n in names if n in chosen and n not in skipped]
     for key, value in ENV.items():
         os.environ.setdefault(key, value)
 
