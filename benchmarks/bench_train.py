@@ -19,7 +19,7 @@ import numpy as np
 import ray
 
 from benchmarks.common import bench_config, copy_store, figure, finish, fresh_workdir, limit, offline, parser, prepare_store
-from components.config import Config
+from components.config import ALLOCATOR_ENV, Config
 from components.data import read_parquet, write_parquet
 from components.store import Workdir
 
@@ -44,12 +44,10 @@ def actor_copy(source: Workdir, target: Workdir, shard: int) -> None:
 
 def train_actors(config: Config, workdirs: list[Workdir], shard: int) -> list[dict]:
     """The real shard actor, one per work dir, all started together; their results."""
-    from ray_jobs import common
     from ray_jobs.shard_actor import ShardTrainer
 
-    env = getattr(common, "ALLOCATOR_ENV", {})  # the shard actors' environment, as the train job sets it
     actors = [ShardTrainer.options(name=f"{config.experiment}/actor-{i}", num_cpus=config.train.cpus_per_actor,
-                                   runtime_env={"env_vars": env})
+                                   runtime_env={"env_vars": ALLOCATOR_ENV})
               .remote(config.model_dump(mode="json"), str(w.root), shard) for i, w in enumerate(workdirs)]
     try:
         return ray.get([a.train.remote() for a in actors])

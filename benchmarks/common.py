@@ -18,16 +18,13 @@ from pathlib import Path
 
 import yaml
 
-from components.config import Config, load_config
+from components.config import OFFLINE_ENV, Config, load_config
 from components.data import SPLITS
 from components.store import Workdir
 
 ROOT = Path(__file__).resolve().parents[1]
 MOVIELENS = ROOT / "configs" / "movielens.yaml"
-ENV = {
-    "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
-    "MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false", "TOKENIZERS_PARALLELISM": "false",
-}
+ENV = {**OFFLINE_ENV, "RAY_AUTH_MODE": "disabled"}
 
 
 def offline() -> None:

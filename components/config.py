@@ -14,6 +14,20 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+# Every process of the platform (jobs, Ray workers, Serve replicas, benchmarks) runs offline and quiet.
+OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+# glibc otherwise raises its mmap threshold after the first large free and keeps freed activation
+# buffers in the heap: a SmolLM2 shard actor then holds ~2.4 GB instead of ~1.2 GB. Shard actors
+# and Serve replicas run with it.
+ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
+
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)

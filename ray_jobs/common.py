@@ -9,21 +9,8 @@ from pathlib import Path
 
 import ray
 
-from components.config import Config, ConfigError, load_config
+from components.config import OFFLINE_ENV, Config, ConfigError, load_config
 from components.store import Workdir
-
-OFFLINE_ENV = {
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
-    "TOKENIZERS_PARALLELISM": "false",
-}
-
-# glibc otherwise raises its mmap threshold after the first large free and keeps freed activation
-# buffers in the heap: a SmolLM2 shard actor then holds ~2.4 GB instead of ~1.2 GB.
-ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
 
 
 def job_parser(prog: str, description: str) -> argparse.ArgumentParser:

@@ -55,7 +55,7 @@ from components.model import load_base_model, load_tokenizer
 from components.partition import Partitioner
 from components.registry import Registry
 from components.store import Workdir, load_splits, prepare, write_json
-from components.train import ADAPTER_FILE
+from components.train import ADAPTER_FILE, training_sha256
 from components.unlearn import new_request
 from ray_jobs.common import connect_ray, fail, id_list, job_parser, load_job
 
@@ -143,12 +143,10 @@ def ensure_main(config: Config, workdir: Workdir, train: bool) -> dict | None:
     return None
 
 
-def training_sha256(config: Config) -> str:
-    """What a baseline's adapters depend on: data, model, partition, adapter, training and seed
-    (not serving, aggregation or resources), so a change elsewhere keeps the baselines."""
-    relevant = config.model_dump(mode="json", include={"seed", "data", "model", "partition", "adapter", "train"})
-    for key in ("cpus_per_actor", "gpus_per_actor", "max_restarts"):
-        relevant["train"].pop(key, None)
+def baseline_sha256(config: Config) -> str:
+    """What a baseline's adapters depend on: how a shard is trained (components.train), the data
+    and the partition; not serving, aggregation or resources, so a change there keeps the baselines."""
+    relevant = {"training": training_sha256(config), **config.model_dump(mode="json", include={"data", "partition"})}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
 
 
@@ -171,8 +169,8 @@ def ensure_baseline(config: Config, workdir: Workdir, source: Workdir, label: st
     report = _train_report(workdir)
     marker = workdir.path("baseline.json")
     if report is not None:
-        trained_as = json.loads(marker.read_text())["training_sha256"] if marker.exists() else report.get("config_sha256")
-        if trained_as not in (training_sha256(config), config.sha256()):
+        trained_as = json.loads(marker.read_text()) if marker.exists() else {"config_sha256": report.get("config_sha256")}
+        if trained_as.get("baseline_sha256") != baseline_sha256(config) and trained_as.get("config_sha256") != config.sha256():
             raise EvaluationError(f"baseline {label} in {workdir.root} was trained with another configuration: "
                                   f"delete that folder to train it again")
         # Samples the source has forgotten since the baseline was built must go from the baseline too.
@@ -188,7 +186,7 @@ def ensure_baseline(config: Config, workdir: Workdir, source: Workdir, label: st
         shutil.copyfile(source.split(name), workdir.split(name))
     log(f"baseline {label}: training {config.partition.method} partition, {config.adapter.kind} adapters into {workdir.root}")
     report = train_run(config, workdir)
-    write_json(marker, {"baseline": label, "training_sha256": training_sha256(config), "config_sha256": config.sha256()})
+    write_json(marker, {"baseline": label, "baseline_sha256": baseline_sha256(config), "config_sha256": config.sha256()})
     return report
 
 

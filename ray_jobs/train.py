@@ -15,13 +15,13 @@ import ray
 import torch
 
 from components.aggregate import AggregatorState
-from components.config import Config
+from components.config import ALLOCATOR_ENV, Config
 from components.data import read_parquet
 from components.metrics import auc, bar_figure, close, loss_curve_figure
 from components.model import load_base_model, load_tokenizer, make_deterministic
 from components.registry import Registry
 from components.store import Workdir, fit_partitioner, load_splits, prepare, remove_samples, write_json, write_shards
-from ray_jobs.common import ALLOCATOR_ENV, connect_ray, fail, id_list, job_parser, load_job
+from ray_jobs.common import connect_ray, fail, id_list, job_parser, load_job
 from ray_jobs.shard_actor import ShardTrainer
 
 

@@ -12,10 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-OFFLINE_ENV = {
-    "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false",
-    "MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
-}
+from components.config import ALLOCATOR_ENV, OFFLINE_ENV
 
 
 def fail(message: str) -> None:
@@ -71,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
 
     env = {k: os.environ[k] for k in (*OFFLINE_ENV, "UNLEARN_CACHE", "MLFLOW_TRACKING_URI", config.serving.forget_token_env)
            if k in os.environ}
-    ray.init(runtime_env={"env_vars": env}, include_dashboard=False)
+    ray.init(runtime_env={"env_vars": {**ALLOCATOR_ENV, **env}}, include_dashboard=False)
     try:
         serve.start(http_options={"host": host, "port": port})
         serve.run(build_app({"config": str(Path(args.config).resolve()), "workdir": str(workdir)}),

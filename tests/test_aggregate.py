@@ -49,11 +49,16 @@ def _layer(k=K, r=4, d_in=16, d_out=12, scaling=(2.0, 1.0, 0.5), seed=0):
     return MixtureLoRALinear(base, a, b, torch.tensor(scaling[:k])), g
 
 
+def _mixed(rows: int, tokens: int, **layer_args):
+    """A layer, a batch [rows, tokens, 16] and random per-row mixture weights set on the layer."""
+    layer, g = _layer(**layer_args)
+    x = torch.randn(rows, tokens, 16, generator=g)
+    layer.weights = torch.softmax(torch.randn(rows, K, generator=g), -1)
+    return layer, x, layer.weights
+
+
 def test_mixture_layer_equals_the_explicit_sum_for_random_per_row_weights():
-    layer, g = _layer()
-    x = torch.randn(5, 7, 16, generator=g)
-    w = torch.softmax(torch.randn(5, K, generator=g), -1)
-    layer.weights = w
+    layer, x, w = _mixed(5, 7)
     got = layer(x)
     # W x + sum_k w_k s_k B_k A_k x, in float64, one row at a time
     x64, expected = x.double(), []
@@ -66,10 +71,8 @@ def test_mixture_layer_equals_the_explicit_sum_for_random_per_row_weights():
 
 
 def test_decomposed_mixture_layer_equals_its_formula():
-    layer, g = _layer(scaling=(2.0, 2.0, 2.0))
-    x = torch.randn(4, 6, 16, generator=g)
-    w = torch.softmax(torch.randn(4, K, generator=g), -1)
-    layer.weights, layer.decomposed = w, True
+    layer, x, w = _mixed(4, 6, scaling=(2.0, 2.0, 2.0))
+    layer.decomposed = True
     got = layer(x)
     expected = []
     for row in range(4):
@@ -81,10 +84,7 @@ def test_decomposed_mixture_layer_equals_its_formula():
 
 
 def test_a_row_of_the_batch_is_mixed_with_its_own_weights_only():
-    layer, g = _layer()
-    x = torch.randn(4, 5, 16, generator=g)
-    w = torch.softmax(torch.randn(4, K, generator=g), -1)
-    layer.weights = w
+    layer, x, w = _mixed(4, 5)
     together = layer(x)
     for row in range(4):
         layer.weights = w[row : row + 1]

@@ -744,6 +744,9 @@ def test_serve_config_is_a_ray_serve_deploy_config(name):
     assert app["import_path"] == "serving.app:build_app"
     assert app["route_prefix"] == "/"
     assert app["args"] == {"config": "configs/movielens.yaml", "workdir": "/data/runs/movielens"}
+    from components.config import ALLOCATOR_ENV
+
+    assert ALLOCATOR_ENV.items() <= app["runtime_env"]["env_vars"].items()  # replicas free activations as shard actors do
     (deployment,) = app["deployments"]
     assert set(deployment) <= _model_fields(DeploymentSchema)
     assert set(deployment["ray_actor_options"]) <= _model_fields(RayActorOptionsSchema)

@@ -436,6 +436,9 @@ def test_build_app_refuses_a_bad_config(tmp_path, monkeypatch):
 
     parsed = ServeDeploySchema.model_validate(spec) if hasattr(ServeDeploySchema, "model_validate") else ServeDeploySchema.parse_obj(spec)
     assert parsed.applications[0].import_path == "serving.app:build_app"
+    from components.config import ALLOCATOR_ENV
+
+    assert ALLOCATOR_ENV.items() <= spec["applications"][0]["runtime_env"]["env_vars"].items()
     assert build_app(parsed.applications[0].args) is not None  # configs/tiny.yaml, paths relative to the root
 
 
