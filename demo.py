@@ -18,7 +18,7 @@ from pathlib import Path
 from components.config import load_config
 from components.metrics import auc
 from components.model import load_base_model, load_tokenizer, make_deterministic, score
-from components.store import Workdir, load_splits, prepare
+from components.store import Workdir, prepare
 from ray_jobs.common import connect_ray
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
 import torch
 
 from benchmarks.common import bench_dir, figure, finish, offline, parser

@@ -11,7 +11,10 @@ Latency at batch 1 and throughput at batch 16 of:
     (with the embedding over all layers and over the first 2 / 4 / 8 layers)
   - APA decomposed mixture over K = 4
   - SISA output averaging over K = 4 (four forward passes)
-Each figure is the best of several interleaved rounds (the machine may be shared), in wall-clock
+The throughput runs and the replica use the embedding depth of configs/movielens.yaml (--depth).
+Memory: the peak RSS of a Ray actor holding what a Serve replica holds (frozen model, K adapters as
+one mixture, the index) after answering a batch, against the same with one adapter (target: under
+1.5 GB with K = 4). Each figure is the best of several interleaved rounds (the machine may be shared), in wall-clock
 time and, in brackets, in this process's CPU time. Targets: the APA mixture at most 1.15x the single
 adapter's latency at batch 1 and at least 0.8x its throughput at batch 16. On a machine shared with
 other heavy processes, two torch threads on two cores make even CPU-time figures swing (threads
@@ -36,10 +39,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from peft import LoraConfig, TaskType, get_peft_model  # noqa: E402
-from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict  # noqa: E402
+from peft.utils import set_peft_model_state_dict  # noqa: E402
 
 from components.aggregate import AggregatorState, MixtureModel, apa_weights, predict  # noqa: E402
-from components.config import Config  # noqa: E402
+from benchmarks.common import MOVIELENS, figure, finish, limit  # noqa: E402
+from components.config import Config, load_config  # noqa: E402
 from components.model import answer_logits, load_base_model, load_tokenizer, p_yes, tokenize  # noqa: E402
 
 
@@ -62,9 +66,11 @@ def catalogue_prompts(n: int, history_len: int, seed: int) -> list[str]:
 def random_adapters(base, config: Config, k: int, seed: int) -> list[dict[str, torch.Tensor]]:
     """K LoRA state dicts with peft's keys and shapes, A and B random (a trained adapter's B is not 0)."""
     a = config.adapter
-    template = get_peft_model(copy.deepcopy(base), LoraConfig(task_type=TaskType.CAUSAL_LM, r=a.r, lora_alpha=a.alpha,
-                                                             target_modules=list(a.target_modules), lora_dropout=0.0))
-    shapes = {name: t.shape for name, t in get_peft_model_state_dict(template).items()}
+    shapes = {}
+    for name, module in base.named_modules():
+        if name.rsplit(".", 1)[-1] in a.target_modules and isinstance(module, torch.nn.Linear):
+            shapes[f"base_model.model.{name}.lora_A.weight"] = (a.r, module.in_features)
+            shapes[f"base_model.model.{name}.lora_B.weight"] = (module.out_features, a.r)
     adapters = []
     for shard in range(k):
         g = torch.Generator().manual_seed(seed * 1000 + shard)
@@ -82,6 +88,46 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kilobytes
 
 
+def bench_config(model: str, seed: int) -> Config:
+    return Config.model_validate({"experiment": "bench", "seed": seed,
+                                  "model": {"name": "smollm2-135m" if model == "smollm2" else "tiny-llama"}})
+
+
+def replica_peak_rss_mb(model: str, shards: int, index: int, batch: int, depth: int | None, threads: int, seed: int) -> float:
+    """Peak RSS of a process holding what a Serve replica holds (the frozen model, `shards` adapters
+    as one mixture, a validation index) after answering one batch; run inside a Ray actor."""
+    torch.set_num_threads(threads)
+    config = bench_config(model, seed)
+    config = config.model_copy(update={"model": config.model.model_copy(update={"embedding_layers": depth})})
+    tokenizer = load_tokenizer()
+    base = load_base_model(config.model, config.seed, tokenizer)
+    adapters = random_adapters(base, config, shards, seed)
+    mixture = MixtureModel(base, tokenizer, dict(enumerate(adapters)), config.adapter.alpha / config.adapter.r,
+                           config.model.max_length)
+    state = synthetic_index(index, base.config.hidden_size, shards, seed)
+    prompts = catalogue_prompts(batch, config.data.history_len, seed)
+    for _ in range(2):
+        predict(config, mixture, prompts, state, None, method="attention", batch_size=batch)
+    return peak_rss_mb()
+
+
+def measure_replicas(args, depth: int | None) -> dict[int, float]:
+    """Peak RSS of a replica serving K adapters and of one serving a single adapter, each in a
+    fresh Ray actor with the environment Serve replicas get (components.config.ALLOCATOR_ENV)."""
+    import ray
+
+    from components.config import ALLOCATOR_ENV, OFFLINE_ENV
+
+    ray.init(num_cpus=args.threads, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {**OFFLINE_ENV, **ALLOCATOR_ENV}})
+    try:
+        measure = ray.remote(num_cpus=args.threads, max_calls=1)(replica_peak_rss_mb)
+        return {k: ray.get(measure.remote(args.model, k, args.index, args.batch, depth, args.threads, args.seed))
+                for k in (1, args.shards)}
+    finally:
+        ray.shutdown()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_serving", description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=["smollm2", "tiny"], default="smollm2")
@@ -89,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=16, help="batch size of the throughput runs")
     parser.add_argument("--index", type=int, default=500, help="validation index entries")
     parser.add_argument("--layers", default="2,4,8", help="embedding layers to compare with all layers")
+    parser.add_argument("--depth", type=int, default=load_config(MOVIELENS).model.embedding_layers,
+                        help="embedding layers of the throughput runs and the replica (default: configs/movielens.yaml's)")
     parser.add_argument("--latency-rounds", type=int, default=5)
     parser.add_argument("--throughput-rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
@@ -97,8 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     started = time.time()
 
-    config = Config.model_validate({"experiment": "bench", "seed": args.seed,
-                                    "model": {"name": "smollm2-135m" if args.model == "smollm2" else "tiny-llama"}})
+    config = bench_config(args.model, args.seed)
     tokenizer = load_tokenizer()
     base = load_base_model(config.model, config.seed, tokenizer)
     adapters = random_adapters(base, config, args.shards, args.seed)
@@ -112,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     mixture = MixtureModel(base, tokenizer, dict(enumerate(adapters)), scaling, config.model.max_length)
     hidden = base.config.hidden_size
     state = synthetic_index(args.index, hidden, args.shards, args.seed)
-    layers = [None] + [int(x) for x in args.layers.split(",") if x]
+    layers = list(dict.fromkeys([None, *(int(x) for x in args.layers.split(",") if x), args.depth]))
     yes_id, no_id = mixture.yes_id, mixture.no_id
     prompts = catalogue_prompts(max(args.batch, args.latency_rounds), config.data.history_len, args.seed)
     tokens = [len(tokenizer(p)["input_ids"]) for p in prompts]
@@ -142,13 +189,12 @@ def main(argv: list[str] | None = None) -> int:
     candidates = {"single adapter (peft)": run_single, "single adapter (MixtureModel K=1)": run_mixture1}
     for n in layers:
         candidates[f"APA mixture K={args.shards}, embedding {label(n)}"] = method("attention", n)
-    for n in dict.fromkeys((None, layers[1] if len(layers) > 1 else None)):
+    for n in dict.fromkeys((None, args.depth)):
         candidates[f"APA decomposed K={args.shards}, embedding {label(n)}"] = method("decomposed", n)
     candidates[f"SISA averaging K={args.shards}"] = method("average")
-    few = layers[1] if len(layers) > 1 else None  # the cheap-embedding setting the throughput runs use
     throughput_set = ["single adapter (peft)", "single adapter (MixtureModel K=1)",
-                      f"APA mixture K={args.shards}, embedding {label(None)}", f"APA mixture K={args.shards}, embedding {label(few)}",
-                      f"APA decomposed K={args.shards}, embedding {label(few)}", f"SISA averaging K={args.shards}"]
+                      f"APA mixture K={args.shards}, embedding {label(None)}", f"APA mixture K={args.shards}, embedding {label(args.depth)}",
+                      f"APA decomposed K={args.shards}, embedding {label(args.depth)}", f"SISA averaging K={args.shards}"]
     throughput_set = list(dict.fromkeys(throughput_set))
 
     # the same inputs for every method; a warm-up pass of every method (batch 1) and model (batch 16)
@@ -213,11 +259,12 @@ def main(argv: list[str] | None = None) -> int:
             line += (f", throughput {tp:.2f}x [{tp_cpu:.2f}x] "
                      f"(>= 0.8x: {'met' if min(tp, tp_cpu) >= 0.8 else 'met in CPU time only' if tp_cpu >= 0.8 else 'NOT met'})")
         print(line)
-    print(f"peak RSS {peak_rss_mb():.0f} MB; total {time.time() - started:.0f}s")
+    replica = measure_replicas(args, args.depth)
+    print(f"peak RSS of a replica (a Ray actor holding the model, the adapters and the index): {replica[args.shards]:.0f} MB "
+          f"with K={args.shards} adapters, {replica[1]:.0f} MB with one; this benchmark process {peak_rss_mb():.0f} MB; "
+          f"total {time.time() - started:.0f}s")
 
     # the figures for `python -m benchmarks` (benchmarks/common.py): ratios oriented bigger = better
-    from benchmarks.common import figure, finish
-
     figures = []
     for name in candidates:
         if name != base:
@@ -229,7 +276,8 @@ def main(argv: list[str] | None = None) -> int:
             target = 0.8 if name.startswith("APA mixture") else None
             figures.append(figure(f"throughput b={args.batch}, {name}", throughput[name], "req/s",
                                   f"throughput b={args.batch}, {base}", throughput[base], target=target))
-    figures.append(figure("peak RSS of the benchmark process", peak_rss_mb(), "MB", "", 0))
+    figures.append(limit(f"peak RSS of a replica serving K={args.shards} adapters", replica[args.shards], "MB", 1500,
+                         "a replica serving one adapter", replica[1]))
     finish("bench_serving", {"figures": figures, "seconds": time.time() - started, "model": args.model,
                              "shards": args.shards, "cpu_time_ratios": {
                                  "latency": {n: latency_cpu[n] / latency_cpu[base] for n in candidates},

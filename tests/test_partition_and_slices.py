@@ -1,7 +1,6 @@
 """Issue 3, without Ray: shards and slices are pure functions; resuming equals training through."""
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 
