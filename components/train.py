@@ -65,7 +65,7 @@ def new_adapter_model(config: Config, shard: int, tokenizer, base=None):
     """Base model + a freshly initialised adapter; the init is fixed by the shard's seed."""
     base = base if base is not None else load_base_model(config.model, config.seed, tokenizer)
     if config.train.gradient_checkpointing:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     torch.manual_seed(shard_seed(config.seed, shard))
     return get_peft_model(base, peft_config(config))
 

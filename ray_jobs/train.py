@@ -101,16 +101,21 @@ def register_shards(config: Config, workdir: Workdir, registry: Registry, result
 
 def publish_adapter_set(config: Config, workdir: Workdir, registry: Registry, state: AggregatorState,
                         shard_versions: dict[int, str], tags: dict[str, str] | None = None) -> str:
-    """Save the aggregator state, register an adapter set pinning `shard_versions`, make it live."""
+    """Save the aggregator state, register an adapter set pinning `shard_versions`, make it live.
+    A shard the data left empty (an adaptive cluster no sample fell into, or one emptied by
+    forgetting) keeps its registered version but stays out of the set: its adapter saw no data."""
+    for shard, version in shard_versions.items():
+        registry.set_live(registry.shard_model(shard), version)
+    sizes = {k: len(read_parquet(workdir.shard_samples(k))) for k in sorted(shard_versions)}
+    served = {k: v for k, v in shard_versions.items() if sizes[k]}
+    state = AggregatorState(state.sample_ids, state.labels, state.embeddings,
+                            {k: p for k, p in state.predictions.items() if k in served})
     folder = workdir.path("aggregator")
     state.save(folder)
     (folder / "partitioner.npz").write_bytes(workdir.partitioner.read_bytes())
-    for shard, version in shard_versions.items():
-        registry.set_live(registry.shard_model(shard), version)
-    sizes = {f"shard {k}": len(read_parquet(workdir.shard_samples(k))) for k in sorted(shard_versions)}
-    figure = bar_figure(sizes, "training samples", f"{config.experiment}: shard sizes")
+    figure = bar_figure({f"shard {k}": n for k, n in sizes.items()}, "training samples", f"{config.experiment}: shard sizes")
     try:
-        version = registry.register_adapter_set(shard_versions, folder, {"config_sha256": config.sha256(), **(tags or {})},
+        version = registry.register_adapter_set(served, folder, {"config_sha256": config.sha256(), **(tags or {})},
                                                 figures={"shard_sizes.png": figure})
     finally:
         close(figure)

@@ -9,6 +9,7 @@ import uuid
 
 import pytest
 
+from components.aggregate import AggregatorState
 from components.data import read_parquet
 from components.registry import Registry
 from components.store import Workdir, load_splits
@@ -165,3 +166,38 @@ def test_train_cli_refuses_to_exclude_from_a_trained_work_dir(forgetting):
     done = subprocess.run([sys.executable, "-m", "ray_jobs.train", "--config", str(TINY), "--workdir", str(forgetting.root),
                            "--exclude-users", "1"], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 2 and "already trained" in done.stderr
+
+
+def test_a_shard_without_data_stays_out_of_the_adapter_set_also_when_forgetting_empties_it(ray_session, tiny_config, tmp_path):
+    """User shards, more shards than users: an empty shard keeps its registered version but has no
+    adapter in the set; forgetting the only user of a shard empties it, and the result still equals
+    training from scratch without that user."""
+    config = tiny_config.model_copy(update={
+        "experiment": "tiny-empty-shards",
+        "data": tiny_config.data.model_copy(update={"n_train": 12, "n_valid": 8, "n_test": 8}),
+        "partition": tiny_config.partition.model_copy(update={"method": "user", "num_shards": 8, "num_slices": 2}),
+    })
+    workdir = Workdir(tmp_path / "work")
+    report = train_job.run(config, workdir)
+    sizes = {int(k): v["samples"] for k, v in report["shards"].items()}
+    empty = {k for k, n in sizes.items() if n == 0}
+    assert empty and len(empty) < len(sizes), sizes
+    registry = Registry(config.experiment, workdir.root)
+
+    def served():
+        live = registry.load_adapter_set(tmp_path / uuid.uuid4().hex)
+        assert AggregatorState.load(live.folder / "aggregator").shards() == sorted(live.shards)
+        return set(live.shards)
+
+    assert served() == set(sizes) - empty
+    assert all(registry.live_version(registry.shard_model(k)) is not None for k in sizes)  # registered all the same
+    users_of = {}
+    for user, shards in shard_of_users(workdir).items():
+        for shard in shards:
+            users_of.setdefault(shard, set()).add(user)
+    shard, (user,) = next((k, u) for k, u in sorted(users_of.items()) if len(u) == 1)
+    new_request(workdir, [user], [], "empties-a-shard")
+    [audit] = forget_job.process(config, workdir)
+    assert audit["affected_shards"] == [shard] and audit["scan"]["clean"]
+    assert served() == set(sizes) - empty - {shard}
+    assert_identical_to_scratch(config, workdir, tmp_path, [user], [])
