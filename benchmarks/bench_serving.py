@@ -14,8 +14,8 @@ Latency at batch 1 and throughput at batch 16 of:
 The throughput runs and the replica use the embedding depth of configs/movielens.yaml (--depth).
 Memory: the peak RSS of a Ray actor holding what a Serve replica holds (frozen model, K adapters as
 one mixture, the index) after answering a batch, against the same with one adapter (target: under
-1.5 GB with K = 4). Each figure is the best of several interleaved rounds (the machine may be shared), in wall-clock
-time and, in brackets, in this process's CPU time. Targets: the APA mixture at most 1.15x the single
+1.5 GB with K = 4). Each figure is the best of several interleaved rounds (the machine may be
+shared), in wall-clock time and, in brackets, in this process's CPU time. Targets: the APA mixture at most 1.15x the single
 adapter's latency at batch 1 and at least 0.8x its throughput at batch 16. On a machine shared with
 other heavy processes, two torch threads on two cores make even CPU-time figures swing (threads
 wait for each other); `--threads 1` then gives steadier ratios.
@@ -41,8 +41,8 @@ import torch  # noqa: E402
 from peft import LoraConfig, TaskType, get_peft_model  # noqa: E402
 from peft.utils import set_peft_model_state_dict  # noqa: E402
 
-from components.aggregate import AggregatorState, MixtureModel, apa_weights, predict  # noqa: E402
 from benchmarks.common import MOVIELENS, figure, finish, limit  # noqa: E402
+from components.aggregate import AggregatorState, MixtureModel, apa_weights, predict  # noqa: E402
 from components.config import Config, load_config  # noqa: E402
 from components.model import answer_logits, load_base_model, load_tokenizer, p_yes, tokenize  # noqa: E402
 
@@ -88,7 +88,8 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kilobytes
 
 
-def bench_config(model: str, seed: int) -> Config:
+def model_config(model: str, seed: int) -> Config:
+    """A default config around the benchmark's model."""
     return Config.model_validate({"experiment": "bench", "seed": seed,
                                   "model": {"name": "smollm2-135m" if model == "smollm2" else "tiny-llama"}})
 
@@ -97,7 +98,7 @@ def replica_peak_rss_mb(model: str, shards: int, index: int, batch: int, depth: 
     """Peak RSS of a process holding what a Serve replica holds (the frozen model, `shards` adapters
     as one mixture, a validation index) after answering one batch; run inside a Ray actor."""
     torch.set_num_threads(threads)
-    config = bench_config(model, seed)
+    config = model_config(model, seed)
     config = config.model_copy(update={"model": config.model.model_copy(update={"embedding_layers": depth})})
     tokenizer = load_tokenizer()
     base = load_base_model(config.model, config.seed, tokenizer)
@@ -145,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     started = time.time()
 
-    config = bench_config(args.model, args.seed)
+    config = model_config(args.model, args.seed)
     tokenizer = load_tokenizer()
     base = load_base_model(config.model, config.seed, tokenizer)
     adapters = random_adapters(base, config, args.shards, args.seed)
