@@ -58,7 +58,7 @@ def train_actors(config: Config, workdirs: list[Workdir], shard: int) -> list[di
 
 def run(config_path: str, workdir: str | None = None, n_train: int = 128, n_valid: int = 32, n_test: int = 32) -> dict:
     from ray_jobs.common import connect_ray
-    from ray_jobs.train import retrain_baseline_config
+    from components.baselines import baseline_config
     from ray_jobs.train import run as train_job
 
     offline()
@@ -77,7 +77,7 @@ def run(config_path: str, workdir: str | None = None, n_train: int = 128, n_vali
     report = train_job(config, main)
     sharded_wall = time.time() - t
     print("\n[2/3] the retrain baseline job (one adapter on all the data)", flush=True)
-    retrain_config = retrain_baseline_config(config)
+    retrain_config = baseline_config(config, "retrain")
     retrain_dir = Workdir(root.path("retrain"))
     copy_store(main, retrain_dir)
     t = time.time()

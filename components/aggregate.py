@@ -1,7 +1,7 @@
 """Aggregation of the K shard adapters: the weights (APA attention, routing, uniform) and the
 parameter-level mixture that applies them in one forward pass.
 
-APA, for a request x with frozen embedding e(x):
+APA, for a request x with frozen embedding e(x) (from the trunk's pass, components.model):
     neighbours  = the n validation samples most similar to e(x) (cosine)
     error_k     = mean over neighbours of |label - P_k(yes)|   (P_k cached per adapter version)
     w           = softmax(-tau * error) over unmasked shards; a masked shard gets 0
@@ -15,6 +15,7 @@ batched matmuls and no merged weight is ever built per request.
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from components.model import answer_logits, answer_token_ids, embed_batch, p_yes, tokenize
+from components.model import TrunkOutput, answer_token_ids, head_logits, p_yes, pad_states, tokenize, trunk_pass
 from components.train import save_atomic
 
 STATE_FILE = "state.pt"
@@ -157,16 +158,18 @@ def _lora_layers(adapter: dict[str, torch.Tensor]) -> list[str]:
 
 class MixtureModel:
     """One frozen base model with all K shard adapters attached as mixture layers (LoRA) or as a
-    stack of soft prompts (prompt tuning). One forward pass serves a batch of mixed requests."""
+    stack of soft prompts (prompt tuning). The trunk runs once per batch; one pass of the head
+    serves a batch of mixed requests."""
 
-    def __init__(self, base: nn.Module, tokenizer, adapters: dict[int, dict[str, torch.Tensor]], scaling: float, max_length: int):
-        self.model, self.tokenizer, self.max_length = base, tokenizer, max_length
+    def __init__(self, base: nn.Module, tokenizer, adapters: dict[int, dict[str, torch.Tensor]], scaling: float,
+                 model_config):
+        self.model, self.tokenizer, self.model_config = base, tokenizer, model_config
         if not adapters:
             raise ValueError("a mixture needs at least one adapter")
         self.shards = sorted(adapters)
         self.yes_id, self.no_id = answer_token_ids(tokenizer)
-        # The mixture weights and a truncated embedding pass are set on the shared modules for the
-        # duration of a forward: one forward at a time per model (threads of a server included).
+        # The mixture weights are set on the shared modules for the duration of a forward: one
+        # forward at a time per model (threads of a server included).
         self.lock = threading.RLock()
         stacked = [adapters[k] for k in self.shards]
         self.prompts = None
@@ -196,43 +199,36 @@ class MixtureModel:
                 for layer in self.layers:
                     layer.weights = None
 
-    def batch(self, prompts: list[str]) -> dict[str, torch.Tensor]:
-        return tokenize(self.tokenizer, prompts, self.max_length)
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> TrunkOutput:
+        """The trunk's pass over a batch of prompts: states for the head and the embedding for
+        the weights, both from one forward."""
+        with self.lock:  # with trunk_layers 0 the trunk's layers are mixture layers: keep them unmixed
+            return trunk_pass(self.model, tokenize(self.tokenizer, prompts, self.model_config.max_length), self.model_config)
 
     @torch.no_grad()
-    def embed(self, batch, layers: int | None) -> torch.Tensor:
-        with self.lock:  # layers are unmixed outside `mixing`; a truncated pass edits the stack
-            return embed_batch(self.model, batch, layers)
-
-    @torch.no_grad()
-    def p_yes(self, batch: dict[str, torch.Tensor], weights: torch.Tensor, decomposed: bool = False) -> torch.Tensor:
+    def p_yes(self, inputs: TrunkOutput, weights: torch.Tensor, decomposed: bool = False) -> torch.Tensor:
         """P(yes) of each row under its own mixture weights [batch, K]."""
+        trunk = self.model_config.trunk_layers
         if self.prompts is not None:
-            return self._p_yes_prompted(batch, weights)
+            if weights.shape != (len(inputs), len(self.shards)):
+                raise ValueError(f"weights of shape {tuple(weights.shape)} for {len(inputs)} rows and {len(self.shards)} shards")
+            prompt = torch.einsum("bk,kvh->bvh", weights.to(self.prompts.dtype), self.prompts)
+            return p_yes(head_logits(self.model, inputs.states, inputs.mask, trunk, prompt), self.yes_id, self.no_id)
         with self.mixing(weights, decomposed):
-            return p_yes(answer_logits(self.model, batch), self.yes_id, self.no_id)
-
-    def _p_yes_prompted(self, batch, weights):
-        if weights.shape != (len(batch["input_ids"]), len(self.shards)):
-            raise ValueError(f"weights of shape {tuple(weights.shape)} for {len(batch['input_ids'])} rows and {len(self.shards)} shards")
-        prompt = torch.einsum("bk,kvh->bvh", weights.to(self.prompts.dtype), self.prompts)
-        tokens = self.model.get_input_embeddings()(batch["input_ids"])
-        mask = torch.cat([torch.ones(prompt.shape[:2], dtype=batch["attention_mask"].dtype), batch["attention_mask"]], 1)
-        out = self.model(inputs_embeds=torch.cat([prompt, tokens], 1), attention_mask=mask, logits_to_keep=1)
-        return p_yes(out.logits[:, -1, :], self.yes_id, self.no_id)
+            return p_yes(head_logits(self.model, inputs.states, inputs.mask, trunk), self.yes_id, self.no_id)
 
     @torch.no_grad()
-    def p_yes_averaged(self, batch, masked: set[int] = frozenset()) -> torch.Tensor:
-        """SISA: K forward passes, one per unmasked adapter, and the mean of their P(yes)."""
+    def p_yes_averaged(self, inputs: TrunkOutput, masked: set[int] = frozenset()) -> torch.Tensor:
+        """SISA: K passes of the head, one per unmasked adapter, and the mean of their P(yes)."""
         live = [i for i, k in enumerate(self.shards) if k not in masked]
         if not live:
             raise ValueError("every shard is masked: no adapter may serve")
-        rows = len(batch["input_ids"])
-        total = torch.zeros(rows)
+        total = torch.zeros(len(inputs))
         for i in live:
-            one_hot = torch.zeros(rows, len(self.shards))
+            one_hot = torch.zeros(len(inputs), len(self.shards))
             one_hot[:, i] = 1.0
-            total += self.p_yes(batch, one_hot)
+            total += self.p_yes(inputs, one_hot)
         return total / len(live)
 
 
@@ -245,40 +241,45 @@ def load_mixture(config, adapter_files: dict[int, Path], tokenizer, base: nn.Mod
 
     adapters = {k: torch.load(path, map_location="cpu", weights_only=True) for k, path in adapter_files.items()}
     base = base if base is not None else load_base_model(config.model, config.seed, tokenizer)
-    return MixtureModel(base, tokenizer, adapters, config.adapter.alpha / config.adapter.r, config.model.max_length)
+    return MixtureModel(base, tokenizer, adapters, config.adapter.alpha / config.adapter.r, config.model)
 
 
-def mixture_weights(config, mixture: MixtureModel, batch, state: AggregatorState | None, partitioner,
+def stored_inputs(states: list[torch.Tensor], embeddings) -> TrunkOutput:
+    """A batch of stored samples as the head's input: their trunk states, left-padded, and their
+    stored embeddings."""
+    padded, mask = pad_states(states)
+    return TrunkOutput(padded, mask, torch.as_tensor(np.stack(list(embeddings))).float())
+
+
+def mixture_weights(config, mixture: MixtureModel, inputs: TrunkOutput, state: AggregatorState | None, partitioner,
                     masked: set[int] = frozenset(), method: str | None = None) -> torch.Tensor:
     """The per-row shard weights [batch, K] of `method` (default config.aggregate.method)."""
     method = method or config.aggregate.method
-    rows = len(batch["input_ids"])
     if method in ("uniform", "average"):
-        return uniform_weights(rows, mixture.shards, masked)
-    query = mixture.embed(batch, config.model.embedding_layers)
+        return uniform_weights(len(inputs), mixture.shards, masked)
     if method == "routing":
         if partitioner is None or partitioner.centroids is None:
             raise ValueError(f"routing needs a semantic or adaptive partitioner (this one is {getattr(partitioner, 'method', None)!r})")
-        return routing_weights(partitioner.ranking(query.numpy()), mixture.shards, masked)
+        return routing_weights(partitioner.ranking(inputs.embedding.numpy()), mixture.shards, masked)
     if state is None or state.shards() != mixture.shards:
         raise ValueError(f"the aggregator state covers shards {None if state is None else state.shards()}, "
                          f"the adapters are {mixture.shards}")
-    return apa_weights(query, state, config.aggregate.neighbours, config.aggregate.tau, masked)
+    return apa_weights(inputs.embedding, state, config.aggregate.neighbours, config.aggregate.tau, masked)
 
 
 @torch.no_grad()
-def predict(config, mixture: MixtureModel, prompts: list[str], state: AggregatorState | None, partitioner,
-            masked: set[int] = frozenset(), method: str | None = None, batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
-    """P(yes) and the shard weights of every prompt under an aggregation method."""
+def predict(config, mixture: MixtureModel, batches: Iterable[TrunkOutput], state: AggregatorState | None, partitioner,
+            masked: set[int] = frozenset(), method: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """P(yes) and the shard weights of every row of `batches` (trunk outputs: of prompts, from
+    `MixtureModel.encode`, or of stored samples, from `stored_inputs`) under an aggregation method."""
     method = method or config.aggregate.method
     scores, weights = [], []
-    for start in range(0, len(prompts), batch_size):
-        batch = mixture.batch(prompts[start : start + batch_size])
-        w = mixture_weights(config, mixture, batch, state, partitioner, masked, method)
+    for inputs in batches:
+        w = mixture_weights(config, mixture, inputs, state, partitioner, masked, method)
         if method == "average":
-            scores.append(mixture.p_yes_averaged(batch, masked))
+            scores.append(mixture.p_yes_averaged(inputs, masked))
         else:
-            scores.append(mixture.p_yes(batch, w, decomposed=method == "decomposed"))
+            scores.append(mixture.p_yes(inputs, w, decomposed=method == "decomposed"))
         weights.append(w)
     if not scores:
         return np.zeros(0), np.zeros((0, len(mixture.shards)))
@@ -302,9 +303,10 @@ class ServedSet:
     method: str
 
     def predict(self, config, prompts: list[str], masked: set[int] = frozenset()) -> tuple[np.ndarray, np.ndarray]:
-        """P(yes) [n] and shard weights [n, K] of prompts scored together in one batch."""
-        return predict(config, self.mixture, prompts, self.state, self.partitioner, set(masked), self.method,
-                       batch_size=max(1, len(prompts)))
+        """P(yes) [n] and shard weights [n, K] of prompts scored together: one pass of the trunk
+        (the attention's embedding and the head's input), one of the head."""
+        return predict(config, self.mixture, [self.mixture.encode(prompts)], self.state, self.partitioner, set(masked),
+                       self.method)
 
     def serving(self, masked: set[int]) -> list[int]:
         """The shards that may serve under `masked`."""
@@ -342,7 +344,7 @@ def load_served_set(config, adapter_set, tokenizer=None) -> ServedSet:
     from components.model import load_base_model
 
     base = load_base_model(config.model, config.seed, tokenizer)
-    mixture = MixtureModel(base, tokenizer, adapters, config.adapter.alpha / config.adapter.r, config.model.max_length)
+    mixture = MixtureModel(base, tokenizer, adapters, config.adapter.alpha / config.adapter.r, config.model)
     return ServedSet(str(adapter_set.version), shards, mixture, state, partitioner, method)
 
 

@@ -55,11 +55,29 @@ class DataConfig(Section):
 class ModelConfig(Section):
     name: Literal["smollm2-135m", "tiny-llama"] = "smollm2-135m"
     max_length: int = Field(256, ge=16)  # prompt tokens; longer prompts keep their end
-    # Layers of the frozen model used for embeddings (partition, neighbours). None = all layers.
+    # The first `trunk_layers` decoder layers are frozen and shared: each sample's states after
+    # them are computed once and stored (DIR/trunk/), adapters live in the layers above.
+    # 0 = LoRA in every layer and nothing stored (the APA paper's setting, for GPUs).
+    trunk_layers: int = Field(0, ge=0)
+    trunk_dtype: Literal["float16", "bfloat16", "float32"] = "float16"  # stored states are rounded to it
+    # Layers of the frozen model used for embeddings (partition, neighbours): at most the trunk, so
+    # the trunk pass yields them. None = the trunk boundary, or every layer when trunk_layers is 0.
     embedding_layers: int | None = Field(None, ge=1)
     tiny_hidden_size: int = 64
     tiny_layers: int = 2
     tiny_heads: int = 4
+
+    @model_validator(mode="after")
+    def _embedding_within_trunk(self):
+        if self.trunk_layers and self.embedding_layers and self.embedding_layers > self.trunk_layers:
+            raise ValueError(f"model.embedding_layers ({self.embedding_layers}) must not exceed model.trunk_layers "
+                             f"({self.trunk_layers}): embeddings come out of the trunk pass")
+        return self
+
+    @property
+    def embedding_depth(self) -> int | None:
+        """Decoder layers under the embedding; None = all of them."""
+        return self.embedding_layers or self.trunk_layers or None
 
 
 class PartitionConfig(Section):
@@ -86,9 +104,13 @@ class TrainConfig(Section):
     slice_mode: Literal["cumulative", "incremental"] = "cumulative"
     batch_size: int = Field(8, ge=1)
     learning_rate: float = Field(3e-4, gt=0)
+    # vocabulary: cross-entropy of the answer token over the whole vocabulary (TALLRec);
+    # two-way: cross-entropy over the " Yes" / " No" logits only (what P(yes) reads).
+    loss: Literal["vocabulary", "two-way"] = "vocabulary"
     weight_decay: float = Field(0.0, ge=0)
-    # Recompute each layer's activations in the backward pass: ~1/3 more compute, a fraction of the memory.
-    gradient_checkpointing: bool = True
+    # Recompute each layer's activations in the backward pass: more compute, a fraction of the memory
+    # (for deep heads; a few head layers over stored states need none).
+    gradient_checkpointing: bool = False
     cpus_per_actor: float = Field(1.0, gt=0)
     gpus_per_actor: float = Field(0.0, ge=0)
     max_restarts: int = Field(3, ge=0)

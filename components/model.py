@@ -1,10 +1,12 @@
 """The base model: load (or convert once) SmolLM2-135M, build the tiny test LLaMA, score and embed.
 
 Scoring is TALLRec's: the model reads a prompt ending in "Answer:" and P(yes) is the softmax over
-the " Yes" / " No" logits at the last position. Embeddings are the mean-pooled hidden state of the
-frozen model. Everything that is stored as system state (embeddings, cached predictions) is
-computed one prompt at a time, so a sample's value never depends on which other samples shared
-its batch: that is what lets a forgotten sample disappear without a trace.
+the " Yes" / " No" logits at the last position. The decoder is split into a frozen trunk, run once
+per prompt, and a head that adapters change (DESIGN 4a). Embeddings are the mean-pooled hidden
+state after a layer of the trunk. Everything that is stored as system state (trunk states,
+embeddings, cached predictions) is computed one prompt at a time, so a sample's value never
+depends on which other samples shared its batch: that is what lets a forgotten sample disappear
+without a trace.
 """
 
 from __future__ import annotations
@@ -15,11 +17,14 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers.masking_utils import create_causal_mask
 
 from components.config import ModelConfig
 
@@ -80,8 +85,9 @@ def answer_token_ids(tokenizer) -> tuple[int, int]:
     return ids[0][0], ids[1][0]
 
 
-def load_base_model(config: ModelConfig, seed: int, tokenizer=None) -> torch.nn.Module:
-    """The frozen base model. The tiny LLaMA is random but fully determined by `seed`."""
+def load_base_model(config: ModelConfig, seed: int, tokenizer=None, head_only: bool = False) -> torch.nn.Module:
+    """The frozen base model. The tiny LLaMA is random but fully determined by `seed`. `head_only`
+    drops the trunk's layers, for processes that only run the head over stored states."""
     if config.name == "smollm2-135m":
         model = AutoModelForCausalLM.from_pretrained(smollm2_dir(), dtype=torch.float32)
     else:
@@ -100,6 +106,11 @@ def load_base_model(config: ModelConfig, seed: int, tokenizer=None) -> torch.nn.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = LlamaForCausalLM(llama)
+    layers = len(decoder_of(model).layers)
+    if config.trunk_layers >= layers:
+        raise ValueError(f"model.trunk_layers ({config.trunk_layers}) must leave a head: {config.name} has {layers} layers")
+    if head_only:
+        drop_trunk(model, config.trunk_layers)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -119,58 +130,131 @@ def tokenize(tokenizer, prompts: list[str], max_length: int) -> dict[str, torch.
     return tokenizer(prompts, return_tensors="pt", padding=True, truncation=True, max_length=max_length)
 
 
-def answer_logits(model, batch: dict[str, torch.Tensor], **forward_kwargs) -> torch.Tensor:
-    """Vocabulary logits at the last (answer) position, shape [batch, vocab]."""
-    device = model.device
-    out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                logits_to_keep=1, **forward_kwargs)
-    return out.logits[:, -1, :]
-
-
 def p_yes(logits: torch.Tensor, yes_id: int, no_id: int) -> torch.Tensor:
     return torch.softmax(logits[:, [yes_id, no_id]].float(), dim=-1)[:, 0].cpu()
 
 
-@torch.no_grad()
-def score(model, tokenizer, prompts: list[str], max_length: int, batch_size: int = 1) -> np.ndarray:
-    """P(yes) per prompt. batch_size=1 (the default) makes each score independent of the others."""
-    yes_id, no_id = answer_token_ids(tokenizer)
-    scores = []
-    for start in range(0, len(prompts), batch_size):
-        batch = tokenize(tokenizer, prompts[start : start + batch_size], max_length)
-        scores.append(p_yes(answer_logits(model, batch), yes_id, no_id))
-    return torch.cat(scores).numpy() if scores else np.zeros(0, dtype=np.float32)
+# --- the trunk and the head ---------------------------------------------------------------------
+# The decoder is cut in two at `trunk_layers`: the trunk (embeddings + the first layers) is frozen
+# and runs once per prompt; the head (the layers above, the final norm and the LM head at the
+# answer position) is what adapters change. Both halves take positions from the attention mask, so
+# left padding never shifts a prompt's positions: a row's result does not depend on its batch-mates
+# beyond the order in which CPU kernels sum.
 
 
-def _decoder(model):
+def decoder_of(model):
     """The transformer stack of a causal LM, also when wrapped by peft."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return base.model
 
 
-@torch.no_grad()
-def embed_batch(model, batch: dict[str, torch.Tensor], layers: int | None = None) -> torch.Tensor:
-    """Mean-pooled hidden state after the first `layers` decoder layers (all if None): [batch, hidden]."""
-    decoder = _decoder(model)
-    ids, mask = batch["input_ids"].to(model.device), batch["attention_mask"].to(model.device)
-    if layers is None or layers >= len(decoder.layers):
-        hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state
-    else:
-        # Run only the first layers: a cheap embedding for routing (no final norm, like a probe).
-        saved = decoder.layers
-        decoder.layers = saved[:layers]
-        try:
-            hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state
-        finally:
-            decoder.layers = saved
+def lm_head_of(model):
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.lm_head
+
+
+def positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids from a left-padded mask: every prompt starts at 0 whatever its padding."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     weights = mask.unsqueeze(-1).to(hidden.dtype)
-    return ((hidden * weights).sum(1) / weights.sum(1).clamp(min=1)).cpu()
+    return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
+
+
+def run_layers(decoder, hidden: torch.Tensor, mask: torch.Tensor, layers) -> Iterator[torch.Tensor]:
+    """The hidden states after each of `layers` (decoder layers, in order)."""
+    position_ids = positions(mask)
+    causal = create_causal_mask(config=decoder.config, inputs_embeds=hidden, attention_mask=mask,
+                                past_key_values=None, position_ids=position_ids)
+    rotary = decoder.rotary_emb(hidden, position_ids=position_ids)
+    for layer in layers:
+        hidden = layer(hidden, attention_mask=causal, position_embeddings=rotary, position_ids=position_ids)
+        yield hidden
+
+
+STATE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+@dataclass
+class TrunkOutput:
+    """What the frozen trunk gives a batch: the states at the trunk boundary (rounded to the stored
+    dtype, as float32), their mask, and the mean-pooled embedding for partition and neighbours."""
+
+    states: torch.Tensor  # [batch, tokens, hidden]
+    mask: torch.Tensor  # [batch, tokens]
+    embedding: torch.Tensor | None  # [batch, hidden]
+
+    def __len__(self) -> int:
+        return len(self.states)
 
 
 @torch.no_grad()
-def embed(model, tokenizer, prompts: list[str], max_length: int, layers: int | None = None) -> np.ndarray:
+def trunk_pass(model, batch: dict[str, torch.Tensor], config: ModelConfig, embedding: bool = True) -> TrunkOutput:
+    """Run the frozen trunk once over a tokenized batch: the boundary states and the embedding come
+    out of the same pass. With trunk_layers 0 the states are the token embeddings."""
+    decoder = decoder_of(model)
+    ids, mask = batch["input_ids"].to(model.device), batch["attention_mask"].to(model.device)
+    states = decoder.embed_tokens(ids)
+    embedding_depth = (config.embedding_depth or len(decoder.layers)) if embedding else 0
+    layers = decoder.layers[: max(config.trunk_layers, embedding_depth)]
+    pooled = None
+    for depth, hidden in enumerate(run_layers(decoder, states, mask, layers), 1):
+        if depth == embedding_depth:
+            pooled = mean_pool(hidden, mask).cpu()
+        if depth == config.trunk_layers:
+            states = hidden.to(STATE_DTYPES[config.trunk_dtype]).float()
+    return TrunkOutput(states, mask, pooled)
+
+
+def pad_states(states: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack per-sample states [tokens_i, hidden] into a left-padded batch and its mask."""
+    length = max(len(s) for s in states)
+    batch = torch.zeros(len(states), length, states[0].shape[-1])
+    mask = torch.zeros(len(states), length, dtype=torch.long)
+    for row, s in enumerate(states):
+        batch[row, length - len(s):] = s.float()
+        mask[row, length - len(s):] = 1
+    return batch, mask
+
+
+def head_logits(model, states: torch.Tensor, mask: torch.Tensor, trunk_layers: int,
+                prompt: torch.Tensor | None = None) -> torch.Tensor:
+    """Vocabulary logits at the answer (last) position [batch, vocab], running only the head over
+    trunk states. `prompt` [batch, virtual, hidden] is a soft prompt prepended at the boundary."""
+    decoder = decoder_of(model)
+    device = model.device
+    states, mask = states.to(device), mask.to(device)
+    if prompt is not None:
+        states = torch.cat([prompt.to(device, states.dtype), states], 1)
+        mask = torch.cat([torch.ones(prompt.shape[:2], dtype=mask.dtype, device=device), mask], 1)
+    *_, hidden = run_layers(decoder, states, mask, decoder.layers[trunk_layers:])  # the last layer's output
+    return lm_head_of(model)(decoder.norm(hidden[:, -1, :]))
+
+
+def drop_trunk(model, trunk_layers: int):
+    """Free the trunk's layers in a process that only runs the head over stored states; the head's
+    layers keep their indices (and so their adapter names)."""
+    decoder = decoder_of(model)
+    for index in range(trunk_layers):
+        decoder.layers[index] = torch.nn.Identity()
+    return model
+
+
+def score(model, tokenizer, prompts: list[str], config: ModelConfig) -> np.ndarray:
+    """P(yes) of prompts under `model` (adapted or not), one prompt at a time: trunk, then head."""
+    yes_id, no_id = answer_token_ids(tokenizer)
+    with torch.no_grad():
+        scores = [p_yes(head_logits(model, trunk.states, trunk.mask, config.trunk_layers), yes_id, no_id)
+                  for trunk in (trunk_pass(model, tokenize(tokenizer, [p], config.max_length), config, embedding=False) for p in prompts)]
+    return torch.cat(scores).numpy() if scores else np.zeros(0, dtype=np.float32)
+
+
+def embed(model, tokenizer, prompts: list[str], config: ModelConfig) -> np.ndarray:
     """Embeddings of prompts, one at a time (batch-independent bits), shape [n, hidden]."""
-    rows = [embed_batch(model, tokenize(tokenizer, [p], max_length), layers)[0] for p in prompts]
+    embedding_only = config.model_copy(update={"trunk_layers": 0, "embedding_layers": config.embedding_depth})
+    rows = [trunk_pass(model, tokenize(tokenizer, [p], config.max_length), embedding_only).embedding[0] for p in prompts]
     return torch.stack(rows).numpy() if rows else np.zeros((0, 0), dtype=np.float32)
 
 

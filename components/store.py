@@ -1,6 +1,7 @@
 """The work dir on disk: the sample store (Parquet), public state, shard files and their layout.
 
     DIR/data/{train,valid,test}.parquet   samples with their frozen-model embeddings
+    DIR/trunk/<xx>/<hash>.safetensors     a sample's trunk states (model.trunk_layers > 0), nothing else
     DIR/public/partitioner.npz            fitted on catalogue prompts only
     DIR/shards/shard-<k>/samples.parquet  a shard's training samples with their slice
     DIR/shards/shard-<k>/checkpoints/     slice checkpoints
@@ -10,14 +11,20 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
+import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from components.config import Config
 from components.data import (
@@ -29,7 +36,7 @@ from components.data import (
     split_by_time,
     write_parquet,
 )
-from components.model import embed
+from components.model import STATE_DTYPES, embed, tokenize, trunk_pass
 from components.partition import Partitioner, reference_prompts, shard_sizes_report, slice_of
 
 
@@ -65,6 +72,10 @@ class Workdir:
     def path(self, *parts: str) -> Path:
         return self.root.joinpath(*parts)
 
+    @property
+    def trunk(self) -> "TrunkStore":
+        return TrunkStore(self.root / "trunk")
+
     def num_shards(self) -> int:
         return len(list((self.root / "shards").glob("shard-*/samples.parquet")))
 
@@ -82,35 +93,150 @@ def load_splits(workdir: Workdir) -> dict[str, pd.DataFrame]:
     return {name: read_parquet(workdir.split(name)) for name in SPLITS}
 
 
-def prepare(config: Config, workdir: Workdir, model, tokenizer, log=print) -> dict[str, pd.DataFrame]:
-    """Build the sample store once (samples + embeddings); later runs reuse it as it is now,
-    i.e. with every forgotten sample already gone."""
+class TrunkStore:
+    """Per-sample trunk states: one safetensors file per sample (its states [tokens, hidden] in the
+    stored dtype and its embedding), named by a hash of the sample id, with the sample's user and
+    interactions in the header so a scan can prove a subject's states gone. Written atomically;
+    a shard reads only its own samples' files; forgetting unlinks the files."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    def path(self, sample_id: str) -> Path:
+        digest = hashlib.sha256(str(sample_id).encode()).hexdigest()
+        return self.root / digest[:2] / f"{digest[2:34]}.safetensors"
+
+    def has(self, sample_id: str) -> bool:
+        return self.path(sample_id).exists()
+
+    def write(self, sample: dict, states: torch.Tensor, embedding: torch.Tensor) -> None:
+        path = self.path(sample["sample_id"])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".", suffix=".tmp")
+        os.close(fd)
+        # One header key: safetensors writes several in no fixed order, and the file must be the
+        # same bytes whenever the same sample is stored.
+        header = {"sample": json.dumps({"sample_id": str(sample["sample_id"]), "user_id": str(sample["user_id"]),
+                                        "interactions": [str(i) for i in sample["interactions"]]}, sort_keys=True)}
+        try:
+            save_file({"states": states.contiguous(), "embedding": embedding.contiguous()}, tmp, metadata=header)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def read(self, sample_ids: Iterable[str], name: str = "states") -> list[torch.Tensor]:
+        tensors = []
+        for sample_id in sample_ids:
+            path = self.path(sample_id)
+            if not path.exists():
+                raise FileNotFoundError(f"no stored trunk state for sample {sample_id} ({path}): prepare the store again")
+            with safe_open(path, framework="pt") as f:
+                tensors.append(f.get_tensor(name))
+        return tensors
+
+    def remove(self, sample_ids: Iterable[str]) -> int:
+        removed = 0
+        for sample_id in sample_ids:
+            path = self.path(sample_id)
+            if path.exists():
+                path.unlink()
+                removed += 1
+        return removed
+
+    def headers(self) -> Iterator[tuple[Path, dict]]:
+        """Every stored state file with its header (sample id, user, interactions)."""
+        for path in sorted(self.root.glob("*/*.safetensors")):
+            with safe_open(path, framework="pt") as f:
+                yield path, json.loads(f.metadata()["sample"])
+
+    def link_from(self, source: "TrunkStore", sample_ids: Iterable[str]) -> None:
+        """Share another store's files (hard links: unlinking one copy never touches the other)."""
+        for sample_id in sample_ids:
+            target = self.path(sample_id)
+            if target.exists():
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(source.path(sample_id), target)
+            except OSError:  # another file system: copy
+                tmp = target.with_suffix(".tmp")
+                tmp.write_bytes(source.path(sample_id).read_bytes())
+                os.replace(tmp, target)
+
+
+def sample_states(config: Config, workdir: Workdir, samples: pd.DataFrame, model=None, tokenizer=None) -> list[torch.Tensor]:
+    """The trunk states of stored samples: read from DIR/trunk/, or (trunk_layers 0) the token
+    embeddings, computed from the prompt with `model`."""
+    if config.model.trunk_layers:
+        return workdir.trunk.read(samples["sample_id"])
+    return [trunk_pass(model, tokenize(tokenizer, [p], config.model.max_length), config.model, embedding=False).states[0]
+            for p in samples["prompt"]]
+
+
+def prepare(config: Config, workdir: Workdir, model, tokenizer, log=print, states_from: Workdir | None = None
+            ) -> dict[str, pd.DataFrame]:
+    """Build the sample store once: samples, their embeddings and (trunk_layers > 0) their trunk
+    states, one prompt at a time; later runs reuse it as it is now, i.e. with every forgotten sample
+    already gone. States already stored (an interrupted run, or `states_from`, a store of the same
+    model whose files are linked) are not computed again."""
     if all(workdir.split(name).exists() for name in SPLITS):
         return load_splits(workdir)
-    inter, _ = load_interactions_and_items(config.data)
-    splits = split_by_time(build_samples(inter, _, config.data), config.data, config.seed)
+    inter, items = load_interactions_and_items(config.data)
+    splits = split_by_time(build_samples(inter, items, config.data), config.data, config.seed)
+    trunk = config.model.trunk_layers > 0
+    dtype = STATE_DTYPES[config.model.trunk_dtype]
     for name, frame in splits.items():
-        log(f"embedding {len(frame)} {name} samples with the frozen model")
-        vectors = embed(model, tokenizer, frame["prompt"].tolist(), config.model.max_length, config.model.embedding_layers)
-        frame["embedding"] = list(vectors.astype(np.float32))
+        if trunk and states_from is not None:
+            workdir.trunk.link_from(states_from.trunk, [s for s in frame["sample_id"] if states_from.trunk.has(s)])
+        todo = [i for i, s in enumerate(frame["sample_id"]) if not (trunk and workdir.trunk.has(s))]
+        log(f"{name}: {len(frame)} samples, {len(todo)} to run through the frozen trunk "
+            f"({config.model.trunk_layers or config.model.embedding_depth or 'all'} layers)")
+        embeddings: dict[int, np.ndarray] = {}
+        started = time.time()
+        for done, i in enumerate(todo, 1):
+            row = frame.iloc[i]
+            out = trunk_pass(model, tokenize(tokenizer, [row["prompt"]], config.model.max_length), config.model)
+            if trunk:
+                workdir.trunk.write(row, out.states[0].to(dtype), out.embedding[0])
+            else:
+                embeddings[i] = out.embedding[0].numpy()
+            if done % 200 == 0 or done == len(todo):
+                rate = done / (time.time() - started)
+                log(f"  {name}: {done}/{len(todo)} prompts, {1000 / rate:.0f} ms each, {(len(todo) - done) / rate:.0f}s left")
+        if trunk:
+            embeddings = dict(enumerate(t.numpy() for t in workdir.trunk.read(frame["sample_id"], "embedding")))
+        frame["embedding"] = [embeddings[i].astype(np.float32) for i in range(len(frame))]
         write_parquet(frame, workdir.split(name))
     return splits
 
 
+def copy_store(source: Workdir, target: Workdir) -> None:
+    """The source's sample store as it is now (forgotten samples are gone): split files copied,
+    trunk states linked."""
+    for name in SPLITS:
+        target.split(name).parent.mkdir(parents=True, exist_ok=True)
+        frame = read_parquet(source.split(name))
+        target.trunk.link_from(source.trunk, [s for s in frame["sample_id"] if source.trunk.has(s)])
+        write_parquet(frame, target.split(name))
+
+
 def remove_samples(workdir: Workdir, users: set[str], interactions: set[str]) -> dict[str, list[str]]:
-    """Delete every sample of `users` or containing one of `interactions` from the store and the
-    shard files (atomic rewrites). Returns the removed sample ids per split / shard file."""
+    """Delete every sample of `users` or containing one of `interactions` from the store, the
+    shard files (atomic rewrites) and the trunk states. Returns the removed sample ids per split /
+    shard file."""
     removed: dict[str, list[str]] = {}
     files = {name: workdir.split(name) for name in SPLITS}
     files.update({f"shard-{k}": workdir.shard_samples(k) for k in range(workdir.num_shards())})
-    for label, path in files.items():
-        if not path.exists():
-            continue
-        frame = read_parquet(path)
-        hit = samples_touching(frame, users, interactions)
+    frames = {label: read_parquet(path) for label, path in files.items() if path.exists()}
+    hits = {label: samples_touching(frame, users, interactions) for label, frame in frames.items()}
+    for label, hit in hits.items():
         if hit.any():
-            removed[label] = frame.loc[hit, "sample_id"].tolist()
-            write_parquet(frame.loc[~hit].reset_index(drop=True), path)
+            removed[label] = frames[label].loc[hit, "sample_id"].tolist()
+    # States first: a crash before the rewrites leaves the samples listed, so a rerun finds them again.
+    workdir.trunk.remove({s for ids in removed.values() for s in ids})
+    for label in removed:
+        write_parquet(frames[label].loc[~hits[label]].reset_index(drop=True), files[label])
     return removed
 
 
@@ -122,7 +248,7 @@ def fit_partitioner(config: Config, workdir: Workdir, model, tokenizer) -> Parti
     if config.partition.method in ("semantic", "adaptive"):
         _, items = load_interactions_and_items(config.data)
         prompts = reference_prompts(items, config.partition.reference_size, config.data.history_len, config.seed)
-        reference = embed(model, tokenizer, prompts, config.model.max_length, config.model.embedding_layers)
+        reference = embed(model, tokenizer, prompts, config.model)
     partitioner = Partitioner.fit(config.partition, config.seed, reference)
     workdir.partitioner.parent.mkdir(parents=True, exist_ok=True)
     partitioner.save(workdir.partitioner)

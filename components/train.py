@@ -22,12 +22,13 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 import torch
-from peft import LoraConfig, PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
+from peft import LoraConfig, TaskType, get_peft_model
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from torch import nn
 
 from components.config import Config
 from components.data import stable_hash
-from components.model import answer_logits, answer_token_ids, load_base_model, score, tokenize
+from components.model import answer_token_ids, decoder_of, head_logits, p_yes, pad_states
 
 ADAPTER_FILE = "adapter.pt"
 
@@ -49,25 +50,66 @@ def tensors_sha256(state: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def peft_config(config: Config):
-    a = config.adapter
-    if a.kind == "lora":
-        return LoraConfig(
-            task_type=TaskType.CAUSAL_LM, r=a.r, lora_alpha=a.alpha, lora_dropout=a.dropout,
-            target_modules=list(a.target_modules), bias="none",
-        )
-    return PromptTuningConfig(
-        task_type=TaskType.CAUSAL_LM, num_virtual_tokens=a.num_virtual_tokens, prompt_tuning_init=PromptTuningInit.RANDOM
-    )
+def lora_config(config: Config) -> LoraConfig:
+    """TALLRec's LoRA, in the head's layers only: the trunk below them is shared and frozen."""
+    a, trunk = config.adapter, config.model.trunk_layers
+    head = list(range(trunk, trunk + 10_000)) if trunk else None  # indices past the last layer match nothing
+    return LoraConfig(task_type=TaskType.CAUSAL_LM, r=a.r, lora_alpha=a.alpha, lora_dropout=a.dropout,
+                      target_modules=list(a.target_modules), bias="none", layers_to_transform=head)
 
 
-def new_adapter_model(config: Config, shard: int, tokenizer, base=None):
-    """Base model + a freshly initialised adapter; the init is fixed by the shard's seed."""
-    base = base if base is not None else load_base_model(config.model, config.seed, tokenizer)
-    if config.train.gradient_checkpointing:
-        base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    torch.manual_seed(shard_seed(config.seed, shard))
-    return get_peft_model(base, peft_config(config))
+class AdaptedHead(nn.Module):
+    """The frozen base model with one shard's adapter, run over trunk states: LoRA in the head's
+    layers (peft), or LMEraser's soft prompt prepended at the trunk boundary. The adapter's
+    initial values are fixed by the shard's seed."""
+
+    def __init__(self, config: Config, shard: int, base: nn.Module):
+        super().__init__()
+        self.trunk_layers = config.model.trunk_layers
+        if config.train.gradient_checkpointing:
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        torch.manual_seed(shard_seed(config.seed, shard))
+        if config.adapter.kind == "lora":
+            self.model, self.prompt = get_peft_model(base, lora_config(config)), None
+        else:
+            self.model = base
+            # Scaled like the model's own token embeddings (public: the base model), not like user data.
+            scale = decoder_of(base).embed_tokens.weight.std().item()
+            self.prompt = nn.Parameter(torch.randn(config.adapter.num_virtual_tokens, base.config.hidden_size) * scale)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def logits(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        prompt = None if self.prompt is None else self.prompt.unsqueeze(0).expand(len(states), -1, -1)
+        return head_logits(self.model, states, mask, self.trunk_layers, prompt)
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        """The adapter's tensors, under the names the mixture (components.aggregate) reads."""
+        if self.prompt is not None:
+            return {"prompt_embeddings": self.prompt.detach().cpu().clone()}
+        return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(self.model).items()}
+
+    def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
+        if self.prompt is not None:
+            with torch.no_grad():
+                self.prompt.copy_(state["prompt_embeddings"])
+        else:
+            set_peft_model_state_dict(self.model, state)
+
+    def trainable(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+
+def answer_loss(logits: torch.Tensor, labels: list[int], yes_id: int, no_id: int, kind: str) -> torch.Tensor:
+    """TALLRec's loss on the answer token over the whole vocabulary, or a two-way loss over the
+    " Yes" / " No" logits alone (the score only ever compares those two)."""
+    if kind == "two-way":
+        targets = torch.tensor([0 if label else 1 for label in labels], device=logits.device)
+        return nn.functional.cross_entropy(logits[:, [yes_id, no_id]], targets)
+    targets = torch.tensor([yes_id if label else no_id for label in labels], device=logits.device)
+    return nn.functional.cross_entropy(logits, targets)
 
 
 def save_atomic(obj, path: Path) -> None:
@@ -135,10 +177,13 @@ def train_shard(
     samples: pd.DataFrame,
     valid: pd.DataFrame,
     checkpoint_dir: Path,
+    base: nn.Module,
     tokenizer,
+    states_of: Callable[[pd.DataFrame], list[torch.Tensor]],
     progress: Callable[[dict], None] | None = None,
 ) -> ShardResult:
-    """Train (or resume) one shard. `samples` carries sample_id, prompt, label and slice."""
+    """Train (or resume) one shard's adapter on `base` (frozen; the trunk may be dropped).
+    `samples` carries sample_id, label and slice; `states_of(rows)` gives the rows' trunk states."""
     started = time.time()
     samples = samples.sort_values("sample_id").reset_index(drop=True)
     num_slices = config.partition.num_slices
@@ -147,16 +192,15 @@ def train_shard(
     by_id = samples.set_index("sample_id")
     yes_id, no_id = answer_token_ids(tokenizer)
 
-    model = new_adapter_model(config, shard, tokenizer)
+    model = AdaptedHead(config, shard, base)
     if config.train.gpus_per_actor > 0 and torch.cuda.is_available():
         model.to("cuda")  # the actor was given (a fraction of) a GPU
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=config.train.learning_rate, weight_decay=config.train.weight_decay)
+    optimizer = torch.optim.AdamW(model.trainable(), lr=config.train.learning_rate, weight_decay=config.train.weight_decay)
     losses: list[float] = []
     resume = last_clean_stage(checkpoint_dir, slices, config)
     if resume >= 0:
         state = torch.load(checkpoint_path(checkpoint_dir, resume), map_location="cpu", weights_only=False)
-        set_peft_model_state_dict(model, state["adapter"])
+        model.load_adapter_state(state["adapter"])
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])  # dropout continues as if never interrupted
         if state.get("cuda_rng") is not None and torch.cuda.is_available():
@@ -173,10 +217,9 @@ def train_shard(
         for epoch in range(config.train.epochs):
             order = torch.randperm(len(stage_ids), generator=torch.Generator().manual_seed(stable_hash(seed, stage, epoch) % 2**63))
             for start in range(0, len(stage_ids), config.train.batch_size):
-                rows = by_id.loc[[stage_ids[i] for i in order[start : start + config.train.batch_size].tolist()]]
-                batch = tokenize(tokenizer, rows["prompt"].tolist(), config.model.max_length)
-                targets = torch.tensor([yes_id if label else no_id for label in rows["label"]], device=model.device)
-                loss = torch.nn.functional.cross_entropy(answer_logits(model, batch), targets)
+                rows = by_id.loc[[stage_ids[i] for i in order[start : start + config.train.batch_size].tolist()]].reset_index()
+                logits = model.logits(*pad_states(states_of(rows)))
+                loss = answer_loss(logits, rows["label"].tolist(), yes_id, no_id, config.train.loss)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -185,7 +228,7 @@ def train_shard(
                     progress({"shard": shard, "stage": stage, "epoch": epoch, "step": len(losses), "loss": losses[-1]})
         save_atomic(
             {
-                "adapter": get_peft_model_state_dict(model),
+                "adapter": model.adapter_state(),
                 "optimizer": optimizer.state_dict(),
                 "rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state() if model.device.type == "cuda" else None,
@@ -198,8 +241,10 @@ def train_shard(
             progress({"shard": shard, "stage": stage, "checkpoint": True, "step": len(losses)})
 
     model.eval()
-    adapter = {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(model).items()}
-    valid_predictions = score(model, tokenizer, valid["prompt"].tolist(), config.model.max_length)
+    adapter = model.adapter_state()
+    with torch.no_grad():  # one sample at a time: a cached prediction never depends on other samples
+        valid_predictions = np.array([float(p_yes(model.logits(*pad_states([s])), yes_id, no_id)[0])
+                                      for s in states_of(valid)], dtype=np.float32)
     return ShardResult(
         shard=shard,
         adapter=adapter,

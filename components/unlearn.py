@@ -200,6 +200,12 @@ def scan_workdir(workdir: Workdir, config, users: set[str], interactions: set[st
         checkpoints = sorted(workdir.checkpoints(shard).glob("slice-*.pt"))
         if len(checkpoints) > last_clean_stage(workdir.checkpoints(shard), slices, config) + 1:
             findings.append(f"checkpoints: shard {shard} keeps a checkpoint trained on other data")
+    stored = {s for path in files if path.exists() for s in read_parquet(path)["sample_id"]}
+    for path, header in workdir.trunk.headers():
+        if header["user_id"] in users or not interactions.isdisjoint(header["interactions"]):
+            findings.append(f"trunk states: {path.relative_to(workdir.root)} holds a sample of the subject")
+        elif header["sample_id"] not in stored:
+            findings.append(f"trunk states: {path.relative_to(workdir.root)} belongs to no stored sample")
     aggregator = workdir.path("aggregator")
     if (aggregator / "state.pt").exists():
         state = AggregatorState.load(aggregator)

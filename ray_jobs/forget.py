@@ -16,15 +16,16 @@ import time
 import uuid
 from pathlib import Path
 
-from components.aggregate import AggregatorState, load_mixture, predict
-from components.config import Config
 import torch
 
+from components.aggregate import AggregatorState, load_mixture, predict, stored_inputs
+from components.baselines import baseline_config
+from components.config import Config
 from components.data import SPLITS, read_parquet, samples_touching
-from components.model import load_tokenizer
+from components.model import load_base_model, load_tokenizer
 from components.partition import Partitioner
 from components.registry import Registry
-from components.store import Workdir, load_splits, remove_samples, write_json
+from components.store import Workdir, copy_store, load_splits, remove_samples, sample_states, write_json
 from components.train import ADAPTER_FILE, checkpoint_path
 from components.unlearn import (
     RequestError,
@@ -179,7 +180,6 @@ def run_round(config: Config, workdir: Workdir, round_: dict, verify: bool) -> l
 def forward_to_baselines(config: Config, workdir: Workdir, users: set[str], interactions: set[str], round_id: str) -> dict:
     """Baselines built by the evaluation (DIR/baselines/<name>) were trained on a copy of this
     store: the subject is forgotten there too, each by its own forget round and audit."""
-    from ray_jobs.evaluate import baseline_config  # the derived configs live with the evaluation
 
     forwarded = {}
     for folder in sorted(p for p in workdir.path("baselines").glob("*") if p.is_dir()):
@@ -213,20 +213,21 @@ def verify_from_scratch(config: Config, workdir: Workdir, registry: Registry, ro
     started = time.time()
     reference_dir = Workdir(workdir.path("verify", round_id))
     shutil.rmtree(reference_dir.root, ignore_errors=True)
-    for name in load_splits(workdir):
-        reference_dir.split(name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(workdir.split(name), reference_dir.split(name))
+    copy_store(workdir, reference_dir)  # per-sample data (embeddings, trunk states) as stored
     reference_config = config.model_copy(update={"experiment": f"{config.experiment}-verify"})
     train_from_scratch(reference_config, reference_dir)
-    result = compare_live(config, registry, Registry(reference_config.experiment, reference_dir.root),
-                          load_splits(workdir)["test"]["prompt"].tolist())
+    result = compare_live(config, workdir, registry, Registry(reference_config.experiment, reference_dir.root))
     shutil.rmtree(reference_dir.root, ignore_errors=True)
     return {**result, "seconds": round(time.time() - started, 2)}
 
 
-def compare_live(config: Config, ours: Registry, theirs: Registry, test_prompts: list[str]) -> dict:
-    """Bit-for-bit comparison of two live adapter sets: adapters, aggregator state, predictions."""
+def compare_live(config: Config, workdir: Workdir, ours: Registry, theirs: Registry) -> dict:
+    """Bit-for-bit comparison of two live adapter sets: adapters, aggregator state, and their
+    predictions of the test samples stored in `workdir`."""
     tokenizer = load_tokenizer()
+    test = load_splits(workdir)["test"]
+    base = load_base_model(config.model, config.seed, tokenizer, head_only=True)
+    test_states = sample_states(config, workdir, test, base, tokenizer)
     with tempfile.TemporaryDirectory() as tmp:
         sets = [ours.load_adapter_set(Path(tmp) / "a"), theirs.load_adapter_set(Path(tmp) / "b")]
         files = [{k: Path(v["local"]) / ADAPTER_FILE for k, v in s.shards.items()} for s in sets]
@@ -240,14 +241,15 @@ def compare_live(config: Config, ours: Registry, theirs: Registry, test_prompts:
         predictions = []
         for adapter_set, state, adapter_files in zip(sets, states, files):
             partitioner = Partitioner.load(adapter_set.folder / "aggregator" / "partitioner.npz")
-            mixture = load_mixture(config, adapter_files, tokenizer)
-            predictions.append(predict(config, mixture, test_prompts, state, partitioner)[0])
+            mixture = load_mixture(config, adapter_files, tokenizer, base)
+            batches = (stored_inputs(test_states[i : i + 16], test["embedding"].iloc[i : i + 16]) for i in range(0, len(test), 16))
+            predictions.append(predict(config, mixture, batches, state, partitioner)[0])
     state_diffs = compare_states(*states)
     identical_predictions = bool(len(predictions[0]) == len(predictions[1]) and (predictions[0] == predictions[1]).all())
     return {
         "identical": not adapter_diffs and not state_diffs and identical_predictions,
         "adapter_differences": adapter_diffs, "aggregator_differences": state_diffs,
-        "identical_test_predictions": identical_predictions, "test_samples": len(test_prompts),
+        "identical_test_predictions": identical_predictions, "test_samples": len(test),
     }
 
 

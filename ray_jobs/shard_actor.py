@@ -10,8 +10,8 @@ import ray
 
 from components.config import Config
 from components.data import read_parquet
-from components.model import load_tokenizer, make_deterministic
-from components.store import Workdir
+from components.model import load_base_model, load_tokenizer, make_deterministic
+from components.store import Workdir, sample_states
 from components.train import save_shard_result, train_shard
 
 
@@ -37,8 +37,11 @@ class ShardTrainer:
         started_at = time.time()
         samples = read_parquet(self.workdir.shard_samples(self.shard))
         valid = read_parquet(self.workdir.split("valid"))
-        result = train_shard(self.config, self.shard, samples, valid, self.workdir.checkpoints(self.shard),
-                             self.tokenizer, progress=self._progress)
+        # Only the head runs here: its layers over the samples' stored trunk states.
+        base = load_base_model(self.config.model, self.config.seed, self.tokenizer, head_only=True)
+        result = train_shard(self.config, self.shard, samples, valid, self.workdir.checkpoints(self.shard), base,
+                             self.tokenizer, lambda rows: sample_states(self.config, self.workdir, rows, base, self.tokenizer),
+                             progress=self._progress)
         save_shard_result(result, self.workdir.adapter(self.shard), self.config)
         return {
             "shard": self.shard, "valid_predictions": result.valid_predictions, "samples": result.samples,

@@ -15,6 +15,7 @@ import ray
 import torch
 
 from components.aggregate import AggregatorState
+from components.baselines import baseline_config
 from components.config import ALLOCATOR_ENV, Config
 from components.data import read_parquet
 from components.metrics import auc, bar_figure, close, loss_curve_figure
@@ -123,13 +124,15 @@ def publish_adapter_set(config: Config, workdir: Workdir, registry: Registry, st
     return version
 
 
-def run(config: Config, workdir: Workdir, exclude_users=(), exclude_interactions=()) -> dict:
+def run(config: Config, workdir: Workdir, exclude_users=(), exclude_interactions=(), states_from: Workdir | None = None) -> dict:
+    """Prepare the store (once), partition, train every shard, register, publish. `states_from`:
+    a work dir of the same model whose stored trunk states are linked instead of computed."""
     started = time.time()
     connect_ray()
     make_deterministic(max(1, int(config.train.cpus_per_actor)))
     tokenizer = load_tokenizer()
     model = load_base_model(config.model, config.seed, tokenizer)
-    prepare(config, workdir, model, tokenizer)
+    prepare(config, workdir, model, tokenizer, states_from=states_from)
     if exclude_users or exclude_interactions:
         removed = remove_samples(workdir, set(exclude_users), set(exclude_interactions))
         print(f"excluded {sum(map(len, removed.values()))} sample(s) of the given users/interactions", flush=True)
@@ -164,14 +167,6 @@ def run(config: Config, workdir: Workdir, exclude_users=(), exclude_interactions
     return report
 
 
-def retrain_baseline_config(config: Config) -> Config:
-    """The `retrain` baseline: one adapter on all the training data, same everything else."""
-    return config.model_copy(update={
-        "experiment": f"{config.experiment}-retrain",
-        "partition": config.partition.model_copy(update={"method": "random", "num_shards": 1}),
-    })
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = job_parser("ray_jobs.train", "Train one adapter per shard in parallel Ray actors and register them in MLflow.")
     parser.add_argument("--exclude-users", help="comma-separated user ids to train as if they never existed")
@@ -187,8 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     report = run(config, workdir, id_list(args.exclude_users), id_list(args.exclude_interactions))
     print(json.dumps({k: v for k, v in report.items() if k != "shards"}))
     if args.baseline == "retrain":
-        baseline = run(retrain_baseline_config(config), Workdir(workdir.path("baselines", "retrain")),
-                       id_list(args.exclude_users), id_list(args.exclude_interactions))
+        baseline = run(baseline_config(config, "retrain"), Workdir(workdir.path("baselines", "retrain")),
+                       id_list(args.exclude_users), id_list(args.exclude_interactions), states_from=workdir)
         print(f"retrain baseline: {baseline['seconds']}s (sharded: {report['seconds']}s)")
     print(f"report: {workdir.path('reports', 'train.json')}")
     return 0

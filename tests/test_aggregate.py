@@ -26,9 +26,9 @@ from components.aggregate import (
 )
 from components.config import load_config
 from components.data import build_prompt
-from components.model import answer_logits, load_base_model, load_tokenizer, p_yes
+from components.model import head_logits, load_base_model, load_tokenizer, p_yes, pad_states, positions, tokenize, trunk_pass
 from components.partition import Partitioner
-from components.train import peft_config
+from components.train import lora_config
 
 from .conftest import TINY
 
@@ -100,12 +100,13 @@ def test_without_weights_the_layer_is_the_frozen_base():
 # --- the mixture model against peft ----------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    config = load_config(TINY)
+@pytest.fixture(scope="module", params=[1, 0], ids=["trunk-1", "trunk-0"])
+def tiny(request):
+    """The tiny model with a frozen trunk of 1 layer (LoRA in the other) and without a trunk."""
+    config = load_config(TINY, model={"trunk_layers": request.param})
     tokenizer = load_tokenizer()
     base = load_base_model(config.model, config.seed, tokenizer)
-    peft_model = get_peft_model(copy.deepcopy(base), peft_config(config))
+    peft_model = get_peft_model(copy.deepcopy(base), lora_config(config))
     peft_model.eval()  # no dropout
     adapters = []
     for k in range(K):  # trained-looking adapters: LoRA's init has B = 0, so randomize A and B
@@ -113,19 +114,21 @@ def tiny():
         state = {name: torch.randn(t.shape, generator=g) * 0.05 for name, t in get_peft_model_state_dict(peft_model).items()}
         adapters.append(state)
     mixture = MixtureModel(copy.deepcopy(base), tokenizer, dict(enumerate(adapters)),
-                           config.adapter.alpha / config.adapter.r, config.model.max_length)
+                           config.adapter.alpha / config.adapter.r, config.model)
     prompts = [
         build_prompt(["Toy Story (1995)", "Heat (1995)"], ["Jumanji (1995)"], "GoldenEye (1995)"),
         build_prompt([], ["Casino (1995)"], "Babe (1995)"),
         build_prompt(["Fargo (1996)"] * 5, [], "Star Wars (1977)"),
     ]
-    return config, tokenizer, peft_model, adapters, mixture, mixture.batch(prompts)
+    return config, tokenizer, peft_model, adapters, mixture, mixture.encode(prompts)
 
 
 def _peft_logits(peft_model, adapter, batch):
+    """The adapter applied by peft itself, over the same trunk states."""
     set_peft_model_state_dict(peft_model, adapter)
+    trunk = peft_model.peft_config["default"].layers_to_transform
     with torch.no_grad():
-        return answer_logits(peft_model, batch)
+        return head_logits(peft_model, batch.states, batch.mask, trunk[0] if trunk else 0)
 
 
 def _one_hot(rows, k):
@@ -134,26 +137,36 @@ def _one_hot(rows, k):
     return w
 
 
+def test_lora_lives_in_the_head_only(tiny):
+    config, tokenizer, peft_model, adapters, mixture, batch = tiny
+    trunk = config.model.trunk_layers
+    layers = {int(name.split(".layers.")[1].split(".")[0]) for name in adapters[0]}
+    assert layers == set(range(trunk, config.model.tiny_layers))
+    assert len(mixture.layers) == 2 * len(layers)  # q_proj and v_proj of every head layer
+
+
 def test_a_one_hot_mixture_is_that_adapter_applied_by_peft(tiny):
     config, tokenizer, peft_model, adapters, mixture, batch = tiny
-    rows = len(batch["input_ids"])
+    rows = len(batch)
+    trunk = config.model.trunk_layers
     for k in range(K):
         expected = _peft_logits(peft_model, adapters[k], batch)
         with torch.no_grad(), mixture.mixing(_one_hot(rows, k)):
-            got = answer_logits(mixture.model, batch)
+            got = head_logits(mixture.model, batch.states, batch.mask, trunk)
         # Not bit-identical: peft computes B_k (A_k x) with two rank-r GEMMs, the mixture one
         # rank-(K r) GEMM pair over all adapters (zero weights for the others), so the kernels sum
         # the same terms in another order. The difference is float32 rounding: at most 2.4e-7 on
         # logits of magnitude ~1.2 here (1-2 ulp), so 1e-5 leaves a wide margin.
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-        assert not torch.equal(got, answer_logits(mixture.model, batch))  # the adapter does change the logits
+        with torch.no_grad():
+            assert not torch.equal(got, head_logits(mixture.model, batch.states, batch.mask, trunk))  # the adapter changes them
         torch.testing.assert_close(mixture.p_yes(batch, _one_hot(rows, k)), p_yes(expected, mixture.yes_id, mixture.no_id),
                                    rtol=0, atol=1e-6)
 
 
 def test_rows_routed_to_different_adapters_share_one_forward(tiny):
     config, tokenizer, peft_model, adapters, mixture, batch = tiny
-    rows = len(batch["input_ids"])
+    rows = len(batch)
     w = torch.zeros(rows, K)
     for row in range(rows):
         w[row, row % K] = 1.0
@@ -175,19 +188,38 @@ def test_sisa_averaging_is_the_mean_of_the_single_adapter_passes(tiny):
 def test_decomposed_mixture_with_one_hot_weights_is_that_adapter(tiny):
     # (sum w_k B_k)(sum w_k A_k) = B_k A_k for a one-hot w: the decomposed form agrees there.
     config, tokenizer, peft_model, adapters, mixture, batch = tiny
-    rows = len(batch["input_ids"])
+    rows = len(batch)
     for k in range(K):
         torch.testing.assert_close(mixture.p_yes(batch, _one_hot(rows, k), decomposed=True),
                                    mixture.p_yes(batch, _one_hot(rows, k)), rtol=0, atol=1e-6)
 
 
-def test_embedding_is_the_frozen_model_whatever_the_adapters(tiny):
+def test_the_trunk_pass_is_the_frozen_model_whatever_the_adapters(tiny):
     config, tokenizer, peft_model, adapters, mixture, batch = tiny
     base = load_base_model(config.model, config.seed, tokenizer)
-    from components.model import embed_batch
+    prompts = [build_prompt(["Heat (1995)"], [], "Babe (1995)")]
+    plain = trunk_pass(base, tokenize(tokenizer, prompts, config.model.max_length), config.model)
+    served = mixture.encode(prompts)
+    assert torch.equal(served.embedding, plain.embedding) and torch.equal(served.states, plain.states)
 
-    torch.testing.assert_close(mixture.embed(batch, None), embed_batch(base, batch, None), rtol=0, atol=0)
-    torch.testing.assert_close(mixture.embed(batch, 1), embed_batch(base, batch, 1), rtol=0, atol=0)
+
+def test_trunk_then_head_is_the_models_own_forward():
+    """Cut in two (and stored in float32), the model computes what transformers computes whole,
+    with positions from the mask: a left-padded prompt gets the same logits as alone."""
+    config = load_config(TINY, model={"trunk_layers": 1, "trunk_dtype": "float32"})
+    tokenizer = load_tokenizer()
+    base = load_base_model(config.model, config.seed, tokenizer)
+    prompts = [build_prompt(["Heat (1995)"], [], "Babe (1995)"), build_prompt(["Fargo (1996)"] * 3, ["Casino (1995)"], "Heat (1995)")]
+    batch = tokenize(tokenizer, prompts, 512)
+    assert (batch["attention_mask"] == 0).any()  # the shorter prompt is left-padded
+    with torch.no_grad():
+        whole = base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                     position_ids=positions(batch["attention_mask"]), logits_to_keep=1).logits[:, -1]
+        trunk = trunk_pass(base, batch, config.model)
+        split = head_logits(base, trunk.states, trunk.mask, 1)
+        alone = head_logits(base, *pad_states([trunk_pass(base, tokenize(tokenizer, prompts[:1], 512), config.model).states[0]]), 1)
+    torch.testing.assert_close(split, whole, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(split[0], alone[0], rtol=1e-5, atol=1e-5)
 
 
 # --- the weights --------------------------------------------------------------------------------------
@@ -251,7 +283,7 @@ def test_routing_picks_the_nearest_prototype_and_falls_back_when_it_is_masked():
 
 def test_mixture_weights_dispatch_every_method(tiny):
     config, tokenizer, peft_model, adapters, mixture, batch = tiny
-    rows = len(batch["input_ids"])
+    rows = len(batch)
     hidden = mixture.model.config.hidden_size
     state = _state(n=10, d=hidden)
     partitioner = Partitioner("semantic", K, 0, center=np.zeros(hidden), centroids=np.eye(K, hidden))

@@ -8,12 +8,13 @@ import time
 import uuid
 
 import pytest
+from safetensors import safe_open
 
 from components.aggregate import AggregatorState
 from components.data import read_parquet
 from components.registry import Registry
 from components.store import Workdir, load_splits
-from components.unlearn import RequestError, new_request, pending_requests
+from components.unlearn import RequestError, new_request, pending_requests, scan_workdir
 from ray_jobs import forget as forget_job
 from ray_jobs import train as train_job
 
@@ -31,12 +32,30 @@ def shard_of_users(workdir):
 
 def assert_identical_to_scratch(config, workdir, tmp_path, users, interactions):
     scratch = Workdir(tmp_path / f"scratch-{uuid.uuid4().hex[:8]}")  # never reuse a path: MLflow caches stores by URI
-    train_job.run(config, scratch, users, interactions)
-    result = forget_job.compare_live(config, Registry(config.experiment, workdir.root),
-                                     Registry(config.experiment, scratch.root), load_splits(workdir)["test"]["prompt"].tolist())
+    train_job.run(config, scratch, users, interactions)  # every trunk state computed anew
+    result = forget_job.compare_live(config, workdir, Registry(config.experiment, workdir.root),
+                                     Registry(config.experiment, scratch.root))
     assert result["identical"], result
     assert result["test_samples"] == len(load_splits(scratch)["test"]) > 0
+    assert_same_trunk_states(workdir, scratch)
+    assert_no_stored_state_of(workdir, set(users), set(interactions))
     shutil.rmtree(scratch.root)
+
+
+def assert_same_trunk_states(workdir, scratch):
+    ours = {p.relative_to(workdir.trunk.root): p.read_bytes() for p in workdir.trunk.root.glob("*/*.safetensors")}
+    theirs = {p.relative_to(scratch.trunk.root): p.read_bytes() for p in scratch.trunk.root.glob("*/*.safetensors")}
+    assert ours and sorted(ours) == sorted(theirs)
+    assert all(ours[name] == theirs[name] for name in ours)  # bit for bit
+
+
+def assert_no_stored_state_of(workdir, users, interactions):
+    """Nowhere in the work dir (MLflow's artifact store included) a state file of the subject."""
+    for path in workdir.root.rglob("*.safetensors"):
+        with safe_open(path, framework="pt") as f:
+            header = json.loads(f.metadata()["sample"])
+        assert header["user_id"] not in users, path
+        assert interactions.isdisjoint(header["interactions"]), path
 
 
 FORGOTTEN = {"users": [], "interactions": []}  # everything the module's work dir has forgotten so far
@@ -57,10 +76,16 @@ def test_forgetting_equals_training_without_the_data(forgetting, tiny_config, tm
 
     # 1. a user in one shard
     single = sorted(u for u, s in owners.items() if len(s) == 1)[0]
+    kept = {path: path.read_bytes() for path in map(workdir.trunk.path, load_splits(workdir)["train"].query("user_id == @single")["sample_id"])}
     new_request(workdir, [single], [], "one-shard")
     [audit] = forget_job.process(config, workdir)
     assert audit["affected_shards"] == sorted(owners[single]) and audit["scan"]["clean"], audit
     assert registry.masked_shards() == set()
+    assert kept and not any(path.exists() for path in kept)
+    path, data = next(iter(kept.items()))  # a state left behind is what the scan is for
+    path.write_bytes(data)
+    assert any("trunk states" in f for f in scan_workdir(workdir, config, {single}, set()))
+    path.unlink()
     forgotten_users.append(single)
     assert_identical_to_scratch(config, workdir, tmp_path, forgotten_users, forgotten_interactions)
 

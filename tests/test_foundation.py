@@ -99,9 +99,10 @@ def test_config_rejects_unknown_and_ill_typed_keys(tmp_path):
 def test_tiny_model_scores_are_probabilities_and_deterministic():
     tokenizer = load_tokenizer()
     prompts = ['User Preference: "Heat (1995)"\nWhether the user will like the target movie "Fargo (1996)"?\nAnswer:'] * 2
-    first = score(load_base_model(ModelConfig(name="tiny-llama"), 3, tokenizer), tokenizer, prompts, 128)
-    second = score(load_base_model(ModelConfig(name="tiny-llama"), 3, tokenizer), tokenizer, prompts, 128)
-    other_seed = score(load_base_model(ModelConfig(name="tiny-llama"), 4, tokenizer), tokenizer, prompts, 128)
+    config = ModelConfig(name="tiny-llama", max_length=128, trunk_layers=1)
+    first = score(load_base_model(config, 3, tokenizer), tokenizer, prompts, config)
+    second = score(load_base_model(config, 3, tokenizer), tokenizer, prompts, config)
+    other_seed = score(load_base_model(config, 4, tokenizer), tokenizer, prompts, config)
     assert ((first > 0) & (first < 1)).all()
     assert np.array_equal(first, second)
     assert not np.array_equal(first, other_seed)
@@ -113,5 +114,5 @@ def test_converted_smollm2_loads_offline_and_scores_a_real_prompt(samples):
     tokenizer = load_tokenizer()
     model = load_base_model(ModelConfig(), 0)
     assert 130e6 < sum(p.numel() for p in model.parameters()) < 140e6
-    p = score(model, tokenizer, samples["prompt"].head(2).tolist(), 256)
+    p = score(model, tokenizer, samples["prompt"].head(2).tolist(), ModelConfig())
     assert ((p > 0) & (p < 1)).all() and p[0] != p[1]

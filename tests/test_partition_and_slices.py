@@ -1,12 +1,15 @@
 """Issue 3, without Ray: shards and slices are pure functions; resuming equals training through."""
 
+import copy
+
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
 from components.config import DataConfig, PartitionConfig
 from components.data import build_samples, load_interactions_and_items, split_by_time
-from components.model import embed, load_base_model, load_tokenizer, make_deterministic
+from components.model import embed, load_base_model, load_tokenizer, make_deterministic, tokenize, trunk_pass
 from components.partition import Partitioner, reference_prompts, slice_of
 from components.train import checkpoint_path, train_shard
 
@@ -19,11 +22,20 @@ def world(tiny_config):
     inter, items = load_interactions_and_items(DataConfig())
     splits = split_by_time(build_samples(inter, items, tiny_config.data), tiny_config.data, tiny_config.seed)
     prompts = reference_prompts(items, 64, 10, seed=1)
-    reference = embed(model, tokenizer, prompts, tiny_config.model.max_length)
+    reference = embed(model, tokenizer, prompts, tiny_config.model)
     train = splits["train"]
-    train_emb = embed(model, tokenizer, train["prompt"].tolist(), tiny_config.model.max_length)
-    return {"tokenizer": tokenizer, "items": items, "splits": splits, "reference": reference,
-            "train": train, "train_emb": train_emb, "prompts": prompts}
+    train_emb = embed(model, tokenizer, train["prompt"].tolist(), tiny_config.model)
+    samples = pd.concat([train.head(40), splits["valid"]])
+    states = {s: trunk_pass(model, tokenize(tokenizer, [p], tiny_config.model.max_length), tiny_config.model).states[0]
+              for s, p in zip(samples["sample_id"], samples["prompt"])}
+    return {"tokenizer": tokenizer, "items": items, "splits": splits, "reference": reference, "model": model,
+            "train": train, "train_emb": train_emb, "prompts": prompts,
+            "states_of": lambda rows: [states[s] for s in rows["sample_id"]]}
+
+
+def _train(world, config, train, checkpoints):
+    return train_shard(config, 0, train, world["splits"]["valid"], checkpoints, copy.deepcopy(world["model"]),
+                       world["tokenizer"], world["states_of"])
 
 
 def test_reference_set_is_catalogue_only_and_seeded(world):
@@ -68,26 +80,27 @@ def test_small_adaptive_clusters_merge_into_neighbours(world):
     assert sizes.sum() == 64
 
 
-def test_resuming_from_a_slice_checkpoint_equals_training_straight_through(world, tiny_config, tmp_path):
+@pytest.mark.parametrize("kind", ["lora", "prompt"])
+def test_resuming_from_a_slice_checkpoint_equals_training_straight_through(world, tiny_config, tmp_path, kind):
+    config = tiny_config.model_copy(update={"adapter": tiny_config.adapter.model_copy(update={"kind": kind})})
     train = world["train"].head(40).assign(slice=lambda f: slice_of(f["sample_id"], 4, 7))
-    valid = world["splits"]["valid"]
-    through = train_shard(tiny_config, 0, train, valid, tmp_path / "a", world["tokenizer"])
+    through = _train(world, config, train, tmp_path / "a")
     assert through.restarted_from == 0 and len(list((tmp_path / "a").glob("slice-*.pt"))) == 4
     for stage in (2, 3):
         checkpoint_path(tmp_path / "a", stage).unlink()
-    resumed = train_shard(tiny_config, 0, train, valid, tmp_path / "a", world["tokenizer"])
+    resumed = _train(world, config, train, tmp_path / "a")
     assert resumed.restarted_from == 2
     assert all(torch.equal(through.adapter[k], resumed.adapter[k]) for k in through.adapter)
     assert np.array_equal(through.valid_predictions, resumed.valid_predictions)
     assert through.losses == resumed.losses
+    assert through.losses[0] != through.losses[-1]  # it trained
 
 
 def test_a_changed_slice_invalidates_its_checkpoint_and_later_ones(world, tiny_config, tmp_path):
     train = world["train"].head(40).assign(slice=lambda f: slice_of(f["sample_id"], 4, 7))
-    valid = world["splits"]["valid"]
-    train_shard(tiny_config, 0, train, valid, tmp_path, world["tokenizer"])
+    _train(world, tiny_config, train, tmp_path)
     victim = train[train["slice"] == 2].index[0]
-    after = train_shard(tiny_config, 0, train.drop(index=victim), valid, tmp_path, world["tokenizer"])
+    after = _train(world, tiny_config, train.drop(index=victim), tmp_path)
     assert after.restarted_from == 2
-    scratch = train_shard(tiny_config, 0, train.drop(index=victim), valid, tmp_path / "scratch", world["tokenizer"])
+    scratch = _train(world, tiny_config, train.drop(index=victim), tmp_path / "scratch")
     assert all(torch.equal(after.adapter[k], scratch.adapter[k]) for k in after.adapter)
