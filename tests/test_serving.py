@@ -20,10 +20,10 @@ import numpy as np
 import pytest
 import yaml
 
-from components.aggregate import AggregatorState, candidate_prompts, history_split, load_mixture, predict
+from components.aggregate import AggregatorState, candidate_prompts, history_split, load_mixture, predict, stored_inputs
 from components.config import ConfigError, load_config
 from components.data import load_interactions_and_items, read_parquet
-from components.model import load_tokenizer
+from components.model import load_base_model, load_tokenizer, tokenize
 from components.partition import Partitioner
 from components.registry import Registry
 from components.store import Workdir
@@ -122,7 +122,7 @@ def direct(config, workdir: Workdir, body: dict, tmp_path: Path, version: str | 
     mixture = load_mixture(config, {k: Path(v["local"]) / ADAPTER_FILE for k, v in adapter_set.shards.items()}, load_tokenizer())
     state = AggregatorState.load(adapter_set.folder / "aggregator")
     partitioner = Partitioner.load(adapter_set.folder / "aggregator" / "partitioner.npz")
-    scores, weights = predict(config, mixture, prompts, state, partitioner, set(masked), batch_size=len(prompts))
+    scores, weights = predict(config, mixture, [mixture.encode(prompts)], state, partitioner, set(masked))
     return adapter_set.version, scores, weights
 
 
@@ -144,6 +144,45 @@ def test_predictions_over_http_equal_the_mixture_computed_directly(served, tmp_p
     np.testing.assert_allclose(w, weights, rtol=0, atol=1e-5)
     np.testing.assert_allclose(w.sum(1), 1, atol=1e-6)
     np.testing.assert_allclose([got["weights"][str(k)] for k in range(4)], w.mean(0), atol=1e-6)
+
+
+def test_a_served_p_yes_is_the_evaluations_for_the_same_prompt(served, tmp_path):
+    """The server runs the trunk per request; the evaluation reads the sample's stored trunk state
+    and runs only the head. For the same prompt alone the two agree bit for bit; beside batch-mates
+    of other lengths (left padding), within float32 rounding."""
+    from ray_jobs import evaluate
+
+    config, workdir = served.config, served.workdir
+    report = evaluate.run(config, workdir, ["apa"], "none")
+    evaluated = np.load(workdir.path(report["methods"]["apa"]["predictions"]))  # at the evaluation's batch size
+    test = read_parquet(workdir.split("test"))
+    tokenizer = load_tokenizer()
+    adapter_set = Registry(config.experiment, workdir.root).load_adapter_set(tmp_path / "set")
+    base = load_base_model(config.model, config.seed, tokenizer, head_only=True)
+    mixture = load_mixture(config, {k: Path(v["local"]) / ADAPTER_FILE for k, v in adapter_set.shards.items()}, tokenizer, base)
+    state = AggregatorState.load(adapter_set.folder / "aggregator")
+    ratings = {f"{u}:{i}": r for u, i, r in load_interactions_and_items(config.data)[0][["user_id", "item_id", "rating"]].itertuples(index=False)}
+    titles = {str(i): t for i, t in catalogue(config).items()}
+    longest = max(titles, key=lambda i: len(tokenizer.encode(titles[i])))
+    shortest = min(titles, key=lambda i: len(tokenizer.encode(titles[i])))
+    for row in (0, len(test) // 2):
+        sample = test.iloc[row]
+        stored = stored_inputs(workdir.trunk.read([sample["sample_id"]]), [sample["embedding"]])
+        expected = predict(config, mixture, [stored], state, None)[0][0]  # the evaluation's path, alone
+        *history, target = sample["interactions"]
+        body = {"history": [{"item_id": h.split(":")[1], "rating": float(ratings[h])} for h in history],
+                "candidates": [target.split(":")[1]]}
+        liked, disliked = history_split([(h["item_id"], h["rating"]) for h in body["history"]], titles,
+                                        config.data.like_threshold, config.data.history_len)
+        assert candidate_prompts(liked, disliked, body["candidates"], titles) == [sample["prompt"]]  # the same prompt
+        alone = served.predict(body)["predictions"][0]["p_yes"]
+        assert np.float32(alone) == expected  # bit for bit
+        body["candidates"] += [longest, shortest]  # a longer and a shorter prompt in the same batch
+        lengths = tokenize(tokenizer, candidate_prompts(liked, disliked, body["candidates"], titles),
+                           config.model.max_length)["attention_mask"].sum(1)
+        assert lengths[1] > lengths[0] > lengths[2]  # the sample's row is left-padded, and pads another
+        mixed = served.predict(body)["predictions"][0]["p_yes"]
+        assert abs(mixed - float(expected)) < 1e-5 and abs(float(evaluated[row]) - float(expected)) < 1e-5
 
 
 def test_the_titles_form_is_the_same_prompt_as_the_history_form(served):
