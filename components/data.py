@@ -141,6 +141,9 @@ def build_samples(inter: pd.DataFrame, items: pd.DataFrame, config: DataConfig) 
                     "timestamp": int(stamps[i]),
                     "interactions": [interaction_id(user_id, item_ids[j]) for j in hist] + [interaction_id(user_id, item_ids[i])],
                     "prompt": build_prompt(liked, disliked, titles[item_ids[i]]),
+                    # Counts kept beside the prompt so a no-model floor scores without parsing text.
+                    "n_liked": len(liked),
+                    "n_history": len(liked) + len(disliked),
                     "label": int(ratings[i] > config.like_threshold),
                 }
             )

@@ -13,6 +13,12 @@ Methods, all scored on the test split of DIR:
     uniform         the same adapters, uniform parameter averaging
     lmeraser        adaptive clusters, prompt tuning, routing          DIR/baselines/lmeraser
     shard-<k>       APA shard k alone ("shards": every shard)
+Always, with no model (components.floors), the floors every method must beat:
+    floor-history   the share of liked titles in the sample's history
+    floor-item      the item's mean label over DIR's current training split (forgotten labels gone)
+    floor-sum       floor-history + floor-item
+Every AUC gets a 95% percentile bootstrap interval over the test samples (seeded by the config's
+seed), and APA - retrain, APA - SISA and retrain - each floor a paired one (the same resamples).
 A baseline is a derived config with its own experiment name (`<experiment>-<name>`), trained into
 its folder on a copy of DIR's *current* sample store, so it never sees what DIR has forgotten (a
 baseline that still holds samples DIR has since forgotten forgets them first); it is reused when
@@ -50,7 +56,8 @@ import torch
 from components.aggregate import AggregatorState, load_mixture, predict
 from components.config import Config
 from components.data import SPLITS, read_parquet, stable_hash
-from components.metrics import auc, bar_figure, close, grouped_bar_figure
+from components.floors import FloorError, history_floor, item_floor
+from components.metrics import auc, auc_interval, bar_figure, close, grouped_bar_figure, paired_difference_interval
 from components.model import load_base_model, load_tokenizer
 from components.partition import Partitioner
 from components.registry import Registry
@@ -69,6 +76,9 @@ BASELINE_AGGREGATE = {"retrain": "uniform", "sisa": "average", "user": "average"
 FORGET_COST_MODES = ("measure", "existing", "none")
 FORGET_COST_REQUEST = "eval-forget-cost"  # the request id of a measuring forget in a baseline
 PREDICT_BATCH = 16
+FLOORS = ("floor-history", "floor-item", "floor-sum")
+BOOTSTRAP_RESAMPLES = 1000
+PAIRS = (("apa", "retrain"), ("apa", "sisa"), ("retrain", "floor-history"), ("retrain", "floor-item"))
 SHARD_METHOD = re.compile(r"shard-(\d+)")
 
 
@@ -401,12 +411,15 @@ def run(config: Config, workdir: Workdir, methods=None, forget_cost_mode: str = 
             gc.collect()
     scorer = None
     gc.collect()
+    floors, floors_skipped = score_floors(workdir, test, out)
+    results.update(floors)
+    paired = add_intervals(workdir, results, config.seed)
 
     retrain_seconds = costs.get("retrain", {}).get("full_retrain_seconds")
     for cost in costs.values():
         if retrain_seconds and cost["forget_seconds"]:
             cost["ratio_vs_retrain_baseline"] = round(retrain_seconds / cost["forget_seconds"], 3)
-    order = [m for m in (*METHODS, *sorted((m for m in results if m.startswith("shard-")), key=lambda m: int(m[6:])))
+    order = [m for m in (*METHODS, *sorted((m for m in results if m.startswith("shard-")), key=lambda m: int(m[6:])), *FLOORS)
              if m in results]
     report = {
         "experiment": config.experiment, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -416,9 +429,84 @@ def run(config: Config, workdir: Workdir, methods=None, forget_cost_mode: str = 
         "config_sha256": config.sha256(), "workdir": str(workdir.root),
         "n_test": len(test), "n_positive": int(labels.sum()), "labels": "reports/predictions/labels.npy",
         "batch_size": PREDICT_BATCH, "methods": {m: results[m] for m in order},
+        "bootstrap": {"resamples": BOOTSTRAP_RESAMPLES, "seed": config.seed, "level": 0.95,
+                      "kind": "percentile, over test samples; resamples with one class skipped"},
+        "paired": paired, "floors_skipped": floors_skipped,
         "forget_cost": costs, "seconds": None, "mlflow_run_id": None,
     }
     return _publish(config, workdir, report, started)
+
+
+# --- no-model floors and bootstrap intervals --------------------------------------------------------
+
+
+def score_floors(workdir: Workdir, test, out: Path) -> tuple[dict[str, dict], str | None]:
+    """The floors' rows, their scores stored like a method's; and why the history floor is
+    missing, if it is (a store prepared before the counts existed: rebuilding it from the source
+    data would bring back what it has forgotten, so the evaluation goes on without that floor)."""
+    train = read_parquet(workdir.split("train"))  # as it is now: forgotten users' labels are gone
+    labels = test["label"].to_numpy().astype(int)
+    seen = int(test["item_id"].astype(str).isin(set(train["item_id"].astype(str))).sum())
+    scores = {"floor-item": item_floor(train, test)}
+    notes = {"floor-item": f"no model: the item's mean label over the {len(train)} current training samples "
+                           f"({seen} of {len(test)} test items seen there, the others get the mean "
+                           f"{train['label'].mean():.3f})"}
+    skipped = None
+    try:
+        scores["floor-history"] = history_floor(test)
+    except FloorError as err:
+        skipped = f"floor-history and floor-sum not computed: {err}"
+        log(skipped)
+    else:
+        scores["floor-sum"] = scores["floor-history"] + scores["floor-item"]
+        notes["floor-history"] = "no model: the share of liked titles in the sample's history"
+        notes["floor-sum"] = "no model: floor-history + floor-item"
+    rows = {}
+    for name in (f for f in FLOORS if f in scores):
+        path = out / f"{name}.npy"
+        np.save(path, scores[name])
+        rows[name] = {"auc": auc(labels, scores[name]), "n_test": len(labels), "latency_ms": None,
+                      "predictions": str(path.relative_to(workdir.root)), "notes": notes[name]}
+        log(f"{name:<16} AUC {rows[name]['auc']:.4f}")
+    return rows, skipped
+
+
+def _interval(bounds) -> list[float] | None:
+    return None if bounds is None else [round(b, 6) for b in bounds]
+
+
+def add_intervals(workdir: Workdir, results: dict[str, dict], seed: int) -> dict[str, dict]:
+    """A post-pass over the stored predictions and labels: each row's `auc_ci95`, and the paired
+    differences of PAIRS (every method resampled with the same seed, so the same test samples)."""
+    labels = np.load(workdir.path("reports", "predictions", "labels.npy"))
+    scores = {name: np.load(workdir.path(row["predictions"])) for name, row in results.items()}
+    for name, row in results.items():
+        row["auc_ci95"] = _interval(auc_interval(labels, scores[name], seed, BOOTSTRAP_RESAMPLES))
+    paired = {}
+    for a, b in PAIRS:
+        if a in scores and b in scores:
+            bounds = paired_difference_interval(labels, scores[a], scores[b], seed, BOOTSTRAP_RESAMPLES)
+            paired[f"{a} - {b}"] = {"a": a, "b": b, "difference": results[a]["auc"] - results[b]["auc"],
+                                    "ci95": _interval(bounds), "n": len(labels)}
+    return paired
+
+
+def floor_verdict(report: dict) -> str:
+    """One plain sentence: does one adapter on all the data beat both no-model floors?"""
+    methods = report["methods"]
+    if "retrain" not in methods:
+        return "Retrain against the no-model floors: retrain was not evaluated in this run."
+    floors = [f for f in ("floor-history", "floor-item") if f in methods]
+    retrain = methods["retrain"]["auc"]
+    against = " and ".join(f"{f} {_fmt(methods[f]['auc'])}" for f in floors)
+    if len(floors) < 2:
+        return f"Retrain against the no-model floors: only {against} could be computed ({report['floors_skipped']})."
+    above = [f for f in floors if retrain > methods[f]["auc"]]
+    clear = [f for f in floors if (p := report["paired"].get(f"retrain - {f}")) and p["ci95"] and p["ci95"][0] > 0]
+    verdict = "yes" if len(above) == len(floors) else "no"
+    return (f"**Does retrain beat both no-model floors? {verdict}.** Retrain AUC {_fmt(retrain)} against {against}"
+            + (f", below {' and '.join(f for f in floors if f not in above)}" if verdict == "no" else "")
+            + f". Beyond the noise (the paired 95% interval of retrain - floor above 0): {len(clear)} of {len(floors)} floors.")
 
 
 def _apa_note(config: Config, name: str, shards: int, forgets: int) -> str:
@@ -444,6 +532,13 @@ def _fmt(value, digits: int = 4) -> str:
     return "n/a" if value is None or (isinstance(value, float) and not math.isfinite(value)) else f"{value:.{digits}f}"
 
 
+def _fmt_interval(bounds, signed: bool = False) -> str:
+    if not bounds:
+        return "n/a"
+    sign = "+" if signed else ""
+    return f"[{bounds[0]:{sign}.4f}, {bounds[1]:{sign}.4f}]"
+
+
 def markdown(report: dict) -> str:
     machine = report["machine"]
     lines = [
@@ -458,12 +553,21 @@ def markdown(report: dict) -> str:
         f"- test split: {report['n_test']} samples, {report['n_positive']} positive; latency = wall time of "
         f"`components.aggregate.predict` per sample, median over batches of {report['batch_size']} after one warm-up batch",
         f"- work dir: {report['workdir']}; MLflow run {report['mlflow_run_id']} (\"evaluate\")",
+        f"- intervals: 95% percentile bootstrap over the test samples, {report['bootstrap']['resamples']} resamples "
+        f"(seed {report['bootstrap']['seed']}), the same resamples for every method",
         "",
-        "| method | AUC | latency (ms/sample) | notes |",
-        "|---|---:|---:|---|",
+        "| method | AUC | 95% interval | latency (ms/sample) | notes |",
+        "|---|---:|---:|---:|---|",
     ]
     for name, row in report["methods"].items():
-        lines.append(f"| {name} | {_fmt(row['auc'])} | {_fmt(row['latency_ms'], 2)} | {row['notes']} |")
+        lines.append(f"| {name} | {_fmt(row['auc'])} | {_fmt_interval(row['auc_ci95'])} | "
+                     f"{_fmt(row['latency_ms'], 2)} | {row['notes']} |")
+    lines += ["", floor_verdict(report)]
+    if report["paired"]:
+        lines += ["", "## Paired differences (same resampled test samples)", "",
+                  "| difference | AUC difference | 95% interval | n |", "|---|---:|---:|---:|"]
+        for name, pair in report["paired"].items():
+            lines.append(f"| {name} | {pair['difference']:+.4f} | {_fmt_interval(pair['ci95'], signed=True)} | {pair['n']} |")
     if report["forget_cost"]:
         lines += [
             "",
@@ -490,7 +594,9 @@ def _publish(config: Config, workdir: Workdir, report: dict, started: float) -> 
     run_id = report["mlflow_run_id"] = run.info.run_id
     try:
         aucs = {m: r["auc"] for m, r in report["methods"].items()}
-        figure = bar_figure({m: (v if math.isfinite(v) else 0.0) for m, v in aucs.items()}, "AUC", f"{config.experiment}: test AUC")
+        figure = bar_figure({m: (v if math.isfinite(v) else 0.0) for m, v in aucs.items()}, "AUC",
+                            f"{config.experiment}: test AUC, 95% bootstrap intervals",
+                            intervals={m: r["auc_ci95"] for m, r in report["methods"].items()})
         figure.axes[0].axhline(0.5, color="grey", lw=0.8, ls="--")
         figure.savefig(reports / "auc.png")
         close(figure)
@@ -506,12 +612,21 @@ def _publish(config: Config, workdir: Workdir, report: dict, started: float) -> 
 
         metrics = {f"auc_{m}": v for m, v in aucs.items()}
         metrics.update({f"latency_ms_{m}": r["latency_ms"] for m, r in report["methods"].items()})
+        for m, r in report["methods"].items():
+            if r["auc_ci95"]:
+                metrics.update({f"auc_ci95_low_{m}": r["auc_ci95"][0], f"auc_ci95_high_{m}": r["auc_ci95"][1]})
+        for pair in report["paired"].values():
+            key = f"{pair['a']}_vs_{pair['b']}"
+            metrics[f"auc_diff_{key}"] = pair["difference"]
+            if pair["ci95"]:
+                metrics.update({f"auc_diff_ci95_low_{key}": pair["ci95"][0], f"auc_diff_ci95_high_{key}": pair["ci95"][1]})
         for name, cost in costs.items():
             metrics.update({f"forget_seconds_{name}": cost["forget_seconds"], f"full_retrain_seconds_{name}": cost["full_retrain_seconds"]})
             if cost["ratio"]:
                 metrics[f"forget_speedup_{name}"] = cost["ratio"]
         registry.log_metrics(run_id, {k: v for k, v in metrics.items() if v is not None and math.isfinite(v)})
         registry.client.log_param(run_id, "n_test", report["n_test"])
+        registry.client.log_param(run_id, "bootstrap", f"{BOOTSTRAP_RESAMPLES} resamples, seed {config.seed}")
         registry.client.log_param(run_id, "config_file", report["config_file"] or "(in-process)")
         for name in ("eval.json", "eval.md", "auc.png", "cost.png"):
             registry.client.log_artifact(run_id, str(reports / name), "evaluation")

@@ -1,5 +1,6 @@
 """Issue 7: the comparison table. Every method on the test split, AUCs that the stored predictions
-reproduce, APA recomputed from the live adapter set, plots, the MLflow run, and bad input."""
+reproduce, APA recomputed from the live adapter set, plots, the MLflow run, and bad input.
+Issue 13: the no-model floors and the bootstrap intervals, recomputed from the stored files."""
 
 import json
 import math
@@ -7,12 +8,14 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
+from sklearn.metrics import roc_auc_score
 
 from components.aggregate import AggregatorState, load_mixture, predict
-from components.data import SPLITS, read_parquet
-from components.metrics import auc
+from components.data import SPLITS, interaction_id, load_interactions_and_items, read_parquet, write_parquet
+from components.metrics import auc, paired_difference_interval
 from components.model import load_tokenizer
 from components.partition import Partitioner
 from components.registry import Registry
@@ -58,7 +61,7 @@ def test_every_method_has_a_finite_auc_that_its_stored_predictions_reproduce(eva
     on_disk = json.loads(workdir.path("reports", "eval.json").read_text())
     assert on_disk["methods"].keys() == report["methods"].keys()
     shards = [f"shard-{k}" for k in range(config.partition.num_shards)]
-    assert list(report["methods"]) == [*evaluate_job.METHODS, *shards]
+    assert list(report["methods"]) == [*evaluate_job.METHODS, *shards, *evaluate_job.FLOORS]
 
     labels = np.load(workdir.path("reports", "predictions", "labels.npy"))
     test = load_splits(workdir)["test"]
@@ -66,10 +69,11 @@ def test_every_method_has_a_finite_auc_that_its_stored_predictions_reproduce(eva
     table = workdir.path("reports", "eval.md").read_text()
     for name, row in on_disk["methods"].items():
         assert math.isfinite(row["auc"]), name
-        assert row["n_test"] == len(test) and row["latency_ms"] > 0
+        assert row["n_test"] == len(test) and (name in evaluate_job.FLOORS or row["latency_ms"] > 0)
         assert row["predictions"] == f"reports/predictions/{name}.npy"
         scores = np.load(workdir.path(row["predictions"]))
-        assert scores.shape == (len(test),) and np.isfinite(scores).all() and ((scores >= 0) & (scores <= 1)).all()
+        assert scores.shape == (len(test),) and np.isfinite(scores).all()
+        assert ((scores >= 0) & (scores <= (2 if name == "floor-sum" else 1))).all(), name  # P(yes), a share, a mean label
         assert auc(labels, scores) == row["auc"], name
         assert f"| {name} | {row['auc']:.4f} |" in table, name
     for header in ("machine:", "date:", "config:", str(TINY.name) if on_disk["config_file"] else "(in-process)"):
@@ -81,6 +85,74 @@ def test_every_method_has_a_finite_auc_that_its_stored_predictions_reproduce(eva
     assert on_disk["methods"]["retrain"]["adapters"] == 1
     assert on_disk["methods"]["sisa"]["aggregate"] == on_disk["methods"]["user"]["aggregate"] == "average"
     assert on_disk["methods"]["lmeraser"]["aggregate"] == "routing"
+
+
+def bootstrap_aucs(labels, scores, draws):
+    """The AUC of each resample, drawn row by row (sklearn); None where a resample has one class."""
+    return [roc_auc_score(labels[rows], scores[rows]) if 0 < labels[rows].sum() < len(rows) else None for rows in draws]
+
+
+def percentiles(values):
+    values = [v for v in values if v is not None]
+    return np.percentile(values, [2.5, 97.5]).tolist()
+
+
+def test_floors_and_intervals_are_computed_from_the_stored_predictions_and_the_store(evaluated):
+    config, workdir, report = evaluated
+    on_disk = json.loads(workdir.path("reports", "eval.json").read_text())
+    labels = np.load(workdir.path("reports", "predictions", "labels.npy"))
+    test, train = load_splits(workdir)["test"], read_parquet(workdir.split("train"))
+    stored = {name: np.load(workdir.path(row["predictions"])) for name, row in on_disk["methods"].items()}
+
+    # The floors, recomputed here: liked history titles from the source ratings, item means from
+    # the training split as it is now (the user forgotten before the evaluation is not in it).
+    inter, _ = load_interactions_and_items(config.data)
+    rating = {interaction_id(u, i): r for u, i, r in zip(inter["user_id"], inter["item_id"], inter["rating"])}
+    history = [row.interactions[:-1] for row in test.itertuples()]
+    share = [sum(rating[h] > config.data.like_threshold for h in ids) / len(ids) for ids in history]
+    by_item = {}
+    for item, label in zip(train["item_id"].astype(str), train["label"]):
+        by_item.setdefault(item, []).append(label)
+    item_mean = [np.mean(by_item.get(item, train["label"])) for item in test["item_id"].astype(str)]
+    assert not all(item in by_item for item in test["item_id"].astype(str))  # the fallback is exercised
+    expected = {"floor-history": np.array(share), "floor-item": np.array(item_mean)}
+    expected["floor-sum"] = expected["floor-history"] + expected["floor-item"]
+    for name, scores in expected.items():
+        assert stored[name] == pytest.approx(scores, abs=1e-12), name
+        assert on_disk["methods"][name]["auc"] == pytest.approx(roc_auc_score(labels, scores), abs=1e-12), name
+
+    # Every interval, recomputed from the .npy files by drawing the resampled rows themselves.
+    boot = on_disk["bootstrap"]
+    assert boot["resamples"] == evaluate_job.BOOTSTRAP_RESAMPLES and boot["seed"] == config.seed
+    draws = np.random.default_rng(boot["seed"]).integers(0, len(labels), size=(boot["resamples"], len(labels)))
+    resampled = {name: bootstrap_aucs(labels, scores, draws) for name, scores in stored.items()}
+    table = workdir.path("reports", "eval.md").read_text()
+    for name, row in on_disk["methods"].items():
+        low, high = percentiles(resampled[name])
+        assert row["auc_ci95"] == pytest.approx([low, high], abs=1e-6), name
+        assert low <= high and f"| {name} | {row['auc']:.4f} | [{row['auc_ci95'][0]:.4f}, {row['auc_ci95'][1]:.4f}] |" in table
+
+    # Paired differences: the same resampled rows for both methods.
+    assert set(on_disk["paired"]) == {"apa - retrain", "apa - sisa", "retrain - floor-history", "retrain - floor-item"}
+    for name, pair in on_disk["paired"].items():
+        a, b = pair["a"], pair["b"]
+        assert name == f"{a} - {b}" and pair["n"] == len(labels)
+        assert pair["difference"] == on_disk["methods"][a]["auc"] - on_disk["methods"][b]["auc"]
+        differences = [x - y if x is not None else None for x, y in zip(resampled[a], resampled[b])]
+        assert pair["ci95"] == pytest.approx(percentiles(differences), abs=1e-6), name
+        assert f"| {name} | {pair['difference']:+.4f} | [{pair['ci95'][0]:+.4f}, {pair['ci95'][1]:+.4f}] | {len(labels)} |" in table
+    # Unpaired resampling would not give a method minus itself [0, 0].
+    assert paired_difference_interval(labels, stored["apa"], stored["apa"], boot["seed"]) == (0.0, 0.0)
+
+    # The plain sentence, and the intervals as MLflow metrics.
+    aucs = {m: r["auc"] for m, r in on_disk["methods"].items()}
+    verdict = "yes" if aucs["retrain"] > max(aucs["floor-history"], aucs["floor-item"]) else "no"
+    assert f"Does retrain beat both no-model floors? {verdict}." in table
+    registry = Registry(config.experiment, workdir.root)
+    metrics = registry.client.get_run(on_disk["mlflow_run_id"]).data.metrics
+    for name, row in on_disk["methods"].items():
+        assert [metrics[f"auc_ci95_low_{name}"], metrics[f"auc_ci95_high_{name}"]] == pytest.approx(row["auc_ci95"]), name
+    assert metrics["auc_diff_ci95_low_apa_vs_retrain"] == pytest.approx(on_disk["paired"]["apa - retrain"]["ci95"][0])
 
 
 def test_the_apa_auc_is_what_the_live_adapter_set_predicts(evaluated):
@@ -132,12 +204,31 @@ def test_a_second_run_reuses_the_baselines_and_scores_the_same(evaluated):
     config, workdir, report = evaluated
     trained = {n: workdir.path("baselines", n, "reports", "train.json").read_text() for n in ("retrain", "sisa")}
     again = evaluate_job.run(config, workdir, ["sisa", "retrain", "shard-0"], forget_cost_mode="existing")
-    assert list(again["methods"]) == ["retrain", "sisa", "shard-0"]
+    assert list(again["methods"]) == ["retrain", "sisa", "shard-0", *evaluate_job.FLOORS]
     for name in again["methods"]:
         assert again["methods"][name]["auc"] == report["methods"][name]["auc"], name
     assert {n: workdir.path("baselines", n, "reports", "train.json").read_text() for n in trained} == trained
     # eval.json describes the latest run only; stale predictions are gone.
-    assert sorted(p.stem for p in workdir.path("reports", "predictions").glob("*.npy")) == ["labels", "retrain", "shard-0", "sisa"]
+    assert sorted(p.stem for p in workdir.path("reports", "predictions").glob("*.npy")) == sorted(
+        ["labels", "retrain", "shard-0", "sisa", *evaluate_job.FLOORS])
+    assert set(again["paired"]) == {"retrain - floor-history", "retrain - floor-item"}  # no APA in this run
+
+
+def test_a_store_without_the_history_counts_is_evaluated_without_the_history_floor(tmp_path):
+    """A store prepared before the counts existed: the evaluation says so and goes on (rebuilding
+    the store from the source data would bring back what it has forgotten)."""
+    workdir = Workdir(tmp_path)
+    train = pd.DataFrame({"item_id": ["1", "1", "2", "3"], "label": [1, 1, 0, 1]})
+    test = pd.DataFrame({"item_id": ["1", "2", "4", "3"], "label": [1, 0, 0, 1]})
+    write_parquet(train, workdir.split("train"))
+    out = workdir.path("reports", "predictions")
+    out.mkdir(parents=True)
+    rows, skipped = evaluate_job.score_floors(workdir, test, out)
+    assert list(rows) == ["floor-item"] and "n_liked" in skipped
+    assert np.load(workdir.path(rows["floor-item"]["predictions"])).tolist() == [1.0, 0.0, 0.75, 1.0]
+    assert rows["floor-item"]["auc"] == 1.0
+    report = {"methods": {"retrain": {"auc": 0.6}, **rows}, "floors_skipped": skipped, "paired": {}}
+    assert evaluate_job.floor_verdict(report) == f"Retrain against the no-model floors: only floor-item 1.0000 could be computed ({skipped})."
 
 
 @pytest.mark.parametrize("methods", ["apa,bogus", "shard-x", ","])
