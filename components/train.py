@@ -181,9 +181,11 @@ def train_shard(
     tokenizer,
     states_of: Callable[[pd.DataFrame], list[torch.Tensor]],
     progress: Callable[[dict], None] | None = None,
+    after_epoch: Callable[[AdaptedHead, int, int], None] | None = None,
 ) -> ShardResult:
     """Train (or resume) one shard's adapter on `base` (frozen; the trunk may be dropped).
-    `samples` carries sample_id, label and slice; `states_of(rows)` gives the rows' trunk states."""
+    `samples` carries sample_id, label and slice; `states_of(rows)` gives the rows' trunk states.
+    `after_epoch(model, stage, epoch)` may look at the model (e.g. score validation samples)."""
     started = time.time()
     samples = samples.sort_values("sample_id").reset_index(drop=True)
     num_slices = config.partition.num_slices
@@ -226,6 +228,9 @@ def train_shard(
                 losses.append(float(loss.detach()))
                 if progress:
                     progress({"shard": shard, "stage": stage, "epoch": epoch, "step": len(losses), "loss": losses[-1]})
+            if after_epoch:
+                after_epoch(model, stage, epoch)
+                model.train()
         save_atomic(
             {
                 "adapter": model.adapter_state(),
@@ -240,11 +245,8 @@ def train_shard(
         if progress:
             progress({"shard": shard, "stage": stage, "checkpoint": True, "step": len(losses)})
 
-    model.eval()
     adapter = model.adapter_state()
-    with torch.no_grad():  # one sample at a time: a cached prediction never depends on other samples
-        valid_predictions = np.array([float(p_yes(model.logits(*pad_states([s])), yes_id, no_id)[0])
-                                      for s in states_of(valid)], dtype=np.float32)
+    valid_predictions = predict_states(model, states_of(valid), yes_id, no_id)
     return ShardResult(
         shard=shard,
         adapter=adapter,
@@ -256,6 +258,14 @@ def train_shard(
         losses=losses,
         seconds=time.time() - started,
     )
+
+
+def predict_states(model: AdaptedHead, states: list[torch.Tensor], yes_id: int, no_id: int) -> np.ndarray:
+    """P(yes) of samples given their trunk states, one sample at a time: a cached prediction never
+    depends on which other samples were scored with it."""
+    model.eval()
+    with torch.no_grad():
+        return np.array([float(p_yes(model.logits(*pad_states([s])), yes_id, no_id)[0]) for s in states], dtype=np.float32)
 
 
 def save_shard_result(result: ShardResult, folder: Path, config: Config) -> Path:

@@ -53,7 +53,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from components.aggregate import AggregatorState, load_mixture, predict
+from components.aggregate import AggregatorState, load_mixture, predict, stored_inputs
+from components.baselines import BASELINE_AGGREGATE, BASELINES, baseline_config, baseline_sha256
 from components.config import Config
 from components.data import SPLITS, read_parquet, stable_hash
 from components.floors import FloorError, history_floor, item_floor
@@ -61,8 +62,8 @@ from components.metrics import auc, auc_interval, bar_figure, close, grouped_bar
 from components.model import load_base_model, load_tokenizer
 from components.partition import Partitioner
 from components.registry import Registry
-from components.store import Workdir, load_splits, prepare, write_json
-from components.train import ADAPTER_FILE, training_sha256
+from components.store import Workdir, copy_store, load_splits, prepare, sample_states, write_json
+from components.train import ADAPTER_FILE
 from components.unlearn import new_request
 from ray_jobs.common import connect_ray, fail, id_list, job_parser, load_job
 
@@ -71,8 +72,6 @@ SHARDS = "shards"  # every shard-<k> of the APA set
 DEFAULT_METHODS = METHODS + (SHARDS,)
 DEMO_METHODS = ("apa", "apa-decomposed", "uniform")  # no baseline to train; shards alone are `--methods shards`
 APA_METHODS = {"apa": "attention", "apa-decomposed": "decomposed", "uniform": "uniform"}
-BASELINES = ("retrain", "sisa", "user", "lmeraser")
-BASELINE_AGGREGATE = {"retrain": "uniform", "sisa": "average", "user": "average", "lmeraser": "routing"}
 FORGET_COST_MODES = ("measure", "existing", "none")
 FORGET_COST_REQUEST = "eval-forget-cost"  # the request id of a measuring forget in a baseline
 PREDICT_BATCH = 16
@@ -107,25 +106,6 @@ def parse_methods(names) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def baseline_config(config: Config, name: str) -> Config:
-    """The derived config of a baseline (or of the forget-cost copy of APA), with its own experiment."""
-    from ray_jobs.train import retrain_baseline_config
-
-    if name == "retrain":
-        return retrain_baseline_config(config)
-    if name == "forget-cost":
-        return config.model_copy(update={"experiment": f"{config.experiment}-forget-cost"})
-    partition = {"sisa": "random", "user": "user", "lmeraser": "adaptive"}[name]
-    update = {
-        "experiment": f"{config.experiment}-{name}",
-        "partition": config.partition.model_copy(update={"method": partition}),
-        "aggregate": config.aggregate.model_copy(update={"method": BASELINE_AGGREGATE[name]}),
-    }
-    if name == "lmeraser":
-        update["adapter"] = config.adapter.model_copy(update={"kind": "prompt"})
-    return config.model_copy(update=update)
-
-
 # --- the work dirs: train what is missing, reuse what is there ---------------------------------
 
 
@@ -151,13 +131,6 @@ def ensure_main(config: Config, workdir: Workdir, train: bool) -> dict | None:
         tokenizer = load_tokenizer()
         prepare(config, workdir, load_base_model(config.model, config.seed, tokenizer), tokenizer)
     return None
-
-
-def baseline_sha256(config: Config) -> str:
-    """What a baseline's adapters depend on: how a shard is trained (components.train), the data
-    and the partition; not serving, aggregation or resources, so a change there keeps the baselines."""
-    relevant = {"training": training_sha256(config), **config.model_dump(mode="json", include={"data", "partition"})}
-    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
 
 
 def _sample_users(workdir: Workdir) -> dict[str, set[str]]:
@@ -191,9 +164,7 @@ def ensure_baseline(config: Config, workdir: Workdir, source: Workdir, label: st
             _forget_in(config, workdir, sorted(extra), f"sync-{time.strftime('%Y%m%d%H%M%S')}-{os.getpid()}")
         log(f"baseline {label}: reusing {workdir.root} (adapter set v{report['adapter_set_version']})")
         return report
-    for name in SPLITS:  # the source's store as it is now (also over a half-trained copy): forgotten samples are gone
-        workdir.split(name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(source.split(name), workdir.split(name))
+    copy_store(source, workdir)  # as it is now (also over a half-trained copy): forgotten samples are gone
     log(f"baseline {label}: training {config.partition.method} partition, {config.adapter.kind} adapters into {workdir.root}")
     report = train_run(config, workdir)
     write_json(marker, {"baseline": label, "baseline_sha256": baseline_sha256(config), "config_sha256": config.sha256()})
@@ -227,24 +198,33 @@ class LiveSet:
 
 
 class Scorer:
-    """Scores prompts with one MixtureModel at a time on one shared frozen base model."""
+    """Scores the stored test samples with one MixtureModel at a time on one shared frozen base
+    model, running only the head over the samples' stored trunk states."""
 
-    def __init__(self, config: Config, prompts: list[str], labels: np.ndarray, out: Path, threads: int):
-        self.config, self.prompts, self.labels, self.out, self.threads = config, prompts, labels, out, threads
+    def __init__(self, config: Config, workdir: Workdir, test, out: Path, threads: int):
+        self.config, self.out, self.threads = config, out, threads
+        self.labels = test["label"].to_numpy().astype(int)
         self.tokenizer = load_tokenizer()
-        self.base = load_base_model(config.model, config.seed, self.tokenizer)  # same model and seed everywhere
+        self.base = load_base_model(config.model, config.seed, self.tokenizer, head_only=True)  # same model and seed everywhere
+        self.states = sample_states(config, workdir, test, self.base, self.tokenizer)
+        self.embeddings = test["embedding"].tolist()
+
+    def batches(self, start: int = 0, stop: int | None = None):
+        stop = len(self.states) if stop is None else stop
+        for first in range(start, stop, PREDICT_BATCH):
+            last = min(first + PREDICT_BATCH, stop)
+            yield stored_inputs(self.states[first:last], self.embeddings[first:last])
 
     def score(self, name: str, config: Config, mixture, live: LiveSet, method: str, masked=frozenset()) -> dict:
         torch.set_num_threads(self.threads)  # training in this process may have changed it
-        predict(config, mixture, self.prompts[:PREDICT_BATCH], live.state, live.partitioner, masked, method,
-                batch_size=PREDICT_BATCH)  # warm-up, untimed: first-call allocations are not latency
-        # Batch by batch (the same batches predict() makes of the whole list): the median batch is
-        # the latency, robust to other work on a shared machine; the mean is reported too.
+        predict(config, mixture, self.batches(0, PREDICT_BATCH), live.state, live.partitioner, masked,
+                method)  # warm-up, untimed: first-call allocations are not latency
+        # Batch by batch: the median batch is the latency, robust to other work on a shared
+        # machine; the mean is reported too.
         chunks, per_sample, total = [], [], 0.0
-        for start in range(0, len(self.prompts), PREDICT_BATCH):
-            batch = self.prompts[start : start + PREDICT_BATCH]
+        for batch in self.batches():
             started = time.perf_counter()
-            chunks.append(predict(config, mixture, batch, live.state, live.partitioner, masked, method, batch_size=PREDICT_BATCH)[0])
+            chunks.append(predict(config, mixture, [batch], live.state, live.partitioner, masked, method)[0])
             seconds = time.perf_counter() - started
             per_sample.append(seconds * 1000 / len(batch))
             total += seconds
@@ -254,8 +234,8 @@ class Scorer:
         np.save(path, scores)
         value = auc(self.labels, scores)
         log(f"{name:<16} AUC {value:.4f}   {latency:8.2f} ms/sample   ({method}, {len(mixture.shards)} adapter(s))")
-        return {"auc": value, "n_test": len(self.prompts), "latency_ms": round(latency, 3),
-                "latency_ms_mean": round(total * 1000 / len(self.prompts), 3), "aggregate": method,
+        return {"auc": value, "n_test": len(self.labels), "latency_ms": round(latency, 3),
+                "latency_ms_mean": round(total * 1000 / len(self.labels), 3), "aggregate": method,
                 "adapters": len(mixture.shards), "predictions": str(path.relative_to(self.out.parents[1])),
                 "adapter_set_version": live.set.version}
 
@@ -344,14 +324,14 @@ def run(config: Config, workdir: Workdir, methods=None, forget_cost_mode: str = 
     test = load_splits(workdir)["test"]
     if len(test) == 0:
         raise EvaluationError(f"{workdir.split('test')} holds no test samples")
-    prompts, labels = test["prompt"].tolist(), test["label"].to_numpy().astype(int)
+    labels = test["label"].to_numpy().astype(int)
     out = workdir.path("reports", "predictions")
     shutil.rmtree(out, ignore_errors=True)  # predictions of an earlier run may be of another split
     out.mkdir(parents=True)
     np.save(out / "labels.npy", labels)
     log(f"test split: {len(test)} samples ({int(labels.sum())} positive); scoring at batch {PREDICT_BATCH}, {threads} torch thread(s)")
     users = forget_user_order(config, workdir)
-    scorer = Scorer(config, prompts, labels, out, threads)
+    scorer = Scorer(config, workdir, test, out, threads)
     results: dict[str, dict] = {}
     costs: dict[str, dict] = {}
 

@@ -13,10 +13,10 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from components.aggregate import AggregatorState, load_mixture, predict
+from components.aggregate import AggregatorState, load_mixture, predict, stored_inputs
 from components.data import SPLITS, interaction_id, load_interactions_and_items, read_parquet, write_parquet
 from components.metrics import auc, paired_difference_interval
-from components.model import load_tokenizer
+from components.model import load_base_model, load_tokenizer
 from components.partition import Partitioner
 from components.registry import Registry
 from components.store import Workdir, load_splits
@@ -165,9 +165,13 @@ def test_the_apa_auc_is_what_the_live_adapter_set_predicts(evaluated):
         assert sorted(files) == list(range(config.partition.num_shards))
         state = AggregatorState.load(live.folder / "aggregator")
         partitioner = Partitioner.load(live.folder / "aggregator" / "partitioner.npz")
-        mixture = load_mixture(config, files, load_tokenizer())
-        scores, weights = predict(config, mixture, test["prompt"].tolist(), state, partitioner, method="attention",
-                                  batch_size=evaluate_job.PREDICT_BATCH)
+        tokenizer = load_tokenizer()
+        base = load_base_model(config.model, config.seed, tokenizer, head_only=True)
+        mixture = load_mixture(config, files, tokenizer, base)
+        states = workdir.trunk.read(test["sample_id"])  # the head runs over the stored trunk states
+        step = evaluate_job.PREDICT_BATCH
+        batches = [stored_inputs(states[i : i + step], test["embedding"].iloc[i : i + step]) for i in range(0, len(test), step)]
+        scores, weights = predict(config, mixture, batches, state, partitioner, method="attention")
     assert weights.shape == (len(test), config.partition.num_shards)
     assert auc(test["label"], scores) == pytest.approx(report["methods"]["apa"]["auc"], abs=1e-12)
     assert np.array_equal(scores, np.load(workdir.path("reports", "predictions", "apa.npy")))  # bit for bit

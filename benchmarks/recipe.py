@@ -1,0 +1,130 @@
+"""Choose the training recipe on the validation split, never on the test split.
+
+    python -m benchmarks.recipe [--config configs/movielens.yaml] [--n-train 1024] [--epochs 3]
+    make recipe
+
+Each candidate recipe (loss, learning rate, LoRA rank and targets) trains one adapter, as a shard
+actor would, on the same seeded subset of `--n-train` training samples of the work dir's store
+(default: the size of one of the config's shards), over the stored trunk states, and scores the
+whole validation split after every epoch. Candidates run as Ray tasks, one CPU each. The table
+shows validation AUC with its 95% bootstrap interval per epoch; the best row is the recipe to put
+in the config. The test split is never read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import ray
+
+from benchmarks.common import MOVIELENS, bench_dir, offline
+from components.config import Config, load_config
+from components.data import read_parquet, stable_hash
+from components.metrics import auc, auc_interval
+from components.store import Workdir, prepare, sample_states
+
+# (loss, learning rate, LoRA rank, LoRA targets): TALLRec's recipe and the two-way loss at two
+# learning rates, then more capacity for the best-looking loss.
+CANDIDATES = (
+    ("vocabulary", 3e-4, 8, ("q_proj", "v_proj")),
+    ("vocabulary", 1e-3, 8, ("q_proj", "v_proj")),
+    ("two-way", 3e-4, 8, ("q_proj", "v_proj")),
+    ("two-way", 1e-3, 8, ("q_proj", "v_proj")),
+    ("two-way", 1e-3, 16, ("q_proj", "k_proj", "v_proj", "o_proj")),
+)
+
+
+def recipe_config(config: Config, loss: str, lr: float, rank: int, targets: tuple[str, ...], epochs: int) -> Config:
+    return config.model_copy(update={
+        "partition": config.partition.model_copy(update={"num_slices": 1}),
+        "adapter": config.adapter.model_copy(update={"r": rank, "alpha": 2 * rank, "target_modules": targets}),
+        "train": config.train.model_copy(update={"loss": loss, "learning_rate": lr, "epochs": epochs}),
+    })
+
+
+@ray.remote(num_cpus=1)
+def try_recipe(config_json: dict, store: str, train_ids: list[str]) -> list[dict]:
+    """Train one adapter with the recipe in `config_json`; validation AUC after every epoch."""
+    from components.model import answer_token_ids, load_base_model, load_tokenizer, make_deterministic
+    from components.train import predict_states, train_shard
+
+    config = Config.model_validate(config_json)
+    make_deterministic(1)
+    workdir = Workdir(store)
+    tokenizer = load_tokenizer()
+    base = load_base_model(config.model, config.seed, tokenizer, head_only=True)
+    train = read_parquet(workdir.split("train")).set_index("sample_id").loc[train_ids].reset_index().assign(slice=0)
+    valid = read_parquet(workdir.split("valid"))
+    labels = valid["label"].to_numpy()
+    valid_states = sample_states(config, workdir, valid, base, tokenizer)
+    yes_id, no_id = answer_token_ids(tokenizer)
+    rows, started = [], time.time()
+
+    def after_epoch(model, stage, epoch):
+        scores = predict_states(model, valid_states, yes_id, no_id)
+        rows.append({"epoch": epoch + 1, "valid_auc": auc(labels, scores), "interval": auc_interval(labels, scores, seed=0),
+                     "seconds": round(time.time() - started, 1)})
+        print(f"  {config.train.loss} lr {config.train.learning_rate:g} r {config.adapter.r} "
+              f"{'+'.join(config.adapter.target_modules)}: epoch {epoch + 1} valid AUC {rows[-1]['valid_auc']:.4f}", flush=True)
+
+    with tempfile.TemporaryDirectory() as checkpoints:
+        train_shard(config, 0, train, valid, Path(checkpoints), base, tokenizer,
+                    lambda frame: sample_states(config, workdir, frame, base, tokenizer), after_epoch=after_epoch)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.recipe", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=str(MOVIELENS))
+    parser.add_argument("--workdir", help="a work dir whose sample store to use (default <bench dir>/recipe; prepared if missing)")
+    parser.add_argument("--n-train", type=int, help="training samples per candidate (default: one shard's share)")
+    parser.add_argument("--epochs", type=int, default=3)
+    args = parser.parse_args(argv)
+    offline()
+    config = load_config(args.config)
+    workdir = Workdir(args.workdir or bench_dir() / "recipe")
+    if not workdir.split("valid").exists():
+        from components.model import load_base_model, load_tokenizer, make_deterministic
+
+        make_deterministic(1)
+        tokenizer = load_tokenizer()
+        prepare(config, workdir, load_base_model(config.model, config.seed, tokenizer), tokenizer)
+    train = read_parquet(workdir.split("train"))
+    n_train = min(len(train), args.n_train or len(train) // config.partition.num_shards)
+    chosen = sorted(train["sample_id"], key=lambda s: stable_hash("recipe", config.seed, s))[:n_train]
+    print(f"recipe search: {len(CANDIDATES)} candidates x {args.epochs} epochs on {n_train} training samples, "
+          f"scored on {len(read_parquet(workdir.split('valid')))} validation samples ({workdir.root})", flush=True)
+
+    started = time.time()
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True)
+    try:
+        configs = [recipe_config(config, *candidate, args.epochs) for candidate in CANDIDATES]
+        results = ray.get([try_recipe.remote(c.model_dump(mode="json"), str(workdir.root), chosen) for c in configs])
+    finally:
+        ray.shutdown()
+
+    table = []
+    for (loss, lr, rank, targets), rows in zip(CANDIDATES, results):
+        for row in rows:
+            table.append({"loss": loss, "learning_rate": lr, "rank": rank, "targets": list(targets), **row})
+    best = max(table, key=lambda r: r["valid_auc"])
+    print(f"\n{'loss':<11} {'lr':>7} {'r':>3} {'targets':<27} {'epoch':>5} {'valid AUC':>9}  95% interval")
+    for row in table:
+        low, high = row["interval"] or (float("nan"), float("nan"))
+        mark = "  <- best" if row is best else ""
+        print(f"{row['loss']:<11} {row['learning_rate']:>7g} {row['rank']:>3} {'+'.join(row['targets']):<27} "
+              f"{row['epoch']:>5} {row['valid_auc']:>9.4f}  [{low:.3f}, {high:.3f}]{mark}")
+    out = bench_dir() / "results" / "recipe.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"config": args.config, "n_train": n_train, "n_valid": len(read_parquet(workdir.split("valid"))),
+                               "rows": table, "best": best, "seconds": round(time.time() - started, 1)}, indent=1))
+    print(f"\n{out} ({time.time() - started:.0f}s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
