@@ -16,7 +16,7 @@ export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
 export TOKENIZERS_PARALLELISM := false
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup demo test test-slow bench serve clean
+.PHONY: setup demo test test-slow bench recipe serve clean
 
 setup: $(STAMP) $(MODEL_DIR)/config.json
 
@@ -44,6 +44,9 @@ test-slow: setup
 
 bench: setup
 	$(PY) -m benchmarks
+
+recipe: setup
+	$(PY) -m benchmarks.recipe
 
 serve: setup
 	$(PY) -m serving --config configs/movielens.yaml --workdir runs/movielens

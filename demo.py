@@ -17,8 +17,8 @@ from pathlib import Path
 
 from components.config import load_config
 from components.metrics import auc
-from components.model import load_base_model, load_tokenizer, make_deterministic, score
-from components.store import Workdir, prepare
+from components.model import load_base_model, load_tokenizer, make_deterministic, score_states
+from components.store import Workdir, prepare, sample_states
 from ray_jobs.common import connect_ray
 
 
@@ -28,7 +28,7 @@ def banner(text: str) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="configs/movielens.yaml")
+    parser.add_argument("--config", default="configs/demo.yaml")
     parser.add_argument("--workdir", default="runs/demo")
     parser.add_argument("--port", type=int, default=8000)
     args = parser.parse_args()
@@ -37,17 +37,17 @@ def main() -> int:
     shutil.rmtree(workdir.root, ignore_errors=True)  # the demo always starts from nothing
     summary = {}
 
-    banner("1. Data and the untuned base model")
+    banner("1. Data, the frozen trunk's states, and the untuned base model")
     make_deterministic(2)
     tokenizer = load_tokenizer()
     model = load_base_model(config.model, config.seed, tokenizer)
     started = time.time()
     splits = prepare(config, workdir, model, tokenizer)
     test = splits["test"]
-    base_scores = score(model, tokenizer, test["prompt"].tolist(), config.model.max_length, batch_size=8)
+    base_scores = score_states(model, tokenizer, sample_states(config, workdir, test, model, tokenizer), config.model.trunk_layers)
     summary["untuned_auc"] = auc(test["label"], base_scores)
     print(f"samples: train {len(splits['train'])}, valid {len(splits['valid'])}, test {len(test)} "
-          f"(from {config.data.source}); prepared in {time.time() - started:.0f}s")
+          f"(from {config.data.source}); prepared in {time.time() - started:.0f}s, trunk states in {workdir.trunk.root}")
     print(f"untuned {config.model.name} AUC on the test split: {summary['untuned_auc']:.4f}")
     del model
 
@@ -108,9 +108,19 @@ def main() -> int:
     serve.shutdown()
 
     banner("Summary")
-    summary["eval"] = {m: round(r["auc"], 4) for m, r in evaluation["methods"].items()}
+    summary["eval"] = {m: {"auc": round(r["auc"], 4), "ci95": [round(x, 4) for x in r["auc_ci95"] or ()]}
+                       for m, r in evaluation["methods"].items()}
     print(json.dumps(summary, indent=1))
+    apa, floor = evaluation["methods"]["apa"], evaluation["methods"]["floor-history"]
+    verdict = "above" if apa["auc"] > floor["auc"] else "NOT above"
+    print(f"APA: AUC {apa['auc']:.4f} {_interval(apa)} on {len(test)} test samples, {verdict} the history floor "
+          f"(no model: the share of liked titles in the history) {floor['auc']:.4f} {_interval(floor)}; "
+          f"untuned model {summary['untuned_auc']:.4f}")
     return 0
+
+
+def _interval(row: dict) -> str:
+    return "[{:.3f}, {:.3f}]".format(*row["auc_ci95"]) if row.get("auc_ci95") else ""
 
 
 if __name__ == "__main__":

@@ -242,13 +242,18 @@ def drop_trunk(model, trunk_layers: int):
     return model
 
 
-def score(model, tokenizer, prompts: list[str], config: ModelConfig) -> np.ndarray:
-    """P(yes) of prompts under `model` (adapted or not), one prompt at a time: trunk, then head."""
+def score_states(model, tokenizer, states: list[torch.Tensor], trunk_layers: int) -> np.ndarray:
+    """P(yes) under `model` (adapted by peft, or not) of prompts given their trunk states, one at a time."""
     yes_id, no_id = answer_token_ids(tokenizer)
     with torch.no_grad():
-        scores = [p_yes(head_logits(model, trunk.states, trunk.mask, config.trunk_layers), yes_id, no_id)
-                  for trunk in (trunk_pass(model, tokenize(tokenizer, [p], config.max_length), config, embedding=False) for p in prompts)]
+        scores = [p_yes(head_logits(model, *pad_states([s]), trunk_layers), yes_id, no_id) for s in states]
     return torch.cat(scores).numpy() if scores else np.zeros(0, dtype=np.float32)
+
+
+def score(model, tokenizer, prompts: list[str], config: ModelConfig) -> np.ndarray:
+    """P(yes) of prompts under `model`, one prompt at a time: the trunk, then the head."""
+    states = [trunk_pass(model, tokenize(tokenizer, [p], config.max_length), config, embedding=False).states[0] for p in prompts]
+    return score_states(model, tokenizer, states, config.trunk_layers)
 
 
 def embed(model, tokenizer, prompts: list[str], config: ModelConfig) -> np.ndarray:
