@@ -50,12 +50,12 @@ def tensors_sha256(state: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def lora_config(config: Config) -> LoraConfig:
+def lora_config(config: Config, num_layers: int) -> LoraConfig:
     """TALLRec's LoRA, in the head's layers only: the trunk below them is shared and frozen."""
     a, trunk = config.adapter, config.model.trunk_layers
-    head = list(range(trunk, trunk + 10_000)) if trunk else None  # indices past the last layer match nothing
     return LoraConfig(task_type=TaskType.CAUSAL_LM, r=a.r, lora_alpha=a.alpha, lora_dropout=a.dropout,
-                      target_modules=list(a.target_modules), bias="none", layers_to_transform=head)
+                      target_modules=list(a.target_modules), bias="none",
+                      layers_to_transform=list(range(trunk, num_layers)) if trunk else None)
 
 
 class AdaptedHead(nn.Module):
@@ -70,7 +70,7 @@ class AdaptedHead(nn.Module):
             base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         torch.manual_seed(shard_seed(config.seed, shard))
         if config.adapter.kind == "lora":
-            self.model, self.prompt = get_peft_model(base, lora_config(config)), None
+            self.model, self.prompt = get_peft_model(base, lora_config(config, len(decoder_of(base).layers))), None
         else:
             self.model = base
             # Scaled like the model's own token embeddings (public: the base model), not like user data.

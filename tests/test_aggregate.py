@@ -106,7 +106,7 @@ def tiny(request):
     config = load_config(TINY, model={"trunk_layers": request.param})
     tokenizer = load_tokenizer()
     base = load_base_model(config.model, config.seed, tokenizer)
-    peft_model = get_peft_model(copy.deepcopy(base), lora_config(config))
+    peft_model = get_peft_model(copy.deepcopy(base), lora_config(config, config.model.tiny_layers))
     peft_model.eval()  # no dropout
     adapters = []
     for k in range(K):  # trained-looking adapters: LoRA's init has B = 0, so randomize A and B
