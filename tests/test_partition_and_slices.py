@@ -69,7 +69,7 @@ def test_semantic_centroids_are_balanced_on_the_reference_set(world):
 
 def test_adaptive_partition_finds_more_clusters_for_a_smaller_threshold(world):
     counts = [Partitioner.fit(PartitionConfig(method="adaptive", distance_threshold=t, min_cluster_size=2), 7,
-                              world["reference"]).num_shards for t in (0.3, 0.6, 1.2)]
+                              world["reference"]).num_shards for t in (0.3, 0.8, 1.0)]
     assert counts[0] > counts[1] > counts[2] >= 1, counts
 
 
