@@ -5,6 +5,9 @@ A request moves through recorded states; a process killed in any state resumes f
 
     received -> masked -> deleted -> retrained -> registered -> unmasked -> purged -> done
 
+A request whose round fails the same way again and again is `failed` (its shards stay masked)
+until an operator retries it, or abandons it if nothing was deleted yet (`abandoned`).
+
 Requests waiting while a round runs are coalesced into the next round, so each affected shard
 retrains once per round. The ids to forget are kept only while a request is pending; a finished
 request and its audit record keep a salted hash of the subject instead.
@@ -13,9 +16,9 @@ request and its audit record keep a salted hash of the subject instead.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
+import os
 import secrets
 import time
 import uuid
@@ -27,6 +30,7 @@ import torch
 
 from components.aggregate import AggregatorState
 from components.data import SPLITS, read_parquet, samples_touching
+from components.lease import Heartbeat, Lease
 from components.store import Workdir, write_json
 from components.train import last_clean_stage
 
@@ -67,9 +71,14 @@ def save_request(workdir: Workdir, record: dict) -> None:
     write_json(request_path(workdir, record["request_id"]), record)
 
 
-def pending_requests(workdir: Workdir) -> list[dict]:
+def all_requests(workdir: Workdir) -> list[dict]:
     records = [json.loads(p.read_text()) for p in sorted(_requests_dir(workdir).glob("*.json"))]
-    return sorted((r for r in records if r["state"] != "done"), key=lambda r: r["created"])
+    return sorted(records, key=lambda r: r["created"])
+
+
+def pending_requests(workdir: Workdir) -> list[dict]:
+    """Requests a round still has to carry out (not done, not failed, not abandoned), oldest first."""
+    return [r for r in all_requests(workdir) if r["state"] in STATES[:-1]]
 
 
 def validate_ids(users: list[str], interactions: list[str]) -> None:
@@ -125,25 +134,69 @@ def scrub(record: dict) -> dict:
 
 
 def masked_by_pending(workdir: Workdir) -> set[int]:
-    """Shards that must stay masked: those of every request not yet past `registered`."""
-    return {s for r in pending_requests(workdir) if state_index(r["state"]) < state_index("unmasked") for s in r["affected_shards"]}
+    """Shards that must stay masked: those of every request not yet past `registered`, failed
+    requests included (their shards stay masked until the request is retried to the end)."""
+    return {s for r in all_requests(workdir) if r["state"] != "abandoned" and r["state"] != "done"
+            and state_index(r.get("failed_at", r["state"]) if r["state"] == "failed" else r["state"]) < state_index("unmasked")
+            for s in r["affected_shards"]}
+
+
+def fail_request(workdir: Workdir, record: dict, error: str) -> dict:
+    """Give up retrying: the request is `failed` (visible, with the error) in the state it reached."""
+    return advance(workdir, record, "failed", failed_at=record["state"], error=error)
+
+
+def retry_request(workdir: Workdir, record: dict) -> dict:
+    """An operator's retry: the failed request goes back to the state it failed in."""
+    if record["state"] != "failed":
+        raise RequestError(f"request {record['request_id']} is {record['state']}, not failed: nothing to retry")
+    record.pop("error", None)
+    return advance(workdir, record, record.pop("failed_at"), retried_at=time.time())  # earlier failures no longer count
+
+
+def abandon_request(workdir: Workdir, record: dict) -> dict:
+    """An operator's decision to drop a request whose round has not deleted anything yet; its plain
+    ids go (the data stay in the store, and its shards are unmasked by the caller)."""
+    state = record.get("failed_at", record["state"]) if record["state"] == "failed" else record["state"]
+    if record["state"] in ("done", "abandoned"):
+        raise RequestError(f"request {record['request_id']} is already {record['state']}")
+    if state_index(state) >= state_index("deleted"):
+        raise RequestError(f"request {record['request_id']} reached {state!r}: its data are deleted and its shards must be "
+                           f"retrained, so it cannot be abandoned; fix the cause and retry it")
+    return advance(workdir, scrub(record), "abandoned", abandoned_at=state)
+
+
+ROUND_LEASE_TTL_S = 30.0  # a holder on another node counts as gone this long after its last heartbeat
+
+
+def round_lease(workdir: Workdir, **info) -> Lease:
+    return Lease(workdir.path("rounds", "lease"), ROUND_LEASE_TTL_S, **info)
+
+
+def round_holder(workdir: Workdir) -> dict | None:
+    """Who runs a forgetting round on this work dir right now (None: nobody)."""
+    return round_lease(workdir).holder()
 
 
 @contextlib.contextmanager
-def round_lock(workdir: Workdir):
-    """At most one forgetting round at a time per work dir; yields False if another holds it."""
-    path = _requests_dir(workdir) / ".lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        try:
+def round_lock(workdir: Workdir, **info):
+    """At most one forgetting round at a time per work dir, across the nodes sharing it (a lease,
+    see components.lease); yields False if another process holds it. A holder that loses the lease
+    (it stalled past the TTL and another took over) exits at once, before writing anything more."""
+    lease = round_lease(workdir, **info)
+    if not lease.acquire():
+        yield False
+        return
+
+    def lost() -> None:
+        print(f"error: the round lease on {workdir.root} was taken over: stopping", flush=True)
+        os._exit(3)
+
+    try:
+        with Heartbeat(lease, lost):
             yield True
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    finally:
+        lease.release()
 
 
 # --- the subject's salted hash --------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -42,7 +43,10 @@ def connect_ray() -> None:
     if ray.is_initialized():
         return
     env = {k: os.environ[k] for k in (*OFFLINE_ENV, "UNLEARN_CACHE", "MLFLOW_TRACKING_URI") if k in os.environ}
-    ray.init(runtime_env={"env_vars": env}, log_to_driver=True)
+    # A submitted job (ray job submit, a RayJob, the forget reconciler) already gives its workers the
+    # job's env_vars, and Ray refuses a driver that names one of them again.
+    job_env = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")).get("runtime_env", {}).get("env_vars", {})
+    ray.init(runtime_env={"env_vars": {k: v for k, v in env.items() if k not in job_env}}, log_to_driver=True)
 
 
 def fail(message: str, code: int = 2) -> None:

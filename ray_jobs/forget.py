@@ -5,12 +5,16 @@ model trained from scratch without the data.
     python -m ray_jobs.forget --config configs/tiny.yaml --workdir runs/tiny --users 13,42
     python -m ray_jobs.forget ... --interactions 13:250 --request-id ticket-991 --verify
     python -m ray_jobs.forget ... --request-id ticket-991      # resume / process a recorded request
+    python -m ray_jobs.forget ... --request-id ticket-991 --retry      # a failed request, its cause fixed
+    python -m ray_jobs.forget ... --request-id ticket-991 --abandon    # one that has deleted nothing yet
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import tempfile
 import time
 import uuid
@@ -29,6 +33,7 @@ from components.store import Workdir, copy_store, load_splits, remove_samples, s
 from components.train import ADAPTER_FILE, checkpoint_path
 from components.unlearn import (
     RequestError,
+    abandon_request,
     advance,
     compare_states,
     compare_tensors,
@@ -37,6 +42,7 @@ from components.unlearn import (
     new_request,
     pending_requests,
     plan_round,
+    retry_request,
     round_lock,
     scan_workdir,
     scrub,
@@ -55,12 +61,16 @@ def process(config: Config, workdir: Workdir, verify: bool = False) -> list[dict
     """Process every pending request, round by round; returns the audit records written.
     If another process is running a round, the requests stay queued for it and nothing is done."""
     audits = []
-    with round_lock(workdir) as held:
+    with round_lock(workdir, job=os.environ.get("UNLEARN_FORGET_SUBMISSION_ID") or f"pid {os.getpid()}") as held:
         if not held:
             print("another forget job is running a round: the request is queued and will be coalesced into its next round")
             return audits
         while True:
             round_ = json.loads(_round_path(workdir).read_text()) if _round_path(workdir).exists() else None
+            if round_ is not None and round_.get("failed"):
+                print(f"error: round {round_['round_id']} failed ({round_['failed']}); requests wait until an operator retries "
+                      f"or abandons {', '.join(round_['request_ids'])}", flush=True)
+                return audits
             if round_ is None:
                 batch = pending_requests(workdir)
                 if not batch:
@@ -70,16 +80,28 @@ def process(config: Config, workdir: Workdir, verify: bool = False) -> list[dict
                           "interactions": sorted({i for r in batch for i in r["interactions"]}),
                           "state": "received", "seconds": {}}
                 write_json(_round_path(workdir), round_)
+                _fault_injection("received")
             audits += run_round(config, workdir, round_, verify)
 
 
 def _set_state(workdir: Workdir, round_: dict, state: str, started: float, **fields) -> None:
+    entered = round_["state"] != state  # a resumed job records "retrained" again: no second kill there
     round_.update(fields, state=state)
     round_["seconds"][state] = round(time.time() - started, 3)
     write_json(_round_path(workdir), round_)
     for request_id in round_["request_ids"]:
         advance(workdir, load_request(workdir, request_id), state)
     print(f"[{round_['round_id']}] {state} ({round_['seconds'][state]}s)", flush=True)
+    if entered:
+        _fault_injection(state)
+
+
+def _fault_injection(state: str) -> None:
+    """Tests: UNLEARN_FORGET_KILL_AT=masked,retrained,... makes the job SIGKILL itself right after
+    entering one of those states (once per state and round: a resumed job does not enter it again)."""
+    if state in id_list(os.environ.get("UNLEARN_FORGET_KILL_AT")):
+        print(f"fault injection: SIGKILL at {state}", flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def run_round(config: Config, workdir: Workdir, round_: dict, verify: bool) -> list[dict]:
@@ -253,18 +275,67 @@ def compare_live(config: Config, workdir: Workdir, ours: Registry, theirs: Regis
     }
 
 
+def retry(workdir: Workdir, request_id: str) -> None:
+    """Put a failed request, and every request of its failed round, back where it failed."""
+    with round_lock(workdir, job=f"retry by pid {os.getpid()}") as held:
+        if not held:
+            raise RequestError("a forget round is running on this work dir: try again when it ends")
+        round_ = json.loads(_round_path(workdir).read_text()) if _round_path(workdir).exists() else None
+        ids = round_["request_ids"] if round_ and request_id in round_["request_ids"] else [request_id]
+        if load_request(workdir, request_id)["state"] != "failed":
+            raise RequestError(f"request {request_id} is {load_request(workdir, request_id)['state']}, not failed: nothing to retry")
+        for rid in ids:
+            if (record := load_request(workdir, rid))["state"] == "failed":
+                retry_request(workdir, record)
+        if round_ and round_.pop("failed", None):
+            write_json(_round_path(workdir), round_)
+        print(f"retrying request(s) {', '.join(ids)}", flush=True)
+
+
+def abandon(config: Config, workdir: Workdir, request_id: str) -> None:
+    """Drop a request that has deleted nothing: its round (if any) is dissolved, the other requests
+    of that round go back to the queue, and shards no pending request needs are unmasked."""
+    with round_lock(workdir, job=f"abandon by pid {os.getpid()}") as held:
+        if not held:
+            raise RequestError("a forget round is running on this work dir: try again when it ends")
+        record = abandon_request(workdir, load_request(workdir, request_id))
+        round_ = json.loads(_round_path(workdir).read_text()) if _round_path(workdir).exists() else None
+        if round_ and request_id in round_["request_ids"]:
+            _round_path(workdir).unlink()  # it deleted nothing (abandon_request checked): the others are re-planned
+        registry = Registry(config.experiment, workdir.root)
+        registry.set_masked_shards(masked_by_pending(workdir))
+        write_json(workdir.path("audit", f"{request_id}.json"), {
+            "request_id": request_id, "subject_hash": record["subject_hash"], "source": record["source"],
+            "state": "abandoned", "abandoned_at": record["abandoned_at"], "history": record["history"]})
+        print(f"request {request_id} abandoned in state {record['abandoned_at']}; masked shards now "
+              f"{sorted(registry.masked_shards())}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = job_parser("ray_jobs.forget", "Forget users or interactions exactly, and prove it.")
     parser.add_argument("--users", help="comma-separated user ids")
     parser.add_argument("--interactions", help="comma-separated USER:ITEM interactions")
     parser.add_argument("--request-id", help="idempotency key; alone, it resumes a recorded request")
     parser.add_argument("--verify", action="store_true", help="also train from scratch without the data and compare bit for bit")
+    action = parser.add_mutually_exclusive_group()
+    action.add_argument("--retry", action="store_true", help="with --request-id: retry a failed request (and its round) now")
+    action.add_argument("--abandon", action="store_true",
+                        help="with --request-id: drop a request that has deleted nothing yet, and unmask its shards")
     args, config, workdir = load_job(parser, argv)
     if workdir.num_shards() == 0:
         fail(f"{workdir.root} holds no trained shards: run ray_jobs.train first")
     users, interactions = id_list(args.users), id_list(args.interactions)
     try:
-        if users or interactions:
+        if args.retry or args.abandon:
+            if not args.request_id or users or interactions:
+                fail("--retry and --abandon take a --request-id and nothing to forget")
+            if load_request(workdir, args.request_id) is None:
+                fail(f"unknown request id {args.request_id!r}")
+            if args.abandon:
+                abandon(config, workdir, args.request_id)
+                return 0
+            retry(workdir, args.request_id)
+        elif users or interactions:
             request = new_request(workdir, users, interactions, args.request_id)
             print(f"request {request.request_id}: affects shard(s) {request.affected_shards} (state {request.state})")
             # Mask at once, even if another job's round is running and this request has to wait.

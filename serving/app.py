@@ -23,8 +23,6 @@ import hmac  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import shutil  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
@@ -34,6 +32,7 @@ from typing import Any  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from fastapi import HTTPException, Request  # noqa: E402
+from fastapi import Path as PathParam  # noqa: E402
 from fastapi.responses import JSONResponse  # noqa: E402
 from pydantic import BaseModel, ConfigDict, ValidationError  # noqa: E402
 from ray import serve  # noqa: E402
@@ -51,11 +50,25 @@ from components.config import Config, ServingConfig, load_config  # noqa: E402
 from components.data import load_interactions_and_items  # noqa: E402
 from components.registry import Registry  # noqa: E402
 from components.store import Workdir  # noqa: E402
-from serving.http import ForgetAccepted, ForgetBody, Prediction, PredictRequest, PredictResponse, api, set_body_limit, validation_message  # noqa: E402
+from serving.http import (  # noqa: E402
+    REQUEST_ID,
+    ForgetAccepted,
+    ForgetBody,
+    ForgetStatus,
+    Health,
+    Prediction,
+    PredictRequest,
+    PredictResponse,
+    api,
+    errors,
+    set_limits,
+    validation_message,
+)
 
 logger = logging.getLogger("ray.serve")
-ROOT = Path(__file__).resolve().parents[1]  # the project (or the Ray working_dir): ray_jobs lives here too
 _DEFAULTS = ServingConfig()  # @serve.batch's limits until the replica applies its config
+BEARER = [{"bearer": []}]  # the forget routes' security requirement (the scheme is in serving.http)
+RECONCILER_CHECK_S = 10.0  # how often a replica makes sure the forget reconciler exists
 app = api(title="Exact-unlearning recommender", version="1",
           description="TALLRec-style P(yes) from K shard adapters mixed per request (APA); exact forgetting.")
 
@@ -91,7 +104,7 @@ class Recommender:
         self.config: Config = load_config(self.config_path)
         self.workdir = Workdir(_resolve(workdir))
         serving = self.config.serving
-        set_body_limit(serving.max_body_bytes)
+        set_limits(serving)
         self._score_rows.set_max_batch_size(serving.max_batch_size)
         self._score_rows.set_batch_wait_timeout_s(serving.batch_wait_timeout_s)
         try:
@@ -113,7 +126,8 @@ class Recommender:
         self.view = View(served, frozenset(masked))
         self._mask_lock = asyncio.Lock()
         self._loading: asyncio.Task | None = None
-        self._jobs: list[subprocess.Popen] = []
+        self._reconciler = None
+        self._reconciler_checked = 0.0
         self._last_poll = time.time()
         self._poller = asyncio.create_task(self._follow_live())
         logger.info("serving adapter set %s (%s, shards %s, masked %s)", served.version, served.method,
@@ -138,7 +152,11 @@ class Recommender:
             except Exception:  # noqa: BLE001 - a registry hiccup must not stop the follower
                 logger.exception("polling the registry failed; serving adapter set %s", self.view.served.version)
             self._last_poll = time.time()
-            self._jobs = [job for job in self._jobs if job.poll() is None]  # reap finished forget jobs
+            if time.time() - self._reconciler_checked > RECONCILER_CHECK_S:
+                try:
+                    await asyncio.to_thread(self._ensure_reconciler)
+                except Exception:  # noqa: BLE001 - outside a cluster, or the GCS busy: the next check tries again
+                    logger.exception("could not reach the forget reconciler")
             await asyncio.sleep(self.config.serving.poll_interval_s)
 
     async def _poll_once(self) -> None:
@@ -198,8 +216,7 @@ class Recommender:
         return results
 
     # --- routes ------------------------------------------------------------------------------------
-    @app.post("/v1/predict", response_model=PredictResponse, responses={
-        413: {"description": "body too large"}, 422: {"description": "invalid input"}, 503: {"description": "every shard masked"}})
+    @app.post("/v1/predict", response_model=PredictResponse, responses=errors(400, 413, 422, 503))
     async def predict(self, body: PredictRequest) -> PredictResponse:
         """P(yes) for each candidate, given a history (item ids + ratings) or liked/disliked titles."""
         limits, data = self.config.serving, self.config.data
@@ -250,14 +267,19 @@ class Recommender:
             "last_poll_age_s": round(time.time() - self._last_poll, 3),
         }
 
-    @app.get("/healthz")
+    @app.get("/healthz", response_model=Health, responses={503: {"model": Health, "description": "every shard is masked"}})
     async def healthz(self) -> JSONResponse:
+        """Serving status, and the forget requests: how many wait, which failed (and why), the reconciler."""
+        from components.reconcile import summary
+        from components.unlearn import all_requests
+
         view = self.view
         serving = view.served.serving(view.masked)
-        payload = {"status": "ok" if serving else "unavailable: every shard is masked",
-                   "adapter_set_version": view.served.version, "serving_shards": serving,
-                   "masked_shards": sorted(view.masked)}
-        return JSONResponse(payload, status_code=200 if serving else 503)
+        forget = await asyncio.to_thread(summary, self.workdir, await asyncio.to_thread(all_requests, self.workdir))
+        forget["reconciler"] = await asyncio.to_thread(self._reconciler_status)
+        payload = Health(status="ok" if serving else "unavailable: every shard is masked", adapter_set_version=view.served.version,
+                         serving_shards=serving, masked_shards=sorted(view.masked), forget=forget)
+        return JSONResponse(payload.model_dump(), status_code=200 if serving else 503)
 
     # --- forgetting --------------------------------------------------------------------------------
     def _authorize(self, request: Request) -> None:
@@ -271,13 +293,14 @@ class Recommender:
                                 headers={"WWW-Authenticate": "Bearer"})
 
     @app.post("/v1/forget", status_code=202, response_model=ForgetAccepted, openapi_extra={"requestBody": {
-        "required": True, "content": {"application/json": {"schema": ForgetBody.model_json_schema()}}}},
-        responses={401: {"description": "no or wrong bearer token"}, 422: {"description": "invalid request"},
-                   503: {"description": "no token configured"}})
+        "required": True, "content": {"application/json": {"schema": ForgetBody.model_json_schema()}}}, "security": BEARER},
+        responses={200: {"model": ForgetAccepted, "description": "this request id is known and finished (done, failed or abandoned)"},
+                   **errors(401, 413, 422, 503)})
     async def forget(self, request: Request) -> JSONResponse:
-        """Forget users and/or USER:ITEM interactions: the affected shards are masked at once, the
-        exact forget job (retrain from the last clean slice, swap, purge, audit) runs in the background."""
-        from components.unlearn import RequestError, new_request, state_index
+        """Forget users and/or USER:ITEM interactions: the affected shards are masked at once; the
+        reconciler runs the exact forget job (retrain from the last clean slice, swap, purge, audit) as
+        a Ray job, and again after a failure, until the request is done."""
+        from components.unlearn import STATES, RequestError, new_request, state_index
 
         self._authorize(request)  # before the body is even parsed
         try:
@@ -290,56 +313,52 @@ class Recommender:
         except RequestError as err:
             raise HTTPException(422, str(err)) from None
         affected = {int(s) for s in record.affected_shards}
-        if state_index(record.state) < state_index("unmasked"):  # (a repeated request id may be further on)
+        pending = record.state in STATES[:-1]  # a repeated request id may be done, failed or abandoned
+        if pending and state_index(record.state) < state_index("unmasked"):
             async with self._mask_lock:  # the poller cannot undo this with a stale read
                 view = self.view
                 self.view = View(view.served, view.masked | affected)  # this replica: at once
                 await asyncio.to_thread(self._mask_in_registry, affected)  # every replica: next poll
-        if record.state != "done":
-            await asyncio.to_thread(self._launch_forget_job, record.request_id)
+        if pending:  # the reconciler picks the request up within a second
+            try:
+                await asyncio.to_thread(self._ensure_reconciler)
+            except Exception:  # noqa: BLE001 - the request is recorded: the poller's next check starts it
+                logger.exception("could not reach the forget reconciler")
         payload = ForgetAccepted(request_id=record.request_id, affected_shards=sorted(affected),
                                  status_url=f"/v1/forget/{record.request_id}", state=record.state)
-        return JSONResponse(payload.model_dump(), status_code=202 if record.state != "done" else 200)
+        return JSONResponse(payload.model_dump(), status_code=202 if pending else 200)
 
     def _mask_in_registry(self, shards: set[int]) -> None:
         if shards:
             self.registry.set_masked_shards(self.registry.masked_shards() | shards)
 
-    def _launch_forget_job(self, request_id: str) -> None:
-        """`python -m ray_jobs.forget --request-id ...` in its own session, joined to this Ray
-        cluster; output to DIR/requests/<id>.log. Serving never imports ray_jobs."""
-        log_path = self.workdir.path("requests", f"{request_id}.log")
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        command = [sys.executable, "-m", "ray_jobs.forget", "--config", str(self.config_path),
-                   "--workdir", str(self.workdir.root), "--request-id", request_id]
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    def _ensure_reconciler(self) -> None:
+        """The work dir's forget reconciler (a detached Ray actor, restarted by Ray): re-created if gone."""
+        from ray_jobs.reconcile import ensure_reconciler
+
+        self._reconciler = ensure_reconciler(self.config_path, self.workdir.root)
+        self._reconciler_checked = time.time()
+
+    def _reconciler_status(self) -> dict:
+        import ray
+
         try:
-            import ray
+            return ray.get(self._reconciler.status.remote(), timeout=2) if self._reconciler else {"running": False}
+        except Exception as err:  # noqa: BLE001 - dead or restarting: say so
+            return {"running": False, "error": type(err).__name__}
 
-            env["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
-        except Exception:  # noqa: BLE001 - not inside Ray: the job starts its own
-            pass
-        with open(log_path, "ab") as log:
-            job = subprocess.Popen(command, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
-            log.write(f"# {time.strftime('%Y-%m-%dT%H:%M:%S')} serving launched pid {job.pid}: {' '.join(command)}\n".encode())
-        self._jobs.append(job)
-        logger.info("forget request %s: launched job pid %d (log %s)", request_id, job.pid, log_path)
-
-    @app.get("/v1/forget/{request_id}", responses={401: {"description": "no or wrong bearer token"},
-                                                   404: {"description": "unknown request id"}})
-    async def forget_status(self, request_id: str, request: Request) -> dict:
-        """A forget request's record (its state and history); the ids to forget are not echoed."""
-        from components.unlearn import RequestError, load_request, scrub
+    @app.get("/v1/forget/{request_id}", response_model=ForgetStatus, responses=errors(401, 404, 422, 503),
+             openapi_extra={"security": BEARER})
+    async def forget_status(self, request: Request, request_id: str = PathParam(pattern=REQUEST_ID)) -> dict:
+        """A forget request: its state and history, attempts, the current Ray job (submission id and
+        status), the last error and the time of the next retry; the ids to forget are not echoed."""
+        from components.reconcile import request_status
 
         self._authorize(request)
-        try:
-            record = await asyncio.to_thread(load_request, self.workdir, request_id)
-        except RequestError as err:
-            raise HTTPException(422, str(err)) from None
-        if record is None:
+        status = await asyncio.to_thread(request_status, self.workdir, request_id)
+        if status is None:
             raise HTTPException(404, f"unknown forget request {request_id!r}")
-        return scrub(record)
+        return status
 
 
 # --- the application builder: `serve run` / `serve deploy` / RayService import_path ---------------------

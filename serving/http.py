@@ -4,7 +4,7 @@ error shapes (every error is {"detail": "<message>"}, bad input a 4xx naming the
 import json
 import logging
 import math
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
@@ -31,7 +31,8 @@ def _rating(value: Any) -> float:
     return float(value)
 
 
-ItemId = Annotated[int | str, PlainValidator(_item_id), WithJsonSchema({"anyOf": [{"type": "integer"}, {"type": "string"}]})]
+ItemId = Annotated[int | str, PlainValidator(_item_id),
+                   WithJsonSchema({"anyOf": [{"type": "integer"}, {"type": "string", "minLength": 1, "maxLength": 64}]})]
 Rating = Annotated[float, PlainValidator(_rating), WithJsonSchema({"type": "number"})]
 Title = Annotated[str, Field(strict=True, min_length=1, max_length=300)]
 
@@ -45,16 +46,27 @@ class HistoryEntry(Body):
     rating: Rating
 
 
+# Exactly one of the two forms (the model validator below says the same in words).
+_ONE_FORM = {"oneOf": [
+    {"required": ["history"], "not": {"anyOf": [{"required": ["liked"]}, {"required": ["disliked"]}]}},
+    {"not": {"required": ["history"]}, "anyOf": [{"required": ["liked"]}, {"required": ["disliked"]}]},
+]}
+
+
 class PredictRequest(Body):
     """Either a history of rated item ids (oldest first; the latest `data.history_len` are used,
-    liked if rating > `data.like_threshold`), or liked / disliked titles directly."""
+    liked if rating > `data.like_threshold`), or liked / disliked titles directly (together at most
+    `serving.max_history`). Item ids must be in the catalogue (else 422)."""
 
-    user_id: Annotated[str, Field(strict=True, max_length=128)] | None = Field(
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_ONE_FORM)
+
+    # Absent fields are None; an explicit null is refused, as the schema says (no "null" type).
+    user_id: Annotated[str, Field(strict=True, max_length=128)] = Field(
         None, description="optional, for the caller's bookkeeping: not used to predict and not stored")
-    history: list[HistoryEntry] | None = None
-    liked: list[Title] | None = None
-    disliked: list[Title] | None = None
-    candidates: list[ItemId] = Field(description="item ids to score")
+    history: list[HistoryEntry] = None
+    liked: list[Title] = None
+    disliked: list[Title] = None
+    candidates: list[ItemId] = Field(description="item ids to score", json_schema_extra={"minItems": 1})  # the route says why
 
     @model_validator(mode="after")
     def _one_form(self):
@@ -80,27 +92,85 @@ class PredictResponse(BaseModel):
     method: str
 
 
+REQUEST_ID = r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$"  # also a file name: no '/', no leading '.'
+RequestId = Annotated[str, Field(strict=True, pattern=REQUEST_ID, description="letters, digits, '-', '_', '.' (not first); at most 128")]
+
+
 class ForgetBody(Body):
-    users: list[Annotated[str, Field(strict=True, min_length=1, max_length=128)]] = []
-    interactions: list[Annotated[str, Field(strict=True, min_length=3, max_length=257)]] = Field(
+    """At least one user or interaction (ids are trimmed of surrounding blanks)."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"anyOf": [
+        {"required": ["users"], "properties": {"users": {"minItems": 1}}},
+        {"required": ["interactions"], "properties": {"interactions": {"minItems": 1}}}]})
+
+    users: list[Annotated[str, Field(strict=True, min_length=1, max_length=128, pattern=r"\S")]] = []
+    interactions: list[Annotated[str, Field(strict=True, min_length=3, max_length=257, pattern=r"^[^:]*[^:\s][^:]*:[^:]*[^:\s][^:]*$")]] = Field(
         [], description="USER:ITEM pairs")
-    request_id: Annotated[str, Field(strict=True, min_length=1, max_length=128)] | None = None
+    request_id: RequestId = None
+
+
+State = Literal["received", "masked", "deleted", "retrained", "registered", "unmasked", "purged", "done", "failed", "abandoned"]
 
 
 class ForgetAccepted(BaseModel):
     request_id: str
     affected_shards: list[int]
     status_url: str
-    state: str
+    state: State
+
+
+class ForgetJob(BaseModel):
+    submission_id: str = Field(description="the Ray job (`ray job status <id>`, `ray job logs <id>`)")
+    status: str = Field(description="PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED, or LOST (unknown to the cluster)")
+
+
+class ForgetStatus(BaseModel):
+    request_id: str
+    state: State
+    source: str
+    created: float
+    affected_shards: list[int]
+    subject_hash: str = Field(description="salted hash of the subject: the ids to forget are never echoed")
+    history: list[tuple[str, float]] = Field(description="[state, unix time] for every state reached")
+    attempts: int = Field(description="Ray jobs submitted for this request so far")
+    job: ForgetJob | None = Field(description="the latest job, or none yet")
+    last_error: str | None
+    next_retry_at: float | None = Field(description="unix time of the next job submission after a failure, if one is due")
+    note: str | None = Field(description="why the request is waiting, if it is")
+    failed_at: str | None = Field(None, description="for a failed request: the state it failed in")
+    error: str | None = Field(None, description="for a failed request: why")
+
+
+class Health(BaseModel):
+    status: str
+    adapter_set_version: str
+    serving_shards: list[int]
+    masked_shards: list[int]
+    forget: dict[str, Any] = Field(description="pending requests, failed ones with their errors, and the reconciler's state")
+
+
+class ErrorBody(BaseModel):
+    detail: str
+
+
+def errors(*codes: int) -> dict:
+    """OpenAPI `responses` for the error codes a route can send, each with the {"detail": ...} body."""
+    text = {400: "malformed request (Content-Length not a number)", 401: "no or wrong bearer token", 404: "not found",
+            413: "body larger than serving.max_body_bytes", 422: "invalid input: the message names the problem",
+            503: "unavailable (the message says why)"}
+    return {code: {"model": ErrorBody, "description": text[code]} for code in codes}
 
 
 # --- the app: limits and error shapes (every error is {"detail": "<message>"}) ----------------------
 
 _body_limit = {"bytes": ServingConfig().max_body_bytes}  # set from the config by the replica (one per process)
+_list_limits = {"candidates": ServingConfig().max_candidates, "history": ServingConfig().max_history}
 
 
-def set_body_limit(size: int) -> None:
-    _body_limit["bytes"] = size
+def set_limits(serving: ServingConfig) -> None:
+    """The replica's limits: enforced by BodyLimit and the routes, stated in the OpenAPI schema."""
+    _body_limit["bytes"] = serving.max_body_bytes
+    _list_limits.update(candidates=serving.max_candidates, history=serving.max_history)
 
 
 class BodyLimit:
@@ -185,6 +255,22 @@ async def _unexpected(request: Request, err: Exception):
 def api(**fastapi_args) -> FastAPI:
     """The FastAPI ingress with the body limit and the error shapes installed."""
     app = FastAPI(**fastapi_args)
+    generate = app.openapi
+
+    def openapi() -> dict:
+        """FastAPI's schema with the configured list limits (pydantic cannot know them at import)."""
+        if app.openapi_schema is None:
+            schema = generate()
+            schema["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer", "description":
+                                                       "the forget token (serving.forget_token or $UNLEARN_FORGET_TOKEN)"}}
+            for name, model in schema["components"]["schemas"].items():
+                if name.startswith("PredictRequest"):
+                    model["properties"]["candidates"]["maxItems"] = _list_limits["candidates"]
+                    for field in ("history", "liked", "disliked"):
+                        model["properties"][field]["maxItems"] = _list_limits["history"]
+        return app.openapi_schema
+
+    app.openapi = openapi
     app.add_middleware(BodyLimit)
     app.add_exception_handler(RequestValidationError, _invalid)
     app.add_exception_handler(Exception, _unexpected)

@@ -9,6 +9,12 @@ for _key, _value in {
     os.environ.setdefault(_key, _value)
 os.environ.pop("MLFLOW_TRACKING_URI", None)  # each test's work dir has its own sqlite store
 
+import contextlib  # noqa: E402
+import signal  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -20,18 +26,57 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def local_cluster(num_cpus: int = 2):
+    """A real local Ray cluster with its job server (forget work runs as Ray jobs), every port of its
+    own (other Rays may run on this machine), stopped at the end: only the processes it started."""
+    ports = {name: free_port() for name in ("port", "dashboard-port", "dashboard-agent-listen-port",
+                                            "dashboard-agent-grpc-port", "ray-client-server-port", "runtime-env-agent-port")}
+    command = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
+               "--num-cpus", str(num_cpus), "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
+               "--disable-usage-stats", *(f"--{k}={v}" for k, v in ports.items())]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        address = f"127.0.0.1:{ports['port']}"
+        deadline = time.time() + 120
+        while True:
+            assert process.poll() is None and time.time() < deadline, "the local Ray cluster did not start"
+            try:
+                socket.create_connection(("127.0.0.1", ports["dashboard-port"]), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.5)
+        yield address, f"http://127.0.0.1:{ports['dashboard-port']}"
+    finally:
+        process.terminate()  # `ray start --block` stops the processes it started
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+
+
 @pytest.fixture(scope="session")
 def ray_session():
-    """One real Ray (2 CPUs) for every test that needs it; started once, stopped at the end."""
+    """One real Ray (2 CPUs, with the job API) for every test that needs it; started once, stopped at the end."""
     import ray
 
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+    if ray.is_initialized():
+        yield ray
+        return
+    with local_cluster() as (address, dashboard):
+        ray.init(address=address, log_to_driver=False,
                  runtime_env={"env_vars": {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")}})
-    yield ray
-    if started:
-        ray.shutdown()
+        ray.dashboard_url = dashboard  # for tests that list jobs
+        try:
+            yield ray
+        finally:
+            ray.shutdown()
 
 
 @pytest.fixture(scope="session")

@@ -6,8 +6,6 @@ Real Ray (the session's, 2 CPUs), real Serve on 127.0.0.1 on a free port, real M
 
 import json
 import os
-import re
-import signal
 import socket
 import subprocess
 import sys
@@ -18,7 +16,18 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import schemathesis
 import yaml
+from hypothesis import HealthCheck, given, settings
+from schemathesis import GenerationMode
+from schemathesis.checks import not_a_server_error
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
+    negative_data_rejection,
+    response_headers_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
 
 from components.aggregate import AggregatorState, candidate_prompts, history_split, load_mixture, predict, stored_inputs
 from components.config import ConfigError, load_config
@@ -58,22 +67,26 @@ class Served:
         return response.json()
 
 
-def _forget_jobs(workdir: Workdir) -> list[int]:
-    """The forget jobs serving launched for this work dir (pids from the request logs)."""
-    pids = []
-    for log in workdir.path("requests").glob("*.log"):
-        pids += [int(p) for p in re.findall(r"serving launched pid (\d+)", log.read_text(errors="replace"))]
-    return pids
+def _forget_jobs(workdir: Workdir) -> list[str]:
+    """The Ray jobs the forget reconciler submitted for this work dir (`ray job list`)."""
+    import ray
+    from ray.job_submission import JobSubmissionClient
+
+    jobs = JobSubmissionClient(ray.get_runtime_context().gcs_address).list_jobs()
+    return [j.submission_id for j in jobs if (j.metadata or {}).get("workdir") == str(workdir.root)]
 
 
 def _stop_forget_jobs(workdir: Workdir) -> None:
-    for pid in _forget_jobs(workdir):
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
-        except OSError:
-            continue  # finished
-        if "ray_jobs.forget" in cmdline and str(workdir.root) in cmdline:  # ours, started by this test's server
-            os.killpg(pid, signal.SIGTERM)  # its own session: the job and anything it started
+    """The reconciler of this test's work dir, and any job of it still running."""
+    import ray
+    from ray.job_submission import JobSubmissionClient
+
+    from ray_jobs.reconcile import stop_reconciler
+
+    stop_reconciler(workdir.root)
+    client = JobSubmissionClient(ray.get_runtime_context().gcs_address)
+    for submission_id in _forget_jobs(workdir):
+        client.stop_job(submission_id)
 
 
 @pytest.fixture(scope="module")
@@ -385,10 +398,14 @@ def test_forget_needs_the_bearer_token(served):
     assert err.value.status_code == 401
     auth = {"Authorization": f"Bearer {TOKEN}"}
     for bad, message in (({}, "at least one user"), ({"users": [1]}, "users.0"), ({"interactions": ["x"]}, "interactions"),
-                         ({"users": ["1"], "request_id": "../etc"}, "invalid request id"), ({"users": ["1"], "why": 1}, "unknown field")):
+                         ({"users": ["1"], "request_id": "../etc"}, "request_id: String should match pattern"), ({"users": ["1"], "why": 1}, "unknown field")):
         response = served.http.post("/v1/forget", json=bad, headers=auth)
         assert response.status_code == 422 and message in response.json()["detail"], (bad, response.text)
     assert served.http.get("/v1/forget/never-made", headers=auth).status_code == 404
+    # An id no request can have is refused by its pattern (the file name would be too long), never a 5xx.
+    for bad in ("x" * 5000, ".hidden", "a b"):
+        response = served.http.get(f"/v1/forget/{bad}", headers=auth)
+        assert response.status_code == 422 and "request_id" in response.json()["detail"], response.text
 
 
 def test_without_a_configured_token_forgetting_is_503(served, monkeypatch):
@@ -426,7 +443,10 @@ def test_forget_masks_at_once_and_the_clean_set_is_served_when_the_job_is_done(s
     record = served.http.get("/v1/forget/http-test-1", headers=auth).json()
     assert record["request_id"] == "http-test-1" and record["source"] == "http" and "users" not in record
     assert served.workdir.path("requests", "http-test-1.json").exists()
-    assert _forget_jobs(served.workdir), "no forget job was launched"
+    # The reconciler submits a Ray job for it, without anyone asking; the status says which.
+    assert _wait_until(lambda: _forget_jobs(served.workdir), timeout=60), "no forget job was submitted"
+    record = _wait_until(lambda: (r := served.http.get("/v1/forget/http-test-1", headers=auth).json())["job"] and r, timeout=30)
+    assert record["attempts"] >= 1 and record["job"]["submission_id"] in _forget_jobs(served.workdir)
 
     # The job retrains the affected shards, registers a new set and unmasks. Until this replica
     # serves the new set, the old versions of the affected shards must keep weight 0.
@@ -441,8 +461,7 @@ def test_forget_masks_at_once_and_the_clean_set_is_served_when_the_job_is_done(s
         state = served.http.get("/v1/forget/http-test-1", headers=auth).json()["state"]
         if state == "done" and info["masked_shards"] == [] and info["adapter_set_version"] != before["adapter_set_version"]:
             break
-        assert time.time() < deadline, f"forget job not done: state {state}, served {info}; log:\n" + \
-            served.workdir.path("requests", "http-test-1.log").read_text()[-3000:]
+        assert time.time() < deadline, f"forget job not done: state {state}, served {info}"
         time.sleep(0.1)
     for s in accepted.affected_shards:
         assert info["shards"][str(s)]["version"] != old_versions[s]
@@ -495,3 +514,32 @@ def test_cli_exits_2_with_a_message(tmp_path):
         result = subprocess.run([sys.executable, "-m", "serving", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
         assert result.returncode == 2, result
         assert message in result.stderr, result.stderr
+
+
+# --- the API contract: schema-generated requests (schemathesis) -------------------------------------------
+
+# Responses must never be 5xx and must match the schema (status code, content type, headers, body);
+# input the schema calls invalid must be refused with a 4xx (negative_data_rejection).
+CONTRACT_CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_headers_conformance,
+                   response_schema_conformance, negative_data_rejection]
+# Every operation with valid input, and with invalid input where it takes any; not valid forget
+# requests: they would start forgetting real users of the module's work dir.
+OPERATIONS = [("POST", "/v1/predict", "positive"), ("POST", "/v1/predict", "negative"), ("GET", "/v1/adapters", "positive"),
+              ("GET", "/healthz", "positive"), ("GET", "/v1/forget/{request_id}", "positive"),
+              ("GET", "/v1/forget/{request_id}", "negative"), ("POST", "/v1/forget", "negative")]
+
+
+@pytest.mark.parametrize("method,path,mode", OPERATIONS, ids=[f"{m} {p} {mode}" for m, p, mode in OPERATIONS])
+def test_schema_generated_requests_get_no_5xx_and_conforming_responses(served, method, path, mode):
+    operation = schemathesis.openapi.from_url(f"{served.base_url}/openapi.json")[path][method]
+    statuses = []
+
+    @settings(max_examples=25, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
+    @given(case=operation.as_strategy(GenerationMode(mode)))
+    def check(case):
+        response = case.call_and_validate(headers={"Authorization": f"Bearer {TOKEN}"}, checks=CONTRACT_CHECKS)
+        statuses.append(response.status_code)
+
+    check()
+    print(f"{method} {path} {mode}: {len(statuses)} requests, statuses {sorted(set(statuses))}")
+    assert statuses and max(statuses) < 500
