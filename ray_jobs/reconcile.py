@@ -230,7 +230,9 @@ def actor_name(workdir: str | Path) -> str:
 def ensure_reconciler(config_path: str | Path, workdir: str | Path, env: dict | None = None):
     """The work dir's reconciler on this cluster: the running one, or a new one (Ray must be initialized)."""
     env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ} | (env or {})
+    # On the head node: it lives as long as the cluster, unlike workers the autoscaler removes when idle.
     return ReconcilerActor.options(name=actor_name(workdir), namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
+                                   resources={"node:__internal_head__": 0.001},
                                    runtime_env={"env_vars": env}).remote(str(config_path), str(Path(workdir).resolve()))
 
 

@@ -319,7 +319,7 @@ class Recommender:
                 view = self.view
                 self.view = View(view.served, view.masked | affected)  # this replica: at once
                 await asyncio.to_thread(self._mask_in_registry, affected)  # every replica: next poll
-        if pending:  # the reconciler picks the request up within a second
+        if pending and self._reconciler is None:  # the reconciler picks the request up within a second
             try:
                 await asyncio.to_thread(self._ensure_reconciler)
             except Exception:  # noqa: BLE001 - the request is recorded: the poller's next check starts it
@@ -329,8 +329,8 @@ class Recommender:
         return JSONResponse(payload.model_dump(), status_code=202 if pending else 200)
 
     def _mask_in_registry(self, shards: set[int]) -> None:
-        if shards:
-            self.registry.set_masked_shards(self.registry.masked_shards() | shards)
+        if shards and not shards <= (masked := self.registry.masked_shards()):  # a burst of requests: one write per shard
+            self.registry.set_masked_shards(masked | shards)
 
     def _ensure_reconciler(self) -> None:
         """The work dir's forget reconciler (a detached Ray actor, restarted by Ray): re-created if gone."""

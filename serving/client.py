@@ -120,4 +120,6 @@ class RecommenderClient:
         return ForgetAccepted(raw["request_id"], [int(s) for s in raw["affected_shards"]], raw["status_url"], raw.get("state", ""))
 
     def forget_status(self, request_id: str, token: str | None = None) -> dict:
+        """A request's state and history, attempts, its Ray job (submission_id, status), last_error,
+        next_retry_at (and failed_at, error once failed)."""
         return self._call("GET", f"/v1/forget/{request_id}", token=token or self.token)

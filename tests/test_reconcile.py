@@ -179,9 +179,9 @@ def test_killing_the_reconciler_while_a_request_is_pending_another_one_finishes_
     handle = _start_reconciler(config_path, workdir, UNLEARN_FORGET_BACKOFF_S=0.5)
     first = ray.get(handle.status.remote())
     _request_to_forget(tiny_config, workdir, user, "reconciler-killed")
-    # Kill the reconciler's process as soon as it has submitted the job: the job runs on, unowned.
-    _wait(lambda: json.loads(workdir.path("jobs", "reconciler-killed.json").read_text())["job"]
-          if workdir.path("jobs", "reconciler-killed.json").exists() else None, timeout=120, interval=0.1, what="a job submission")
+    # Kill the reconciler's process once its job runs: the job goes on, unowned for a while.
+    job = _wait(lambda: "RUNNING" in _jobs(ray_session, workdir).values() and _jobs(ray_session, workdir),
+                timeout=120, interval=0.2, what="a running job")
     os.kill(first["pid"], signal.SIGKILL)
     # Ray restarts the detached actor in a new process; the new reconciler takes over the lease
     # (its holder's process is gone), follows the job and finishes the request.
@@ -189,6 +189,9 @@ def test_killing_the_reconciler_while_a_request_is_pending_another_one_finishes_
     assert second["pid"] != first["pid"]
     _wait(lambda: load_request(workdir, "reconciler-killed")["state"] == "done", timeout=600, what="the request to be done")
     assert Registry(tiny_config.experiment, workdir.root).masked_shards() == set()
+    # The new reconciler followed the job the old one had submitted (read from DIR/jobs/current.json).
+    jobs = json.loads(workdir.path("jobs", "reconciler-killed.json").read_text())
+    assert jobs["attempts"] == 1 and jobs["job"]["submission_id"] in job and not jobs["failures"], jobs
     assert json.loads(workdir.path("audit", "reconciler-killed.json").read_text())["scan"]["clean"]
 
 
