@@ -142,9 +142,11 @@ class Partitioner:
             return cls(meta["method"], meta["num_shards"], meta["seed"], f.get("center"), f.get("centroids"))
 
 
-def slice_of(sample_ids, num_slices: int, seed: int) -> np.ndarray:
-    """A sample's slice inside its shard: a hash of its id mod R."""
-    return np.array([stable_hash("slice", seed, s) % num_slices for s in sample_ids], dtype=int)
+def slice_of(user_ids, num_slices: int, seed: int) -> np.ndarray:
+    """A sample's slice inside its shard: a hash of its user's id mod R. A user's samples share a
+    slice, so forgetting a user, or an interaction (which only that user's samples contain),
+    restarts each affected shard from one slice, not from the earliest of several."""
+    return np.array([stable_hash("slice", seed, u) % num_slices for u in user_ids], dtype=int)
 
 
 def shard_sizes_report(shards: np.ndarray, num_shards: int) -> dict[int, int]:

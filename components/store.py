@@ -260,7 +260,7 @@ def write_shards(config: Config, workdir: Workdir, train: pd.DataFrame, partitio
     embeddings = np.stack(train["embedding"].to_numpy()) if len(train) else None
     train = train.assign(
         shard=partitioner.assign(train, embeddings),
-        slice=slice_of(train["sample_id"], config.partition.num_slices, config.seed),
+        slice=slice_of(train["user_id"], config.partition.num_slices, config.seed),
     )
     for shard in range(partitioner.num_shards):
         write_parquet(train[train["shard"] == shard].reset_index(drop=True), workdir.shard_samples(shard))

@@ -52,13 +52,20 @@ def test_removing_a_sample_moves_no_other_sample(world, method):
     partitioner = Partitioner.fit(config, 7, world["reference"])
     train, emb = world["train"], world["train_emb"]
     shards = partitioner.assign(train, emb)
-    slices = slice_of(train["sample_id"], 4, 7)
+    slices = slice_of(train["user_id"], 4, 7)
     for drop in (0, len(train) // 2):
         keep = np.arange(len(train)) != drop
         rest = train[keep].reset_index(drop=True)
         assert np.array_equal(partitioner.assign(rest, emb[keep]), shards[keep])
-        assert np.array_equal(slice_of(rest["sample_id"], 4, 7), slices[keep])
+        assert np.array_equal(slice_of(rest["user_id"], 4, 7), slices[keep])
     assert len(set(shards)) > 1
+
+
+def test_a_users_samples_share_one_slice_and_the_slices_are_used(world):
+    train = world["train"]
+    slices = train.assign(slice=slice_of(train["user_id"], 4, 7)).groupby("user_id")["slice"].nunique()
+    assert (slices == 1).all()
+    assert set(slice_of(train["user_id"], 4, 7)) == {0, 1, 2, 3}
 
 
 def test_semantic_centroids_are_balanced_on_the_reference_set(world):
@@ -83,7 +90,7 @@ def test_small_adaptive_clusters_merge_into_neighbours(world):
 @pytest.mark.parametrize("kind", ["lora", "prompt"])
 def test_resuming_from_a_slice_checkpoint_equals_training_straight_through(world, tiny_config, tmp_path, kind):
     config = tiny_config.model_copy(update={"adapter": tiny_config.adapter.model_copy(update={"kind": kind})})
-    train = world["train"].head(40).assign(slice=lambda f: slice_of(f["sample_id"], 4, 7))
+    train = world["train"].head(40).assign(slice=lambda f: slice_of(f["user_id"], 4, 7))
     through = _train(world, config, train, tmp_path / "a")
     assert through.restarted_from == 0 and len(list((tmp_path / "a").glob("slice-*.pt"))) == 4
     for stage in (2, 3):
@@ -97,7 +104,7 @@ def test_resuming_from_a_slice_checkpoint_equals_training_straight_through(world
 
 
 def test_a_changed_slice_invalidates_its_checkpoint_and_later_ones(world, tiny_config, tmp_path):
-    train = world["train"].head(40).assign(slice=lambda f: slice_of(f["sample_id"], 4, 7))
+    train = world["train"].head(40).assign(slice=lambda f: slice_of(f["user_id"], 4, 7))
     _train(world, tiny_config, train, tmp_path)
     victim = train[train["slice"] == 2].index[0]
     after = _train(world, tiny_config, train.drop(index=victim), tmp_path)
