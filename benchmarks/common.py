@@ -32,14 +32,29 @@ def offline() -> None:
         os.environ.setdefault(key, value)
 
 
+def local_ray() -> None:
+    """A Ray of the benchmark's own, never a cluster another process started with `ray start` on
+    this shared machine (which ray.init() without an address would join); the jobs' connect_ray()
+    then finds it initialized. Workers get the offline environment and the model cache."""
+    import ray
+
+    env = {k: os.environ[k] for k in (*OFFLINE_ENV, "UNLEARN_CACHE", "MLFLOW_TRACKING_URI") if k in os.environ}
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=True,
+             runtime_env={"env_vars": env})
+
+
 def bench_dir() -> Path:
     return Path(os.environ.get("BENCH_DIR", ROOT / "runs" / "bench")).resolve()
 
 
-def parser(name: str, description: str) -> argparse.ArgumentParser:
+def parser(name: str, description: str, prepares: bool = True) -> argparse.ArgumentParser:
+    """The options every benchmark takes; `prepares`: it builds a sample store (prepare_store)."""
     p = argparse.ArgumentParser(prog=f"python -m benchmarks.{name}", description=description)
     p.add_argument("--config", default=str(MOVIELENS), help="base config (default configs/movielens.yaml)")
     p.add_argument("--workdir", help=f"where to work (default {bench_dir()}/{name}; wiped first)")
+    if prepares:
+        p.add_argument("--states-from", help="a store of the same model whose trunk states are linked, not computed "
+                       "(default runs/store/<experiment of --config>, when it exists)")
     return p
 
 
@@ -67,42 +82,91 @@ def write_config(config: Config, path: Path) -> Path:
     return path
 
 
-def copy_store(source: Workdir, target: Workdir) -> None:
-    """The sample store (train/valid/test with embeddings) of one work dir into another."""
-    for name in SPLITS:
-        target.split(name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(source.split(name), target.split(name))
+def _key(payload: dict) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def prepare_store(config: Config, workdir: Workdir) -> float:
-    """Build the sample store (samples + frozen-model embeddings) and fit the public partitioner
+def _unsized(config: Config, *sections: str) -> dict:
+    """What trunk states and the partitioner depend on: config sections and the data but for the
+    split sizes (a smaller split is the first n of the same draw; the partitioner sees only the
+    public catalogue)."""
+    return {**config.model_dump(mode="json", include=set(sections)),
+            "data": config.data.model_dump(mode="json", exclude={"n_train", "n_valid", "n_test"})}
+
+
+def states_source(args: argparse.Namespace) -> Path:
+    """--states-from, or where a prepared store of --config may hold trunk states already."""
+    return Path(args.states_from) if args.states_from else ROOT / "runs" / "store" / load_config(args.config).experiment
+
+
+def _link_states(config: Config, source: Workdir, pool: Workdir, model, tokenizer) -> int:
+    """Link every state `source` has stored (complete files only: they are written atomically, so
+    a store still being prepared is fine) into `pool`, after checking that one of them, recomputed
+    here, equals the stored file bit for bit (states and embedding): the same model and prompts."""
+    import torch
+
+    from components.data import build_samples, load_interactions_and_items
+    from components.model import STATE_DTYPES, tokenize, trunk_pass
+
+    ids = [header["sample_id"] for _, header in source.trunk.headers()]
+    if not ids:
+        return 0
+    samples = build_samples(*load_interactions_and_items(config.data), config.data).set_index("sample_id")
+    probe = next((s for s in ids if s in samples.index), None)
+    if probe is None:
+        raise SystemExit(f"{source.root} stores trunk states of other samples than this config's data")
+    out = trunk_pass(model, tokenize(tokenizer, [samples.loc[probe, "prompt"]], config.model.max_length), config.model)
+    [states], [embedding] = source.trunk.read([probe]), source.trunk.read([probe], "embedding")
+    if not (torch.equal(out.states[0].to(STATE_DTYPES[config.model.trunk_dtype]), states) and torch.equal(out.embedding[0], embedding)):
+        raise SystemExit(f"{source.root} stored its trunk states with another model or config: pass another --states-from")
+    pool.trunk.link_from(source.trunk, ids)
+    return len(ids)
+
+
+def prepare_store(config: Config, workdir: Workdir, states_from: Path | None = None) -> float:
+    """Build the sample store (samples, trunk states, embeddings) and fit the public partitioner
     once; returns the seconds. Both are kept out of every timed job, which reuses them as a
     retrain in an existing work dir does. They are cached under <bench dir>/cache by what they
-    depend on (data, model, partition, seed), so later benchmarks and runs copy them instead."""
+    depend on (data, model, partition, seed) and copied from there, trunk states linked. Trunk
+    states and fitted partitioners have caches of their own that do not depend on the split
+    sizes, so a sample's state is computed once whatever benchmark or size needs it;
+    `states_from`, a store of the same model (checked on one sample; it may be half prepared), seeds it."""
     from components.model import load_base_model, load_tokenizer, make_deterministic
-    from components.store import fit_partitioner, prepare
+    from components.store import copy_store, fit_partitioner, prepare
 
     started = time.time()
-    key = hashlib.sha256(json.dumps(config.model_dump(mode="json", include={"seed", "data", "model", "partition"}),
-                                    sort_keys=True).encode()).hexdigest()[:16]
-    cache = Workdir(bench_dir() / "cache" / key)
-    if all(cache.split(name).exists() for name in SPLITS) and cache.partitioner.exists():
-        copy_store(cache, workdir)
-        workdir.partitioner.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(cache.partitioner, workdir.partitioner)
-        print(f"  sample store and partitioner copied from {cache.root}", flush=True)
-        return time.time() - started
-    make_deterministic(os.cpu_count() or 1)
-    tokenizer = load_tokenizer()
-    model = load_base_model(config.model, config.seed, tokenizer)
-    prepare(config, workdir, model, tokenizer, log=lambda m: print(f"  {m}", flush=True))
-    fit_partitioner(config, workdir, model, tokenizer)
-    staging = Workdir(cache.root.with_name(f".{key}.{os.getpid()}"))
-    copy_store(workdir, staging)
-    staging.partitioner.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(workdir.partitioner, staging.partitioner)
-    shutil.rmtree(cache.root, ignore_errors=True)
-    os.replace(staging.root, cache.root)
+    cache = Workdir(bench_dir() / "cache" / _key(config.model_dump(mode="json", include={"seed", "data", "model", "partition"})))
+    if not (all(cache.split(name).exists() for name in SPLITS) and cache.partitioner.exists()):
+        # One thread: a state's bits do not depend on the thread count (a linked store computed
+        # with one thread matched this code's recomputation with two), and on a shared, busy
+        # machine a second thread mostly waits for the first (5-13 s per prompt with two threads
+        # at load 8 on 2 cores, 0.74 s with one, 2026-11-25).
+        make_deterministic(1)
+        tokenizer = load_tokenizer()
+        model = load_base_model(config.model, config.seed, tokenizer)
+        pool = Workdir(bench_dir() / "cache" / f"states-{_key(_unsized(config, 'seed', 'model'))}")
+        fitted = bench_dir() / "cache" / f"partitioner-{_key(_unsized(config, 'seed', 'model', 'partition'))}.npz"
+        if config.model.trunk_layers and states_from:
+            linked = _link_states(config, Workdir(states_from), pool, model, tokenizer)
+            print(f"  {linked} trunk states found in {states_from} (linked); the rest come from the cache or are computed",
+                  flush=True)
+        staging = Workdir(cache.root.with_name(f".{cache.root.name}.{os.getpid()}"))
+        shutil.rmtree(staging.root, ignore_errors=True)
+        splits = prepare(config, staging, model, tokenizer, log=lambda m: print(f"  {m}", flush=True), states_from=pool)
+        if config.model.trunk_layers:  # states computed just now serve every later store
+            pool.trunk.link_from(staging.trunk, [s for frame in splits.values() for s in frame["sample_id"]])
+        if fitted.exists():
+            staging.partitioner.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(fitted, staging.partitioner)
+        fit_partitioner(config, staging, model, tokenizer)  # loads the copy if there is one
+        if not fitted.exists():
+            shutil.copyfile(staging.partitioner, fitted)
+        shutil.rmtree(cache.root, ignore_errors=True)
+        os.replace(staging.root, cache.root)
+    copy_store(cache, workdir)
+    workdir.partitioner.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(cache.partitioner, workdir.partitioner)
+    print(f"  sample store and partitioner from {cache.root} (trunk states linked)", flush=True)
     return time.time() - started
 
 
