@@ -79,7 +79,10 @@ class Lease:
         try:
             os.link(tmp, self._path(top + 1))
         except FileExistsError:
-            return False  # another taker won this generation
+            # NFS may retry a LINK whose reply was lost and report EEXIST for our own link: then our
+            # temporary file has two names. Otherwise another taker won this generation.
+            if os.stat(tmp).st_nlink != 2:
+                return False
         finally:
             tmp.unlink(missing_ok=True)
         self.gen = top + 1

@@ -97,6 +97,7 @@ class Reconciler:
                 self._update_job_status(current)
                 write_json(current_path, current)
             if status not in JOB_TERMINAL and status != "LOST":
+                self._join(current)
                 return  # pending or running: it carries every pending request
             self._settle(current, status, message, exit_code)
             current["settled"] = True
@@ -132,6 +133,19 @@ class Reconciler:
             raise
         logger.info("forget: submitted Ray job %s for request(s) %s", submission_id, ", ".join(ids))
 
+    def _join(self, current: dict) -> None:
+        """Requests recorded while the job runs: it coalesces them into its next round, so show them its job."""
+        late = [r["request_id"] for r in pending_requests(self.workdir) if r["request_id"] not in current["request_ids"]]
+        for request_id in late:
+            jobs = load_job_record(self.workdir, request_id)
+            jobs.update(attempts=jobs["attempts"] + 1, note=None,
+                        job={"submission_id": current["submission_id"], "status": current["status"], "submitted_at": current["submitted_at"]})
+            save_job_record(self.workdir, jobs)
+        if late:
+            current["request_ids"] += late
+            current["joined"] = current.get("joined", []) + late
+            write_json(self.workdir.path("jobs", "current.json"), current)
+
     def _note(self, pending: list[dict], note: str) -> None:
         for request in pending:
             jobs = load_job_record(self.workdir, request["request_id"])
@@ -153,6 +167,8 @@ class Reconciler:
             request = load_request(self.workdir, request_id)
             if request is None or request["state"] in ("done", "failed", "abandoned"):
                 continue
+            if status == "SUCCEEDED" and request_id in current.get("joined", []):
+                continue  # recorded after the job's last look at the queue: the next job takes it, no failure
             jobs = load_job_record(self.workdir, request_id)
             error = "the job ended without finishing the request" if status == "SUCCEEDED" else error_summary(message, exit_code)
             identical = record_failure(jobs, request["state"], error, now, self.policy, request.get("retried_at", 0))
