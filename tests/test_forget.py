@@ -193,6 +193,7 @@ def test_train_cli_refuses_to_exclude_from_a_trained_work_dir(forgetting):
     assert done.returncode == 2 and "already trained" in done.stderr
 
 
+@pytest.mark.slow  # two trainings from scratch: make test-slow; the main exactness test runs in make test
 def test_a_shard_without_data_stays_out_of_the_adapter_set_also_when_forgetting_empties_it(ray_session, tiny_config, tmp_path):
     """User shards, more shards than users: an empty shard keeps its registered version but has no
     adapter in the set; forgetting the only user of a shard empties it, and the result still equals

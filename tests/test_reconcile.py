@@ -208,6 +208,7 @@ def _status(handle):
 # --- repeated failures: failed, visible, retried or abandoned ----------------------------------------------
 
 
+@pytest.mark.slow  # ~2 minutes of repeated jobs: make test-slow; the kill and burst tests keep the reconciler in make test
 def test_a_request_failing_the_same_way_is_failed_visibly_then_abandoned_or_retried(ray_session, tiny_config, work):
     config_path, workdir = work
     owners = _users_by_shard(workdir)
