@@ -5,11 +5,16 @@ every figure is a ratio to its baseline measured in the same run.
     python -m benchmarks --only bench_forget   # a subset (names below, "eval" for the evaluation)
     python -m benchmarks --skip eval
 
+First the shared sample store runs/store/<experiment> (benchmarks/common.shared_store) is prepared
+once: every sample's trunk state, computed a single time (about 15 minutes for the 5596 samples of
+configs/movielens.yaml on an idle 2-core machine) and linked by every benchmark and the evaluation.
 Each benchmark runs as its own process (`python -m benchmarks.<name>`, its own local Ray, its
 memory freed when it ends); one that is missing is skipped with a message. A benchmark reports its
 figures by writing {"figures": [...]} to the file named by $BENCH_RESULT (benchmarks/common.py).
-The evaluation is `python -m ray_jobs.evaluate --config configs/movielens.yaml` into
-runs/bench/movielens (trained once, reused by later runs); its AUCs are shown against the `retrain`
+bench_train and bench_forget run on subsets of the same draw (SUBSETS below: at 4096 training
+samples each would take over half an hour here; their ratios do not need the full size). The
+evaluation is `python -m ray_jobs.evaluate --config configs/movielens.yaml --states-from
+runs/store/movielens` into runs/bench/movielens (trained once, reused by later runs); its AUCs are shown against the `retrain`
 baseline's and its latencies against the single adapter's. On 2 CPU cores the evaluation trains
 five work dirs of SmolLM2 the first time: expect the better part of an hour. bench_embedding runs
 last, on the evaluation's trained work dir.
@@ -26,13 +31,15 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.common import ENV, MOVIELENS, ROOT, bench_dir, figure, table
+from benchmarks.common import ENV, MOVIELENS, ROOT, bench_dir, figure, shared_store, table
+from components.config import load_config
 
 EVAL = "eval"
 ORDER = ("bench_train", "bench_serving", "bench_forget", EVAL, "bench_embedding")  # bench_embedding reads eval's work dir
+SUBSETS = {"bench_train": ["--n-train", "512"], "bench_forget": ["--n-train", "512", "--n-valid", "64"]}
 
 
-def run_module(name: str) -> tuple[int, dict | None, float]:
+def run_module(name: str, config: Path) -> tuple[int, dict | None, float]:
     path = Path(__file__).with_name(f"{name}.py")
     if not path.exists():
         print(f"\n### {name}: skipped ({path.relative_to(ROOT)} does not exist yet)", flush=True)
@@ -40,9 +47,10 @@ def run_module(name: str) -> tuple[int, dict | None, float]:
     result_file = bench_dir() / "results" / f"{name}.json"
     result_file.parent.mkdir(parents=True, exist_ok=True)
     result_file.unlink(missing_ok=True)
-    print(f"\n### {name}: python -m benchmarks.{name}", flush=True)
+    options = ["--config", str(config), *SUBSETS.get(name, [])]
+    print(f"\n### {name}: python -m benchmarks.{name} {' '.join(options)}", flush=True)
     started = time.time()
-    rc = subprocess.call([sys.executable, "-m", f"benchmarks.{name}"], cwd=ROOT,
+    rc = subprocess.call([sys.executable, "-m", f"benchmarks.{name}", *options], cwd=ROOT,
                          env={**os.environ, **ENV, "BENCH_RESULT": str(result_file), "BENCH_DIR": str(bench_dir())})
     result = json.loads(result_file.read_text()) if result_file.exists() else None
     if rc == 0 and result is None:
@@ -50,10 +58,10 @@ def run_module(name: str) -> tuple[int, dict | None, float]:
     return rc, result, time.time() - started
 
 
-def run_evaluation(config: Path, methods: str | None, forget_cost: str) -> tuple[int, dict | None, float]:
+def run_evaluation(config: Path, methods: str | None, forget_cost: str, store: Path | None) -> tuple[int, dict | None, float]:
     workdir = bench_dir() / "movielens"
     command = [sys.executable, "-m", "ray_jobs.evaluate", "--config", str(config), "--workdir", str(workdir),
-               "--forget-cost", forget_cost]
+               "--forget-cost", forget_cost, "--states-from", str(store)]
     if methods:
         command += ["--methods", methods]
     print(f"\n### evaluation: {' '.join(command[1:])}", flush=True)
@@ -89,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     names = ORDER
     parser.add_argument("--only", help=f"comma-separated subset of {','.join(names)}")
     parser.add_argument("--skip", help="comma-separated benchmarks to leave out")
-    parser.add_argument("--eval-config", default=str(MOVIELENS), help="config of the evaluation (default configs/movielens.yaml)")
+    parser.add_argument("--config", default=str(MOVIELENS), help="config of every benchmark and the evaluation (default configs/movielens.yaml)")
     parser.add_argument("--eval-methods", help="--methods for the evaluation (default: all)")
     parser.add_argument("--eval-forget-cost", default="none", choices=("measure", "existing", "none"),
                         help="--forget-cost of the evaluation (default none: bench_forget measures forgetting; "
@@ -105,12 +113,17 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault(key, value)
 
     started = time.time()
+    config = Path(args.config)
+    store = None
+    if set(chosen) - {"bench_serving"}:  # it alone makes up its prompts
+        store = shared_store(load_config(config)).root
+        print(f"shared sample store {store} ready ({time.time() - started:.0f}s)", flush=True)
     outcomes = {}
     for name in chosen:
         if name == EVAL:
-            outcomes[name] = run_evaluation(Path(args.eval_config), args.eval_methods, args.eval_forget_cost)
+            outcomes[name] = run_evaluation(config, args.eval_methods, args.eval_forget_cost, store)
         else:
-            outcomes[name] = run_module(name)
+            outcomes[name] = run_module(name, config)
 
     print(f"\n\n######## summary ({time.time() - started:.0f}s; every ratio is against a baseline measured in this run,"
           f" oriented so that bigger is better)", flush=True)

@@ -94,9 +94,30 @@ def _unsized(config: Config, *sections: str) -> dict:
             "data": config.data.model_dump(mode="json", exclude={"n_train", "n_valid", "n_test"})}
 
 
+def store_dir(config: Config) -> Path:
+    return ROOT / "runs" / "store" / config.experiment
+
+
+def shared_store(config: Config) -> Workdir:
+    """runs/store/<experiment>: the config's sample store with every sample's trunk state, computed
+    once (resumable: states already stored are kept) for `make bench`'s benchmarks, the evaluation
+    and `make recipe`, which link its states and never recompute them."""
+    from components.model import load_base_model, load_tokenizer, make_deterministic
+    from components.store import prepare
+
+    store = Workdir(store_dir(config))
+    if not all(store.split(name).exists() for name in SPLITS):
+        make_deterministic(os.cpu_count() or 1)  # a state's bits do not depend on the thread count
+        tokenizer = load_tokenizer()
+        print(f"preparing the shared sample store {store.root}", flush=True)
+        prepare(config, store, load_base_model(config.model, config.seed, tokenizer), tokenizer,
+                log=lambda m: print(f"  {m}", flush=True))
+    return store
+
+
 def states_source(args: argparse.Namespace) -> Path:
     """--states-from, or where a prepared store of --config may hold trunk states already."""
-    return Path(args.states_from) if args.states_from else ROOT / "runs" / "store" / load_config(args.config).experiment
+    return Path(args.states_from) if args.states_from else store_dir(load_config(args.config))
 
 
 def _link_states(config: Config, source: Workdir, pool: Workdir, model, tokenizer) -> int:

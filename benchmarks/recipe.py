@@ -21,11 +21,11 @@ from pathlib import Path
 
 import ray
 
-from benchmarks.common import MOVIELENS, bench_dir, offline
+from benchmarks.common import MOVIELENS, bench_dir, offline, shared_store
 from components.config import Config, load_config
 from components.data import read_parquet, stable_hash
 from components.metrics import auc, auc_interval
-from components.store import Workdir, prepare, sample_states
+from components.store import Workdir, sample_states
 
 # (loss, learning rate, LoRA rank, LoRA targets): TALLRec's recipe and the two-way loss at two
 # learning rates, then more capacity for the best-looking loss.
@@ -80,19 +80,16 @@ def try_recipe(config_json: dict, store: str, train_ids: list[str]) -> list[dict
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.recipe", description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(MOVIELENS))
-    parser.add_argument("--workdir", help="a work dir whose sample store to use (default <bench dir>/recipe; prepared if missing)")
+    parser.add_argument("--workdir", help="a work dir whose sample store to use (default: the shared store "
+                        "runs/store/<experiment>, prepared if missing)")
     parser.add_argument("--n-train", type=int, help="training samples per candidate (default: one shard's share)")
     parser.add_argument("--epochs", type=int, default=3)
     args = parser.parse_args(argv)
     offline()
     config = load_config(args.config)
-    workdir = Workdir(args.workdir or bench_dir() / "recipe")
+    workdir = Workdir(args.workdir) if args.workdir else shared_store(config)
     if not workdir.split("valid").exists():
-        from components.model import load_base_model, load_tokenizer, make_deterministic
-
-        make_deterministic(1)
-        tokenizer = load_tokenizer()
-        prepare(config, workdir, load_base_model(config.model, config.seed, tokenizer), tokenizer)
+        parser.error(f"{workdir.root} holds no prepared sample store (no {workdir.split('valid').name})")
     train = read_parquet(workdir.split("train"))
     n_train = min(len(train), args.n_train or len(train) // config.partition.num_shards)
     chosen = sorted(train["sample_id"], key=lambda s: stable_hash("recipe", config.seed, s))[:n_train]

@@ -114,8 +114,9 @@ def _train_report(workdir: Workdir) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def ensure_main(config: Config, workdir: Workdir, train: bool) -> dict | None:
-    """DIR trained with the config as given (when `train`), or at least its sample store prepared."""
+def ensure_main(config: Config, workdir: Workdir, train: bool, states_from: Workdir | None = None) -> dict | None:
+    """DIR trained with the config as given (when `train`), or at least its sample store prepared;
+    `states_from`: a store of the same model whose trunk states are linked, not computed."""
     from ray_jobs.train import run as train_run
 
     report = _train_report(workdir)
@@ -125,11 +126,11 @@ def ensure_main(config: Config, workdir: Workdir, train: bool) -> dict | None:
         return report
     if train:
         log(f"{workdir.root} has no reports/train.json: training the APA shards first")
-        return train_run(config, workdir)
+        return train_run(config, workdir, states_from=states_from)
     if not all(workdir.split(name).exists() for name in SPLITS):
         log(f"preparing the sample store of {workdir.root}")
         tokenizer = load_tokenizer()
-        prepare(config, workdir, load_base_model(config.model, config.seed, tokenizer), tokenizer)
+        prepare(config, workdir, load_base_model(config.model, config.seed, tokenizer), tokenizer, states_from=states_from)
     return None
 
 
@@ -307,7 +308,7 @@ def _sha256_file(path) -> str | None:
 
 
 def run(config: Config, workdir: Workdir, methods=None, forget_cost_mode: str = "measure",
-        config_file: str | None = None, threads: int | None = None) -> dict:
+        config_file: str | None = None, threads: int | None = None, states_from: Workdir | None = None) -> dict:
     """Evaluate `methods` (default: all) and write, plot and log the reports; returns eval.json."""
     global _STARTED
     started = _STARTED = time.time()
@@ -320,7 +321,7 @@ def run(config: Config, workdir: Workdir, methods=None, forget_cost_mode: str = 
     log(f"methods: {', '.join(methods)}; work dir {workdir.root}")
     connect_ray()
 
-    train_report = ensure_main(config, workdir, train=bool(apa_family))
+    train_report = ensure_main(config, workdir, bool(apa_family), states_from)
     test = load_splits(workdir)["test"]
     if len(test) == 0:
         raise EvaluationError(f"{workdir.split('test')} holds no test samples")
@@ -625,12 +626,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="measure: forget one user where no audit record exists yet; existing: only read audit "
                              "records; none: skip (default: measure)")
     parser.add_argument("--threads", type=int, help="torch threads for scoring (default: CPU count)")
+    parser.add_argument("--states-from", help="a work dir of the same model and data whose stored trunk states are "
+                        "linked into a new work dir's store instead of computed (make bench: runs/store/<experiment>)")
     args, config, workdir = load_job(parser, argv)
     try:
         methods = parse_methods(args.methods) if args.methods is not None else list(DEFAULT_METHODS)
         if args.threads is not None and args.threads < 1:
             raise EvaluationError("--threads must be at least 1")
-        report = run(config, workdir, methods, args.forget_cost, args.config, args.threads)
+        if args.states_from and not Path(args.states_from, "trunk").is_dir():
+            raise EvaluationError(f"--states-from {args.states_from}: no stored trunk states there (no trunk/ folder)")
+        report = run(config, workdir, methods, args.forget_cost, args.config, args.threads,
+                     Workdir(Path(args.states_from)) if args.states_from else None)
     except EvaluationError as err:
         fail(str(err))
     print((workdir.path("reports", "eval.md")).read_text())
