@@ -9,6 +9,14 @@ actor would, on the same seeded subset of `--n-train` training samples of the wo
 whole validation split after every epoch. Candidates run as Ray tasks, one CPU each. The table
 shows validation AUC with its 95% bootstrap interval per epoch; the best row is the recipe to put
 in the config. The test split is never read.
+
+    python -m benchmarks.recipe --tau 1,10,30,100,300,1000 --trained runs/bench/movielens
+
+chooses APA's temperature the same way, on a trained work dir: each validation sample is weighed
+by its `aggregate.neighbours` nearest *other* validation samples (leave-one-out, so its own label
+never weighs it) with components.aggregate.apa_weights, scored by the mixture of the live
+adapters, and the validation AUC is shown per tau. Aggregation does not touch training: a new tau
+needs no retraining.
 """
 
 from __future__ import annotations
@@ -77,6 +85,39 @@ def try_recipe(config_json: dict, store: str, train_ids: list[str]) -> list[dict
     return rows
 
 
+def tau_rows(config: Config, workdir: Workdir, taus: list[float]) -> list[dict]:
+    """Leave-one-out validation AUC of APA's attention for each tau, on `workdir`'s live adapters."""
+    import torch
+
+    from components.aggregate import AggregatorState, apa_weights, load_mixture, stored_inputs
+    from components.model import load_base_model, load_tokenizer, make_deterministic
+    from ray_jobs.evaluate import LiveSet
+
+    make_deterministic(2)
+    with LiveSet(config, workdir) as live:
+        state = live.state
+        valid = read_parquet(workdir.split("valid")).set_index("sample_id").loc[state.sample_ids].reset_index()
+        tokenizer = load_tokenizer()
+        base = load_base_model(config.model, config.seed, tokenizer, head_only=True)
+        mixture = load_mixture(config, live.files, tokenizer, base)
+        states, embeddings = sample_states(config, workdir, valid, base, tokenizer), valid["embedding"].tolist()
+        n, rows = len(state.sample_ids), []
+        weights = {tau: [] for tau in taus}
+        for i in range(n):
+            keep = torch.arange(n) != i
+            others = AggregatorState([s for j, s in enumerate(state.sample_ids) if j != i], state.labels[keep],
+                                     state.embeddings[keep], {k: p[keep] for k, p in state.predictions.items()})
+            for tau in taus:
+                weights[tau].append(apa_weights(state.embeddings[i:i + 1], others, config.aggregate.neighbours, tau)[0])
+        for tau in taus:
+            scores = torch.cat([mixture.p_yes(stored_inputs(states[a:a + 16], embeddings[a:a + 16]), torch.stack(weights[tau][a:a + 16]))
+                                for a in range(0, n, 16)]).numpy()
+            labels = valid["label"].to_numpy()
+            rows.append({"tau": tau, "valid_auc": auc(labels, scores), "interval": auc_interval(labels, scores, seed=0)})
+            print(f"  tau {tau:g}: leave-one-out validation AUC {rows[-1]['valid_auc']:.4f}", flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.recipe", description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(MOVIELENS))
@@ -84,9 +125,24 @@ def main(argv: list[str] | None = None) -> int:
                         "runs/store/<experiment>, prepared if missing)")
     parser.add_argument("--n-train", type=int, help="training samples per candidate (default: one shard's share)")
     parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--tau", help="comma-separated APA temperatures to compare instead (needs --trained)")
+    parser.add_argument("--trained", help="a trained work dir of --config whose live adapters --tau weighs")
     args = parser.parse_args(argv)
     offline()
     config = load_config(args.config)
+    if args.tau:
+        if not args.trained or not Workdir(args.trained).split("valid").exists():
+            parser.error("--tau needs --trained DIR, a work dir trained with --config")
+        try:
+            taus = [float(t) for t in args.tau.split(",")]
+        except ValueError:
+            parser.error(f"--tau takes comma-separated numbers, got {args.tau!r}")
+        rows = tau_rows(config, Workdir(args.trained), taus)
+        best = max(rows, key=lambda r: r["valid_auc"])
+        for row in rows:
+            low, high = row["interval"] or (float("nan"), float("nan"))
+            print(f"tau {row['tau']:>7g}  valid AUC {row['valid_auc']:.4f}  [{low:.3f}, {high:.3f}]{'  <- best' if row is best else ''}")
+        return 0
     workdir = Workdir(args.workdir) if args.workdir else shared_store(config)
     if not workdir.split("valid").exists():
         parser.error(f"{workdir.root} holds no prepared sample store (no {workdir.split('valid').name})")
