@@ -94,12 +94,6 @@ def _unsized(config: Config, *sections: str) -> dict:
             "data": config.data.model_dump(mode="json", exclude={"n_train", "n_valid", "n_test"})}
 
 
-# Every trunk state a benchmark computes or checks uses this thread count: a state's bits can depend
-# on it (SmolLM2-135M on this machine, 2026-12-01: 3 of 3 states recomputed with 1 thread differed
-# from those computed with 2).
-TRUNK_THREADS = os.cpu_count() or 1
-
-
 def store_dir(config: Config) -> Path:
     return ROOT / "runs" / "store" / config.experiment
 
@@ -113,7 +107,7 @@ def shared_store(config: Config) -> Workdir:
 
     store = Workdir(store_dir(config))
     if not all(store.split(name).exists() for name in SPLITS):
-        make_deterministic(TRUNK_THREADS)
+        make_deterministic(1)  # the trunk itself runs on model.trunk_threads
         tokenizer = load_tokenizer()
         print(f"preparing the shared sample store {store.root}", flush=True)
         prepare(config, store, load_base_model(config.model, config.seed, tokenizer), tokenizer,
@@ -164,7 +158,7 @@ def prepare_store(config: Config, workdir: Workdir, states_from: Path | None = N
     started = time.time()
     cache = Workdir(bench_dir() / "cache" / _key(config.model_dump(mode="json", include={"seed", "data", "model", "partition"})))
     if not (all(cache.split(name).exists() for name in SPLITS) and cache.partitioner.exists()):
-        make_deterministic(TRUNK_THREADS)  # the shared store's: the states' bits can depend on it
+        make_deterministic(1)  # the trunk itself runs on model.trunk_threads
         tokenizer = load_tokenizer()
         model = load_base_model(config.model, config.seed, tokenizer)
         pool = Workdir(bench_dir() / "cache" / f"states-{_key(_unsized(config, 'seed', 'model'))}")

@@ -60,6 +60,9 @@ class ModelConfig(Section):
     # 0 = LoRA in every layer and nothing stored (the APA paper's setting, for GPUs).
     trunk_layers: int = Field(0, ge=0)
     trunk_dtype: Literal["float16", "bfloat16", "float32"] = "float16"  # stored states are rounded to it
+    # torch threads of every trunk pass (store, serving, embeddings): on CPU a state's bits can
+    # depend on the thread count, so a fixed one keeps stored and served states identical.
+    trunk_threads: int = Field(1, ge=1)
     # Layers of the frozen model used for embeddings (partition, neighbours): at most the trunk, so
     # the trunk pass yields them. None = the trunk boundary, or every layer when trunk_layers is 0.
     embedding_layers: int | None = Field(None, ge=1)

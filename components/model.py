@@ -12,6 +12,7 @@ without a trace.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import os
 import sys
@@ -191,9 +192,25 @@ class TrunkOutput:
 
 
 @torch.no_grad()
+@contextlib.contextmanager
+def torch_threads(threads: int):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def trunk_pass(model, batch: dict[str, torch.Tensor], config: ModelConfig, embedding: bool = True) -> TrunkOutput:
     """Run the frozen trunk once over a tokenized batch: the boundary states and the embedding come
-    out of the same pass. With trunk_layers 0 the states are the token embeddings."""
+    out of the same pass, on `config.trunk_threads` threads whoever calls. With trunk_layers 0 the
+    states are the token embeddings."""
+    with torch_threads(config.trunk_threads):
+        return _trunk_pass(model, batch, config, embedding)
+
+
+def _trunk_pass(model, batch: dict[str, torch.Tensor], config: ModelConfig, embedding: bool) -> TrunkOutput:
     decoder = decoder_of(model)
     ids, mask = batch["input_ids"].to(model.device), batch["attention_mask"].to(model.device)
     states = decoder.embed_tokens(ids)

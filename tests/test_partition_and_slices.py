@@ -9,7 +9,7 @@ import torch
 
 from components.config import DataConfig, PartitionConfig
 from components.data import build_samples, load_interactions_and_items, split_by_time
-from components.model import embed, load_base_model, load_tokenizer, make_deterministic, tokenize, trunk_pass
+from components.model import decoder_of, embed, load_base_model, load_tokenizer, make_deterministic, tokenize, trunk_pass
 from components.partition import Partitioner, reference_prompts, slice_of
 from components.train import checkpoint_path, train_shard
 
@@ -111,3 +111,22 @@ def test_a_changed_slice_invalidates_its_checkpoint_and_later_ones(world, tiny_c
     assert after.restarted_from == 2
     scratch = _train(world, tiny_config, train.drop(index=victim), tmp_path / "scratch")
     assert all(torch.equal(after.adapter[k], scratch.adapter[k]) for k in after.adapter)
+
+
+def test_the_trunk_runs_on_the_configured_threads_whoever_calls_and_gives_them_back(world, tiny_config):
+    # A state's bits can depend on the thread count (SmolLM2 on 2 cores: 1 and 2 threads differ), so
+    # the store, serving and the embeddings must all run the trunk on model.trunk_threads.
+    model_config = tiny_config.model.model_copy(update={"trunk_layers": 1, "trunk_threads": 3})
+    seen = []
+    hook = decoder_of(world["model"]).layers[0].register_forward_pre_hook(lambda *_: seen.append(torch.get_num_threads()))
+    batch = tokenize(world["tokenizer"], world["prompts"][:1], model_config.max_length)
+    try:
+        for caller_threads in (1, 2):
+            torch.set_num_threads(caller_threads)
+            trunk_pass(world["model"], batch, model_config)
+            assert torch.get_num_threads() == caller_threads
+        embed(world["model"], world["tokenizer"], world["prompts"][:1], model_config)
+    finally:
+        hook.remove()
+        make_deterministic(1)
+    assert seen == [3, 3, 3]
