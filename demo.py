@@ -113,7 +113,7 @@ def main() -> int:
     print(json.dumps(summary, indent=1))
     apa, floor = evaluation["methods"]["apa"], evaluation["methods"]["floor-history"]
     verdict = "above" if apa["auc"] > floor["auc"] else "NOT above"
-    print(f"APA: AUC {apa['auc']:.4f} {_interval(apa)} on {evaluation["n_test"]} test samples, {verdict} the history floor "
+    print(f"APA: AUC {apa['auc']:.4f} {_interval(apa)} on {evaluation['n_test']} test samples, {verdict} the history floor "
           f"(no model: the share of liked titles in the history) {floor['auc']:.4f} {_interval(floor)}; "
           f"untuned model {summary['untuned_auc']:.4f}")
     return 0
