@@ -16,8 +16,8 @@ samples each would take over half an hour here; their ratios do not need the ful
 evaluation is `python -m ray_jobs.evaluate --config configs/movielens.yaml --states-from
 runs/store/movielens` into runs/bench/movielens (trained once, reused by later runs); its AUCs are shown against the `retrain`
 baseline's and its latencies against the single adapter's. On 2 CPU cores the evaluation trains
-five work dirs of SmolLM2 the first time: at configs/movielens.yaml about 80 minutes of training
-(2026-12-01: APA 14, the one-actor retrain baseline over 20), so the whole run overruns 75 minutes. bench_embedding runs
+five work dirs of SmolLM2 the first time: at configs/movielens.yaml an estimated 80 minutes of training
+(2026-12-01, measured: APA 14, the one-actor retrain baseline ~21 by its per-sample rate), so the whole run overruns 75 minutes. bench_embedding runs
 last, on the evaluation's trained work dir.
 """
 
@@ -59,7 +59,7 @@ def run_module(name: str, config: Path) -> tuple[int, dict | None, float]:
     return rc, result, time.time() - started
 
 
-def run_evaluation(config: Path, methods: str | None, forget_cost: str, store: Path | None) -> tuple[int, dict | None, float]:
+def run_evaluation(config: Path, methods: str | None, forget_cost: str, store: Path) -> tuple[int, dict | None, float]:
     workdir = bench_dir() / "movielens"
     command = [sys.executable, "-m", "ray_jobs.evaluate", "--config", str(config), "--workdir", str(workdir),
                "--forget-cost", forget_cost, "--states-from", str(store)]

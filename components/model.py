@@ -191,7 +191,6 @@ class TrunkOutput:
         return len(self.states)
 
 
-@torch.no_grad()
 @contextlib.contextmanager
 def torch_threads(threads: int):
     previous = torch.get_num_threads()
@@ -202,6 +201,7 @@ def torch_threads(threads: int):
         torch.set_num_threads(previous)
 
 
+@torch.no_grad()
 def trunk_pass(model, batch: dict[str, torch.Tensor], config: ModelConfig, embedding: bool = True) -> TrunkOutput:
     """Run the frozen trunk once over a tokenized batch: the boundary states and the embedding come
     out of the same pass, on `config.trunk_threads` threads whoever calls. With trunk_layers 0 the
