@@ -84,7 +84,9 @@ class ModelConfig(Section):
 
 
 class PartitionConfig(Section):
-    method: Literal["semantic", "adaptive", "random", "user"] = "semantic"
+    # semantic: a sample goes to the public centroid nearest its embedding; semantic-user: a user's
+    # samples go together, to the centroid nearest their mean (forgetting a user retrains one shard)
+    method: Literal["semantic", "semantic-user", "adaptive", "random", "user"] = "semantic"
     num_shards: int = Field(4, ge=1)  # K; for "adaptive" the upper bound comes from the data
     num_slices: int = Field(4, ge=1)  # R
     reference_size: int = Field(256, ge=8)  # public synthetic prompts from the catalogue

@@ -107,20 +107,23 @@ class Partitioner:
     def fit(cls, config: PartitionConfig, seed: int, reference_embeddings: np.ndarray | None) -> "Partitioner":
         if config.method in ("random", "user"):
             return cls(config.method, config.num_shards, seed)
-        center = reference_embeddings.mean(0)
+        center = reference_embeddings.mean(0)  # semantic, semantic-user, adaptive
         points = _unit(reference_embeddings - center)
-        if config.method == "semantic":
+        if config.method in ("semantic", "semantic-user"):
             centroids = balanced_kmeans(points, config.num_shards, seed)
         else:
             centroids = adaptive_prototypes(points, config.distance_threshold, config.min_cluster_size)
         return cls(config.method, len(centroids), seed, center, centroids)
 
     def assign(self, samples: pd.DataFrame, embeddings: np.ndarray | None = None) -> np.ndarray:
-        """Shard of each sample; for semantic/adaptive the nearest centroid of its embedding."""
+        """Shard of each sample; for semantic/adaptive the nearest centroid of its embedding, for
+        semantic-user the nearest centroid of its user's mean embedding."""
         if self.method == "random":
             return np.array([stable_hash("shard", self.seed, s) % self.num_shards for s in samples["sample_id"]], dtype=int)
         if self.method == "user":
             return np.array([stable_hash("shard", self.seed, u) % self.num_shards for u in samples["user_id"]], dtype=int)
+        if self.method == "semantic-user":
+            return self.nearest(user_mean_embeddings(samples, embeddings))
         return self.nearest(embeddings)
 
     def nearest(self, embeddings: np.ndarray) -> np.ndarray:
@@ -140,6 +143,19 @@ class Partitioner:
         with np.load(path) as f:
             meta = json.loads(str(f["meta"]))
             return cls(meta["method"], meta["num_shards"], meta["seed"], f.get("center"), f.get("centroids"))
+
+
+def user_mean_embeddings(samples: pd.DataFrame, embeddings: np.ndarray) -> np.ndarray:
+    """Each row's user's mean embedding, summed in sample-id order: it depends on that user's
+    samples alone, never on the frame's order or on other users."""
+    users = samples["user_id"].astype(str).to_numpy()
+    ids = samples["sample_id"].astype(str).to_numpy()
+    means = {}
+    for user in np.unique(users):
+        rows = np.flatnonzero(users == user)
+        rows = rows[np.argsort(ids[rows], kind="stable")]
+        means[user] = np.asarray(embeddings)[rows].astype(np.float64).mean(0)
+    return np.stack([means[u] for u in users])
 
 
 def slice_of(user_ids, num_slices: int, seed: int) -> np.ndarray:

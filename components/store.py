@@ -223,7 +223,8 @@ def copy_store(source: Workdir, target: Workdir) -> None:
 
 def remove_samples(workdir: Workdir, users: set[str], interactions: set[str]) -> dict[str, list[str]]:
     """Delete every sample of `users` or containing one of `interactions` from the store, the
-    shard files (atomic rewrites) and the trunk states. Returns the removed sample ids per split /
+    shard files (atomic rewrites) and the trunk states, and move the samples a semantic-user
+    partition regroups. Returns the removed sample ids per split /
     shard file."""
     removed: dict[str, list[str]] = {}
     files = {name: workdir.split(name) for name in SPLITS}
@@ -237,7 +238,44 @@ def remove_samples(workdir: Workdir, users: set[str], interactions: set[str]) ->
     workdir.trunk.remove({s for ids in removed.values() for s in ids})
     for label in removed:
         write_parquet(frames[label].loc[~hits[label]].reset_index(drop=True), files[label])
+    move_samples(workdir, user_moves(workdir, users, interactions))
     return removed
+
+
+def user_moves(workdir: Workdir, users: set[str], interactions: set[str]) -> pd.DataFrame:
+    """The training samples that forgetting `users` and `interactions` moves to another shard, with
+    their shard now (`from_shard`) and after (`shard`). Only a semantic-user partition moves
+    samples: a user's shard follows the mean of their samples, so forgetting some of a user's
+    interactions can move the rest of that user's samples; never anyone else's."""
+    owners = {i.split(":")[0] for i in interactions} - users
+    if not owners or not workdir.partitioner.exists():
+        return pd.DataFrame()
+    partitioner = Partitioner.load(workdir.partitioner)
+    if partitioner.method != "semantic-user":
+        return pd.DataFrame()
+    frames = [read_parquet(workdir.shard_samples(k)).assign(from_shard=k) for k in range(workdir.num_shards())]
+    rows = pd.concat(frames, ignore_index=True)
+    rows = rows[rows["user_id"].astype(str).isin(owners) & ~samples_touching(rows, users, interactions)]
+    if rows.empty:
+        return pd.DataFrame()
+    rows = rows.assign(shard=partitioner.assign(rows, np.stack(rows["embedding"].to_numpy())))
+    return rows[rows["shard"] != rows["from_shard"]]
+
+
+def move_samples(workdir: Workdir, moves: pd.DataFrame) -> None:
+    """Carry out `user_moves`: copy each row into its new shard's file, then drop it from the old
+    one (atomic rewrites; a crash in between leaves a copy that a rerun finds and finishes)."""
+    if moves.empty:
+        return
+    rows = moves.drop(columns=["from_shard", "shard"])
+    for shard in sorted(set(moves["shard"])):
+        frame = read_parquet(workdir.shard_samples(shard))
+        incoming = rows[(moves["shard"] == shard).to_numpy() & ~rows["sample_id"].isin(frame["sample_id"]).to_numpy()]
+        write_parquet(pd.concat([frame, incoming], ignore_index=True), workdir.shard_samples(shard))
+    for shard in sorted(set(moves["from_shard"])):
+        frame = read_parquet(workdir.shard_samples(shard))
+        leaving = moves.loc[moves["from_shard"] == shard, "sample_id"]
+        write_parquet(frame[~frame["sample_id"].isin(leaving)].reset_index(drop=True), workdir.shard_samples(shard))
 
 
 def fit_partitioner(config: Config, workdir: Workdir, model, tokenizer) -> Partitioner:
@@ -245,7 +283,7 @@ def fit_partitioner(config: Config, workdir: Workdir, model, tokenizer) -> Parti
     if workdir.partitioner.exists():
         return Partitioner.load(workdir.partitioner)
     reference = None
-    if config.partition.method in ("semantic", "adaptive"):
+    if config.partition.method in ("semantic", "semantic-user", "adaptive"):
         _, items = load_interactions_and_items(config.data)
         prompts = reference_prompts(items, config.partition.reference_size, config.data.history_len, config.seed)
         reference = embed(model, tokenizer, prompts, config.model)

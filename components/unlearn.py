@@ -31,7 +31,7 @@ import torch
 from components.aggregate import AggregatorState
 from components.data import SPLITS, read_parquet, samples_touching
 from components.lease import Heartbeat, Lease
-from components.store import Workdir, write_json
+from components.store import Workdir, user_moves, write_json
 from components.train import last_clean_stage
 
 STATES = ("received", "masked", "deleted", "retrained", "registered", "unmasked", "purged", "done")
@@ -90,13 +90,18 @@ def validate_ids(users: list[str], interactions: list[str]) -> None:
 
 
 def shard_hits(workdir: Workdir, users: set[str], interactions: set[str]) -> dict[int, pd.DataFrame]:
-    """The samples of each shard that the subject touches (with their slices)."""
+    """The samples of each shard that the subject touches (with their slices): its own, and those
+    a semantic-user partition moves out of or into the shard (components.store.user_moves)."""
     hits = {}
     for shard in range(workdir.num_shards()):
         frame = read_parquet(workdir.shard_samples(shard))
         touched = frame[samples_touching(frame, users, interactions)]
         if len(touched):
             hits[shard] = touched
+    moves = user_moves(workdir, users, interactions)
+    for column in ("from_shard", "shard") if len(moves) else ():
+        for shard, rows in moves.groupby(column):
+            hits[int(shard)] = pd.concat([hits[int(shard)], rows]) if int(shard) in hits else rows
     return hits
 
 
@@ -231,7 +236,8 @@ def plan_round(workdir: Workdir, users: set[str], interactions: set[str]) -> dic
         removed[name] = int(touched.sum())
         known |= set(frame.loc[touched, "user_id"])
     return {
-        "shards": {str(k): {"restart_slice": int(t["slice"].min()), "samples_removed": len(t)} for k, t in sorted(hits.items())},
+        "shards": {str(k): {"restart_slice": int(t["slice"].min()), "samples_removed": int(samples_touching(t, users, interactions).sum()),
+                            "samples_moved": int((~samples_touching(t, users, interactions)).sum())} for k, t in sorted(hits.items())},
         "samples_removed": removed,
         "unknown_users": len(users - known),  # reported, not an error: the rest of the request goes on
     }

@@ -13,7 +13,7 @@ from safetensors import safe_open
 from components.aggregate import AggregatorState
 from components.data import read_parquet
 from components.registry import Registry
-from components.store import Workdir, load_splits
+from components.store import Workdir, load_splits, user_moves
 from components.unlearn import RequestError, new_request, pending_requests, scan_workdir
 from ray_jobs import forget as forget_job
 from ray_jobs import train as train_job
@@ -227,3 +227,29 @@ def test_a_shard_without_data_stays_out_of_the_adapter_set_also_when_forgetting_
     assert audit["affected_shards"] == [shard] and audit["scan"]["clean"]
     assert served() == set(sizes) - empty - {shard}
     assert_identical_to_scratch(config, workdir, tmp_path, [user], [])
+
+
+def test_semantic_user_shards_forget_a_user_in_one_shard_and_regroup_a_partly_forgotten_one(ray_session, tiny_config, tmp_path):
+    """Issue 12: with a user's samples kept in one shard, forgetting a user retrains that shard alone;
+    forgetting one interaction of another user removes its samples and moves the rest of that user's
+    samples to the shard their new mean belongs to. The result equals training from scratch."""
+    config = tiny_config.model_copy(update={
+        "experiment": "tiny-semantic-user",
+        "partition": tiny_config.partition.model_copy(update={"method": "semantic-user"}),
+    })
+    workdir = Workdir(tmp_path / "work")
+    train_job.run(config, workdir)
+    owners = shard_of_users(workdir)
+    assert all(len(shards) == 1 for shards in owners.values()) and len(set().union(*owners.values())) > 1
+    targets = [ids[-1] for ids in load_splits(workdir)["train"]["interactions"]]  # each sample's target interaction
+    moving = next((i for i in targets if not user_moves(workdir, set(), {i}).empty), None)
+    assert moving is not None, "no interaction of the tiny data moves its user: the test needs another seed"
+    mover = moving.split(":")[0]
+    [(source,), (destination,)] = [owners[mover], set(user_moves(workdir, set(), {moving})["shard"])]
+    whole = next(u for u, s in sorted(owners.items()) if u != mover)
+
+    new_request(workdir, [whole], [moving], "regroup")
+    [audit] = forget_job.process(config, workdir)
+    assert audit["affected_shards"] == sorted(owners[whole] | {source, destination}) and audit["scan"]["clean"], audit
+    assert shard_of_users(workdir)[mover] == {destination}
+    assert_identical_to_scratch(config, workdir, tmp_path, [whole], [moving])

@@ -61,6 +61,25 @@ def test_removing_a_sample_moves_no_other_sample(world, method):
     assert len(set(shards)) > 1
 
 
+def test_semantic_user_shards_keep_a_user_together_and_move_only_a_partly_removed_user(world):
+    partitioner = Partitioner.fit(PartitionConfig(method="semantic-user", num_shards=4), 7, world["reference"])
+    train, emb = world["train"], world["train_emb"]
+    shards = partitioner.assign(train, emb)
+    assert train.assign(shard=shards).groupby("user_id")["shard"].nunique().max() == 1
+    assert len(set(shards)) > 1
+    shuffled = np.random.default_rng(0).permutation(len(train))  # the frame's order does not matter
+    assert np.array_equal(partitioner.assign(train.iloc[shuffled], emb[shuffled]), shards[shuffled])
+    moved_users = set()
+    for drop in range(len(train)):  # remove one sample at a time: only its own user may move
+        keep = np.arange(len(train)) != drop
+        after = partitioner.assign(train[keep].reset_index(drop=True), emb[keep])
+        others = (train["user_id"] != train["user_id"].iloc[drop]).to_numpy()[keep]
+        assert np.array_equal(after[others], shards[keep][others])
+        if not np.array_equal(after[~others], shards[keep][~others]):
+            moved_users.add(train["user_id"].iloc[drop])
+    assert moved_users  # removing part of a user's samples can move the rest: forgetting handles it
+
+
 def test_a_users_samples_share_one_slice_and_the_slices_are_used(world):
     train = world["train"]
     slices = train.assign(slice=slice_of(train["user_id"], 4, 7)).groupby("user_id")["slice"].nunique()
