@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -35,9 +36,30 @@ def id_list(text: str | None) -> list[str]:
     return [part.strip() for part in (text or "").split(",") if part.strip()]
 
 
+def ray_address() -> str | None:
+    """Where `ray.init` goes: None lets it take RAY_ADDRESS, or the cluster `ray start` recorded on
+    this machine (/tmp/ray/ray_current_cluster) if that cluster still answers; "local" starts a
+    new one. Ray alone would try a recorded cluster that has died and hang (ray-project/ray#45771)."""
+    if os.environ.get("RAY_ADDRESS"):
+        return None
+    from ray._private.utils import read_ray_address
+
+    recorded = read_ray_address()
+    if not recorded:
+        return "local"
+    host, _, port = recorded.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=2).close()
+        return None
+    except (OSError, ValueError):
+        print(f"note: nothing answers at {recorded}, the Ray cluster an earlier `ray start` recorded: starting a local Ray",
+              flush=True)
+        return "local"
+
+
 def connect_ray() -> None:
-    """Join the cluster a job was submitted to (RAY_ADDRESS) or start a local one; pass the
-    offline environment and model cache to every worker."""
+    """Join the cluster a job was submitted to (RAY_ADDRESS) or the one running on this machine,
+    or start a local one; pass the offline environment and model cache to every worker."""
     for key, value in OFFLINE_ENV.items():
         os.environ.setdefault(key, value)
     if ray.is_initialized():
@@ -46,7 +68,7 @@ def connect_ray() -> None:
     # A submitted job (ray job submit, a RayJob, the forget reconciler) already gives its workers the
     # job's env_vars, and Ray refuses a driver that names one of them again.
     job_env = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")).get("runtime_env", {}).get("env_vars", {})
-    ray.init(runtime_env={"env_vars": {k: v for k, v in env.items() if k not in job_env}}, log_to_driver=True)
+    ray.init(ray_address(), runtime_env={"env_vars": {k: v for k, v in env.items() if k not in job_env}}, log_to_driver=True)
 
 
 def fail(message: str, code: int = 2) -> None:

@@ -64,12 +64,13 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
+    from ray_jobs.common import ray_address
     from serving.app import build_app
 
     env = {k: os.environ[k] for k in (*OFFLINE_ENV, "UNLEARN_CACHE", "MLFLOW_TRACKING_URI", config.serving.forget_token_env)
            if k in os.environ}
     # The dashboard hosts Ray's job server: the forget reconciler submits forget work as Ray jobs.
-    ray.init(runtime_env={"env_vars": {**ALLOCATOR_ENV, **env}}, include_dashboard=True)
+    ray.init(ray_address(), runtime_env={"env_vars": {**ALLOCATOR_ENV, **env}}, include_dashboard=True)
     try:
         serve.start(http_options={"host": host, "port": port})
         serve.run(build_app({"config": str(Path(args.config).resolve()), "workdir": str(workdir)}),

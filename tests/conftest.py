@@ -41,6 +41,11 @@ def local_cluster(num_cpus: int = 2):
     command = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
                "--num-cpus", str(num_cpus), "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
                "--disable-usage-stats", *(f"--{k}={v}" for k, v in ports.items())]
+    # `ray start` records its address for later ray.init() calls and nothing removes it: put back what was there.
+    from ray._private.utils import get_ray_address_file
+
+    address_file = Path(get_ray_address_file(None))
+    recorded = address_file.read_text() if address_file.exists() else None
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         address = f"127.0.0.1:{ports['port']}"
@@ -59,6 +64,10 @@ def local_cluster(num_cpus: int = 2):
             process.wait(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
+        if recorded is None:
+            address_file.unlink(missing_ok=True)
+        else:
+            address_file.write_text(recorded)
 
 
 @pytest.fixture(scope="session")

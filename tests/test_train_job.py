@@ -54,3 +54,25 @@ def test_shards_train_in_parallel_and_a_killed_actor_resumes_to_the_same_adapter
         assert all(torch.equal(ours[shard][k], theirs[shard][k]) for k in ours[shard]), f"shard {shard} differs"
     assert {k: v["adapter_sha256"] for k, v in report["shards"].items()} == \
            {k: v["adapter_sha256"] for k, v in outcome["report"]["shards"].items()}
+
+
+def test_jobs_start_a_local_ray_when_the_recorded_cluster_is_gone(tmp_path, monkeypatch):
+    """`ray start` records its address in RAY_TMPDIR/ray/ray_current_cluster and nothing removes it when
+    the cluster dies; a job must then start its own Ray, not hang trying to join the dead one."""
+    import socket
+
+    from ray_jobs.common import ray_address
+
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert ray_address() == "local"  # nothing recorded
+    recorded = tmp_path / "ray" / "ray_current_cluster"
+    recorded.parent.mkdir()
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        recorded.write_text(f"127.0.0.1:{listener.getsockname()[1]}")
+        assert ray_address() is None  # a cluster answers there: ray.init joins it
+    assert ray_address() == "local"  # the same address, nobody listening any more
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
+    assert ray_address() is None  # ray.init takes RAY_ADDRESS itself
