@@ -107,7 +107,7 @@ class Partitioner:
     def fit(cls, config: PartitionConfig, seed: int, reference_embeddings: np.ndarray | None) -> "Partitioner":
         if config.method in ("random", "user"):
             return cls(config.method, config.num_shards, seed)
-        center = reference_embeddings.mean(0)  # semantic, semantic-user, adaptive
+        center = reference_embeddings.mean(0)
         points = _unit(reference_embeddings - center)
         if config.method in ("semantic", "semantic-user"):
             centroids = balanced_kmeans(points, config.num_shards, seed)

@@ -223,9 +223,8 @@ def copy_store(source: Workdir, target: Workdir) -> None:
 
 def remove_samples(workdir: Workdir, users: set[str], interactions: set[str]) -> dict[str, list[str]]:
     """Delete every sample of `users` or containing one of `interactions` from the store, the
-    shard files (atomic rewrites) and the trunk states, and move the samples a semantic-user
-    partition regroups. Returns the removed sample ids per split /
-    shard file."""
+    shard files (atomic rewrites) and the trunk states, then move the samples a semantic-user
+    partition regroups. Returns the removed sample ids per split / shard file."""
     removed: dict[str, list[str]] = {}
     files = {name: workdir.split(name) for name in SPLITS}
     files.update({f"shard-{k}": workdir.shard_samples(k) for k in range(workdir.num_shards())})

@@ -235,9 +235,13 @@ def plan_round(workdir: Workdir, users: set[str], interactions: set[str]) -> dic
         touched = samples_touching(frame, users, interactions)
         removed[name] = int(touched.sum())
         known |= set(frame.loc[touched, "user_id"])
+    shards = {}
+    for shard, rows in sorted(hits.items()):
+        gone = samples_touching(rows, users, interactions)  # the others are samples a semantic-user partition moves
+        shards[str(shard)] = {"restart_slice": int(rows["slice"].min()), "samples_removed": int(gone.sum()),
+                              "samples_moved": int((~gone).sum())}
     return {
-        "shards": {str(k): {"restart_slice": int(t["slice"].min()), "samples_removed": int(samples_touching(t, users, interactions).sum()),
-                            "samples_moved": int((~samples_touching(t, users, interactions)).sum())} for k, t in sorted(hits.items())},
+        "shards": shards,
         "samples_removed": removed,
         "unknown_users": len(users - known),  # reported, not an error: the rest of the request goes on
     }
