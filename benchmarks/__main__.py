@@ -16,8 +16,9 @@ samples each would take over half an hour here; their ratios do not need the ful
 evaluation is `python -m ray_jobs.evaluate --config configs/movielens.yaml --states-from
 runs/store/movielens` into runs/bench/movielens (trained once, reused by later runs); its AUCs are shown against the `retrain`
 baseline's and its latencies against the single adapter's. On 2 CPU cores the evaluation trains
-five work dirs of SmolLM2 the first time: at configs/movielens.yaml an estimated 80 minutes of training
-(2026-12-01, measured: APA 14, the one-actor retrain baseline ~21 by its per-sample rate), so the whole run overruns 75 minutes. bench_embedding runs
+five work dirs of SmolLM2 the first time: at configs/movielens.yaml about 65 minutes of training
+(2026-12-01, measured: APA 12, SISA 11, the one-actor retrain baseline 20; user and LMEraser estimated
+at ~11 each), so the whole run, about 100 minutes, overruns 75. bench_embedding runs
 last, on the evaluation's trained work dir.
 """
 
