@@ -44,7 +44,7 @@ def main() -> int:
     started = time.time()
     splits = prepare(config, workdir, model, tokenizer)
     test = splits["test"]
-    base_scores = score_states(model, tokenizer, sample_states(config, workdir, test, model, tokenizer), config.model.trunk_layers)
+    base_scores = score_states(model, tokenizer, sample_states(config, workdir, test, model, tokenizer), config.model)
     summary["untuned_auc"] = auc(test["label"], base_scores)
     print(f"samples: train {len(splits['train'])}, valid {len(splits['valid'])}, test {len(test)} "
           f"(from {config.data.source}); prepared in {time.time() - started:.0f}s, trunk states in {workdir.trunk.root}")

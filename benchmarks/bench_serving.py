@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     @torch.no_grad()
     def run_single(batch_prompts):
         out = trunk_pass(single, tokenize(tokenizer, batch_prompts, mc.max_length), mc, embedding=False)
-        return p_yes(head_logits(single, out.states, out.mask, trunk), mixture.yes_id, mixture.no_id)
+        return p_yes(head_logits(single, out.states, out.mask, mc), mixture.yes_id, mixture.no_id)
 
     def run_mixture1(batch_prompts):
         return mixture1.p_yes(mixture1.encode(batch_prompts), torch.ones(len(batch_prompts), 1))

@@ -209,14 +209,13 @@ class MixtureModel:
     @torch.no_grad()
     def p_yes(self, inputs: TrunkOutput, weights: torch.Tensor, decomposed: bool = False) -> torch.Tensor:
         """P(yes) of each row under its own mixture weights [batch, K]."""
-        trunk = self.model_config.trunk_layers
         if self.prompts is not None:
             if weights.shape != (len(inputs), len(self.shards)):
                 raise ValueError(f"weights of shape {tuple(weights.shape)} for {len(inputs)} rows and {len(self.shards)} shards")
             prompt = torch.einsum("bk,kvh->bvh", weights.to(self.prompts.dtype), self.prompts)
-            return p_yes(head_logits(self.model, inputs.states, inputs.mask, trunk, prompt), self.yes_id, self.no_id)
+            return p_yes(head_logits(self.model, inputs.states, inputs.mask, self.model_config, prompt), self.yes_id, self.no_id)
         with self.mixing(weights, decomposed):
-            return p_yes(head_logits(self.model, inputs.states, inputs.mask, trunk), self.yes_id, self.no_id)
+            return p_yes(head_logits(self.model, inputs.states, inputs.mask, self.model_config), self.yes_id, self.no_id)
 
     @torch.no_grad()
     def p_yes_averaged(self, inputs: TrunkOutput, masked: set[int] = frozenset()) -> torch.Tensor:

@@ -63,6 +63,9 @@ class ModelConfig(Section):
     # torch threads of every trunk pass (store, serving, embeddings): on CPU a state's bits can
     # depend on the thread count, so a fixed one keeps stored and served states identical.
     trunk_threads: int = Field(1, ge=1)
+    # What the head computes in (training, evaluation and serving alike, so their bits agree):
+    # bfloat16 autocast halves the head's cost on CPUs with bfloat16 units; weights stay float32.
+    head_dtype: Literal["float32", "bfloat16"] = "float32"
     # Layers of the frozen model used for embeddings (partition, neighbours): at most the trunk, so
     # the trunk pass yields them. None = the trunk boundary, or every layer when trunk_layers is 0.
     embedding_layers: int | None = Field(None, ge=1)

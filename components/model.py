@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from transformers.masking_utils import create_causal_mask
+from transformers.models.llama.modeling_llama import rotate_half
 
 from components.config import ModelConfig
 
@@ -236,18 +237,44 @@ def pad_states(states: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return batch, mask
 
 
-def head_logits(model, states: torch.Tensor, mask: torch.Tensor, trunk_layers: int,
+def head_logits(model, states: torch.Tensor, mask: torch.Tensor, config: ModelConfig,
                 prompt: torch.Tensor | None = None) -> torch.Tensor:
-    """Vocabulary logits at the answer (last) position [batch, vocab], running only the head over
-    trunk states. `prompt` [batch, virtual, hidden] is a soft prompt prepended at the boundary."""
+    """Vocabulary logits at the answer (last) position [batch, vocab] (float32), running only the
+    head (the layers above `config.trunk_layers`, in `config.head_dtype`) over trunk states.
+    `prompt` [batch, virtual, hidden] is a soft prompt prepended at the boundary."""
     decoder = decoder_of(model)
     device = model.device
     states, mask = states.to(device), mask.to(device)
     if prompt is not None:
         states = torch.cat([prompt.to(device, states.dtype), states], 1)
         mask = torch.cat([torch.ones(prompt.shape[:2], dtype=mask.dtype, device=device), mask], 1)
-    *_, hidden = run_layers(decoder, states, mask, decoder.layers[trunk_layers:])  # the last layer's output
-    return lm_head_of(model)(decoder.norm(hidden[:, -1, :]))
+    *below, last = decoder.layers[config.trunk_layers:]
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.head_dtype == "bfloat16"):
+        *_, hidden = states, *run_layers(decoder, states, mask, below)
+        logits = lm_head_of(model)(decoder.norm(answer_position_layer(decoder, last, hidden, mask)))
+    return logits.float()
+
+
+def answer_position_layer(decoder, layer, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The output of a decoder layer at the last (answer) position only [batch, hidden]: keys and
+    values over every position, the query, attention output and MLP at the answer position alone.
+    The same math as the whole layer's last row (that position attends to every prompt token), at
+    a fraction of its cost: the logits need nothing else from the head's top layer."""
+    attn = layer.self_attn
+    batch, length, _ = hidden.shape
+    cos, sin = decoder.rotary_emb(hidden, position_ids=positions(mask))
+    normed = layer.input_layernorm(hidden)
+    query = attn.q_proj(normed[:, -1:]).view(batch, 1, -1, attn.head_dim).transpose(1, 2)
+    keys = attn.k_proj(normed).view(batch, length, -1, attn.head_dim).transpose(1, 2)
+    values = attn.v_proj(normed).view(batch, length, -1, attn.head_dim).transpose(1, 2)
+    query = query * cos[:, None, -1:] + rotate_half(query) * sin[:, None, -1:]
+    keys = keys * cos[:, None] + rotate_half(keys) * sin[:, None]
+    groups = attn.num_key_value_groups  # grouped-query attention: each key/value head serves `groups` query heads
+    keys, values = keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1)
+    visible = mask.bool()[:, None, None, :]  # left padding is never attended to
+    out = torch.nn.functional.scaled_dot_product_attention(query, keys, values, attn_mask=visible, scale=attn.scaling)
+    hidden = hidden[:, -1] + attn.o_proj(out.transpose(1, 2).reshape(batch, -1))
+    return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
 
 
 def drop_trunk(model, trunk_layers: int):
@@ -259,18 +286,18 @@ def drop_trunk(model, trunk_layers: int):
     return model
 
 
-def score_states(model, tokenizer, states: list[torch.Tensor], trunk_layers: int) -> np.ndarray:
+def score_states(model, tokenizer, states: list[torch.Tensor], config: ModelConfig) -> np.ndarray:
     """P(yes) under `model` (adapted by peft, or not) of prompts given their trunk states, one at a time."""
     yes_id, no_id = answer_token_ids(tokenizer)
     with torch.no_grad():
-        scores = [p_yes(head_logits(model, *pad_states([s]), trunk_layers), yes_id, no_id) for s in states]
+        scores = [p_yes(head_logits(model, *pad_states([s]), config), yes_id, no_id) for s in states]
     return torch.cat(scores).numpy() if scores else np.zeros(0, dtype=np.float32)
 
 
 def score(model, tokenizer, prompts: list[str], config: ModelConfig) -> np.ndarray:
     """P(yes) of prompts under `model`, one prompt at a time: the trunk, then the head."""
     states = [trunk_pass(model, tokenize(tokenizer, [p], config.max_length), config, embedding=False).states[0] for p in prompts]
-    return score_states(model, tokenizer, states, config.trunk_layers)
+    return score_states(model, tokenizer, states, config)
 
 
 def embed(model, tokenizer, prompts: list[str], config: ModelConfig) -> np.ndarray:

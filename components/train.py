@@ -65,7 +65,7 @@ class AdaptedHead(nn.Module):
 
     def __init__(self, config: Config, shard: int, base: nn.Module):
         super().__init__()
-        self.trunk_layers = config.model.trunk_layers
+        self.model_config = config.model
         if config.train.gradient_checkpointing:
             base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         torch.manual_seed(shard_seed(config.seed, shard))
@@ -83,7 +83,7 @@ class AdaptedHead(nn.Module):
 
     def logits(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         prompt = None if self.prompt is None else self.prompt.unsqueeze(0).expand(len(states), -1, -1)
-        return head_logits(self.model, states, mask, self.trunk_layers, prompt)
+        return head_logits(self.model, states, mask, self.model_config, prompt)
 
     def adapter_state(self) -> dict[str, torch.Tensor]:
         """The adapter's tensors, under the names the mixture (components.aggregate) reads."""

@@ -9,6 +9,7 @@ import torch
 from peft import get_peft_model
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from torch import nn
+from transformers import LlamaForCausalLM
 
 from components.aggregate import (
     AggregatorState,
@@ -123,12 +124,11 @@ def tiny(request):
     return config, tokenizer, peft_model, adapters, mixture, mixture.encode(prompts)
 
 
-def _peft_logits(peft_model, adapter, batch):
+def _peft_logits(peft_model, adapter, batch, model_config):
     """The adapter applied by peft itself, over the same trunk states."""
     set_peft_model_state_dict(peft_model, adapter)
-    trunk = peft_model.peft_config["default"].layers_to_transform
     with torch.no_grad():
-        return head_logits(peft_model, batch.states, batch.mask, trunk[0] if trunk else 0)
+        return head_logits(peft_model, batch.states, batch.mask, model_config)
 
 
 def _one_hot(rows, k):
@@ -148,18 +148,17 @@ def test_lora_lives_in_the_head_only(tiny):
 def test_a_one_hot_mixture_is_that_adapter_applied_by_peft(tiny):
     config, tokenizer, peft_model, adapters, mixture, batch = tiny
     rows = len(batch)
-    trunk = config.model.trunk_layers
     for k in range(K):
-        expected = _peft_logits(peft_model, adapters[k], batch)
+        expected = _peft_logits(peft_model, adapters[k], batch, config.model)
         with torch.no_grad(), mixture.mixing(_one_hot(rows, k)):
-            got = head_logits(mixture.model, batch.states, batch.mask, trunk)
+            got = head_logits(mixture.model, batch.states, batch.mask, config.model)
         # Not bit-identical: peft computes B_k (A_k x) with two rank-r GEMMs, the mixture one
         # rank-(K r) GEMM pair over all adapters (zero weights for the others), so the kernels sum
         # the same terms in another order. The difference is float32 rounding: at most 2.4e-7 on
         # logits of magnitude ~1.2 here (1-2 ulp), so 1e-5 leaves a wide margin.
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
         with torch.no_grad():
-            assert not torch.equal(got, head_logits(mixture.model, batch.states, batch.mask, trunk))  # the adapter changes them
+            assert not torch.equal(got, head_logits(mixture.model, batch.states, batch.mask, config.model))  # the adapter changes them
         torch.testing.assert_close(mixture.p_yes(batch, _one_hot(rows, k)), p_yes(expected, mixture.yes_id, mixture.no_id),
                                    rtol=0, atol=1e-6)
 
@@ -172,13 +171,13 @@ def test_rows_routed_to_different_adapters_share_one_forward(tiny):
         w[row, row % K] = 1.0
     mixed = mixture.p_yes(batch, w)
     for row in range(rows):
-        alone = p_yes(_peft_logits(peft_model, adapters[row % K], batch), mixture.yes_id, mixture.no_id)[row]
+        alone = p_yes(_peft_logits(peft_model, adapters[row % K], batch, config.model), mixture.yes_id, mixture.no_id)[row]
         assert abs(float(mixed[row]) - float(alone)) < 1e-6
 
 
 def test_sisa_averaging_is_the_mean_of_the_single_adapter_passes(tiny):
     config, tokenizer, peft_model, adapters, mixture, batch = tiny
-    singles = [p_yes(_peft_logits(peft_model, adapters[k], batch), mixture.yes_id, mixture.no_id) for k in range(K)]
+    singles = [p_yes(_peft_logits(peft_model, adapters[k], batch, config.model), mixture.yes_id, mixture.no_id) for k in range(K)]
     torch.testing.assert_close(mixture.p_yes_averaged(batch), torch.stack(singles).mean(0), rtol=0, atol=1e-6)
     torch.testing.assert_close(mixture.p_yes_averaged(batch, masked={1}), (singles[0] + singles[2]) / 2, rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="every shard is masked"):
@@ -203,12 +202,20 @@ def test_the_trunk_pass_is_the_frozen_model_whatever_the_adapters(tiny):
     assert torch.equal(served.embedding, plain.embedding) and torch.equal(served.states, plain.states)
 
 
-def test_trunk_then_head_is_the_models_own_forward():
+@pytest.mark.parametrize("layers, key_value_heads", [(2, None), (4, 2)])
+def test_trunk_then_head_is_the_models_own_forward(layers, key_value_heads):
     """Cut in two (and stored in float32), the model computes what transformers computes whole,
-    with positions from the mask: a left-padded prompt gets the same logits as alone."""
-    config = load_config(TINY, model={"trunk_layers": 1, "trunk_dtype": "float32"})
+    with positions from the mask: a left-padded prompt gets the same logits as alone. The head's
+    top layer runs at the answer position only; with 4 layers, 3 are in the head, and 2 key/value
+    heads serve the 4 query heads (grouped-query attention, as in SmolLM2)."""
+    config = load_config(TINY, model={"trunk_layers": 1, "trunk_dtype": "float32", "tiny_layers": layers})
     tokenizer = load_tokenizer()
     base = load_base_model(config.model, config.seed, tokenizer)
+    if key_value_heads:
+        grouped = copy.deepcopy(base.config)
+        grouped.num_key_value_heads = key_value_heads
+        torch.manual_seed(config.seed)
+        base = LlamaForCausalLM(grouped).eval()
     prompts = [build_prompt(["Heat (1995)"], [], "Babe (1995)"), build_prompt(["Fargo (1996)"] * 3, ["Casino (1995)"], "Heat (1995)")]
     batch = tokenize(tokenizer, prompts, 512)
     assert (batch["attention_mask"] == 0).any()  # the shorter prompt is left-padded
@@ -216,10 +223,21 @@ def test_trunk_then_head_is_the_models_own_forward():
         whole = base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                      position_ids=positions(batch["attention_mask"]), logits_to_keep=1).logits[:, -1]
         trunk = trunk_pass(base, batch, config.model)
-        split = head_logits(base, trunk.states, trunk.mask, 1)
-        alone = head_logits(base, *pad_states([trunk_pass(base, tokenize(tokenizer, prompts[:1], 512), config.model).states[0]]), 1)
+        split = head_logits(base, trunk.states, trunk.mask, config.model)
+        alone = head_logits(base, *pad_states([trunk_pass(base, tokenize(tokenizer, prompts[:1], 512), config.model).states[0]]), config.model)
     torch.testing.assert_close(split, whole, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(split[0], alone[0], rtol=1e-5, atol=1e-5)
+
+
+def test_the_head_in_bfloat16_rounds_but_keeps_the_logits(tiny):
+    config, tokenizer, peft_model, adapters, mixture, batch = tiny
+    half = config.model.model_copy(update={"head_dtype": "bfloat16"})
+    with torch.no_grad():
+        exact, rounded = (head_logits(mixture.model, batch.states, batch.mask, c) for c in (config.model, half))
+        again = head_logits(mixture.model, batch.states, batch.mask, half)
+    assert rounded.dtype == torch.float32 and torch.equal(rounded, again)
+    assert not torch.equal(rounded, exact)
+    torch.testing.assert_close(rounded, exact, rtol=0.05, atol=0.05)
 
 
 # --- the weights --------------------------------------------------------------------------------------

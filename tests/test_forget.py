@@ -232,9 +232,11 @@ def test_a_shard_without_data_stays_out_of_the_adapter_set_also_when_forgetting_
 def test_semantic_user_shards_forget_a_user_in_one_shard_and_regroup_a_partly_forgotten_one(ray_session, tiny_config, tmp_path):
     """Issue 12: with a user's samples kept in one shard, forgetting a user retrains that shard alone;
     forgetting one interaction of another user removes its samples and moves the rest of that user's
-    samples to the shard their new mean belongs to. The result equals training from scratch."""
+    samples to the shard their new mean belongs to. The result equals training from scratch, also
+    with the head computed in bfloat16 (as configs/movielens.yaml does)."""
     config = tiny_config.model_copy(update={
         "experiment": "tiny-semantic-user",
+        "model": tiny_config.model.model_copy(update={"head_dtype": "bfloat16"}),
         "partition": tiny_config.partition.model_copy(update={"method": "semantic-user"}),
     })
     workdir = Workdir(tmp_path / "work")
