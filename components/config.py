@@ -64,8 +64,10 @@ class ModelConfig(Section):
     # depend on the thread count, so a fixed one keeps stored and served states identical.
     trunk_threads: int = Field(1, ge=1)
     # What the head computes in (training, evaluation and serving alike, so their bits agree):
-    # bfloat16 autocast halves the head's cost on CPUs with bfloat16 units; weights stay float32.
-    head_dtype: Literal["float32", "bfloat16"] = "float32"
+    # bfloat16 autocast halves the head's cost where the hardware has bfloat16 kernels (weights stay
+    # float32); a CPU without them (AVX2 only) emulates it ~60x slower than float32. `auto` takes
+    # bfloat16 where the device has the kernels, float32 elsewhere (components.model.head_dtype).
+    head_dtype: Literal["auto", "float32", "bfloat16"] = "float32"
     # Layers of the frozen model used for embeddings (partition, neighbours): at most the trunk, so
     # the trunk pass yields them. None = the trunk boundary, or every layer when trunk_layers is 0.
     embedding_layers: int | None = Field(None, ge=1)

@@ -18,6 +18,7 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -237,6 +238,24 @@ def pad_states(states: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return batch, mask
 
 
+def native_bfloat16(device: torch.device) -> bool:
+    """Whether `device` has bfloat16 matmul kernels (CPU: oneDNN's, from AVX-512 up; without them
+    torch emulates bfloat16, ~60x slower than float32 on an AVX2 machine, measured)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def head_dtype(config: ModelConfig, device: torch.device) -> torch.dtype:
+    """The dtype the head computes in on `device`: `auto` resolves to bfloat16 where it is native."""
+    if config.head_dtype == "auto":
+        return torch.bfloat16 if native_bfloat16(device) else torch.float32
+    if config.head_dtype == "bfloat16" and not native_bfloat16(device):
+        warnings.warn(f"model.head_dtype bfloat16 on a {device.type} without bfloat16 kernels: the head runs "
+                      "emulated, many times slower than in float32 (head_dtype: auto picks float32 here)", stacklevel=2)
+    return getattr(torch, config.head_dtype)
+
+
 def head_logits(model, states: torch.Tensor, mask: torch.Tensor, config: ModelConfig,
                 prompt: torch.Tensor | None = None) -> torch.Tensor:
     """Vocabulary logits at the answer (last) position [batch, vocab] (float32), running only the
@@ -249,7 +268,7 @@ def head_logits(model, states: torch.Tensor, mask: torch.Tensor, config: ModelCo
         states = torch.cat([prompt.to(device, states.dtype), states], 1)
         mask = torch.cat([torch.ones(prompt.shape[:2], dtype=mask.dtype, device=device), mask], 1)
     *below, last = decoder.layers[config.trunk_layers:]
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.head_dtype == "bfloat16"):
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=head_dtype(config, device) == torch.bfloat16):
         *_, hidden = states, *run_layers(decoder, states, mask, below)
         logits = lm_head_of(model)(decoder.norm(answer_position_layer(decoder, last, hidden, mask)))
     return logits.float()

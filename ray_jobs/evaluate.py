@@ -59,7 +59,7 @@ from components.config import Config
 from components.data import SPLITS, read_parquet, stable_hash
 from components.floors import FloorError, history_floor, item_floor
 from components.metrics import auc, auc_interval, bar_figure, close, grouped_bar_figure, paired_difference_interval
-from components.model import load_base_model, load_tokenizer
+from components.model import head_dtype, load_base_model, load_tokenizer
 from components.partition import Partitioner
 from components.registry import Registry
 from components.store import Workdir, copy_store, load_splits, prepare, sample_states, write_json
@@ -405,7 +405,8 @@ def run(config: Config, workdir: Workdir, methods=None, forget_cost_mode: str = 
     report = {
         "experiment": config.experiment, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch_threads": threads,
-                    "python": platform.python_version(), "torch": torch.__version__},
+                    "python": platform.python_version(), "torch": torch.__version__,
+                    "head_dtype": str(head_dtype(config.model, torch.device("cpu"))).removeprefix("torch.")},
         "config_file": str(config_file) if config_file else None, "config_file_sha256": _sha256_file(config_file),
         "config_sha256": config.sha256(), "workdir": str(workdir.root),
         "n_test": len(test), "n_positive": int(labels.sum()), "labels": "reports/predictions/labels.npy",

@@ -27,7 +27,7 @@ from components.aggregate import (
 )
 from components.config import load_config
 from components.data import build_prompt
-from components.model import head_logits, load_base_model, load_tokenizer, p_yes, pad_states, positions, tokenize, trunk_pass
+from components.model import head_dtype, head_logits, load_base_model, load_tokenizer, p_yes, pad_states, positions, tokenize, trunk_pass
 from components.partition import Partitioner
 from components.train import lora_config
 
@@ -239,6 +239,22 @@ def test_the_head_in_bfloat16_rounds_but_keeps_the_logits(tiny):
     assert not torch.equal(rounded, exact)
     torch.testing.assert_close(rounded, exact, rtol=0.05, atol=0.05)
 
+
+
+def test_head_dtype_auto_takes_bfloat16_only_where_the_cpu_has_its_kernels(tiny):
+    """Emulated bfloat16 costs ~60x float32 on an AVX2 CPU: `auto` must pick float32 there, and an
+    explicit bfloat16 says why it is slow."""
+    config, tokenizer, peft_model, adapters, mixture, batch = tiny
+    native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    auto = config.model.model_copy(update={"head_dtype": "auto"})
+    chosen = config.model.model_copy(update={"head_dtype": "bfloat16" if native else "float32"})
+    assert head_dtype(auto, torch.device("cpu")) == (torch.bfloat16 if native else torch.float32)
+    with torch.no_grad():
+        assert torch.equal(head_logits(mixture.model, batch.states, batch.mask, auto),
+                           head_logits(mixture.model, batch.states, batch.mask, chosen))
+    if not native:
+        with pytest.warns(UserWarning, match="without bfloat16 kernels"):
+            head_dtype(config.model.model_copy(update={"head_dtype": "bfloat16"}), torch.device("cpu"))
 
 # --- the weights --------------------------------------------------------------------------------------
 
