@@ -6,8 +6,9 @@ every figure is a ratio to its baseline measured in the same run.
     python -m benchmarks --skip eval
 
 First the shared sample store runs/store/<experiment> (benchmarks/common.shared_store) is prepared
-once: every sample's trunk state, computed a single time (about 15 minutes for the 5596 samples of
-configs/movielens.yaml on an idle 2-core machine) and linked by every benchmark and the evaluation.
+once: every sample's trunk state, computed a single time (for the 5596 samples of
+configs/movielens.yaml on an idle 2-core machine: 15 minutes on one with AVX-512, ~50 on an AVX2
+one) and linked by every benchmark and the evaluation.
 Each benchmark runs as its own process (`python -m benchmarks.<name>`, its own local Ray, its
 memory freed when it ends); one that is missing is skipped with a message. A benchmark reports its
 figures by writing {"figures": [...]} to the file named by $BENCH_RESULT (benchmarks/common.py).
@@ -18,7 +19,8 @@ runs/store/movielens` into runs/bench/movielens (trained once, reused by later r
 baseline's and its latencies against the single adapter's. On 2 CPU cores the evaluation trains
 five work dirs of SmolLM2 the first time: at configs/movielens.yaml about 65 minutes of training
 (2026-12-01, measured: APA 12, SISA 11, the one-actor retrain baseline 20; user and LMEraser estimated
-at ~11 each), so the whole run, about 100 minutes, overruns 75. bench_embedding runs
+at ~11 each), so the whole run, about 100 minutes, overruns 75; on an AVX2-only machine (2026-12-02,
+the head in float32) APA took 30 and the retrain baseline ~50: about 4.5 hours in all, estimated. bench_embedding runs
 last, on the evaluation's trained work dir.
 """
 
