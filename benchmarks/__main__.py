@@ -20,7 +20,9 @@ baseline's and its latencies against the single adapter's. On 2 CPU cores the ev
 five work dirs of SmolLM2 the first time: at configs/movielens.yaml about 65 minutes of training
 (2026-12-01, measured: APA 12, SISA 11, the one-actor retrain baseline 20; user and LMEraser estimated
 at ~11 each), so the whole run, about 100 minutes, overruns 75; on an AVX2-only machine (2026-12-02,
-the head in float32) APA took 30 and the retrain baseline ~50: about 4.5 hours in all, estimated. bench_embedding runs
+the head in float32) APA took 30 and the retrain baseline ~50: about 4.5 hours in all, estimated.
+With the 8-layer head (trunk_layers 22, 2026-12-02 afternoon, AVX-512 with bfloat16 kernels) the
+store took 21 minutes (~225 ms a prompt), APA 20 and the retrain baseline 39. bench_embedding runs
 last, on the evaluation's trained work dir.
 """
 
