@@ -1,12 +1,14 @@
 """Choose the training recipe on the validation split, never on the test split.
 
-    python -m benchmarks.recipe [--config configs/movielens.yaml] [--n-train 1024] [--epochs 3]
+    python -m benchmarks.recipe [--config configs/movielens.yaml] [--n-train 1024] [--epochs 3] [--slices 4]
     make recipe
 
 Each candidate recipe (loss, learning rate, LoRA rank and targets) trains one adapter, as a shard
 actor would, on the same seeded subset of `--n-train` training samples of the work dir's store
 (default: the size of one of the config's shards), over the stored trunk states, and scores the
-whole validation split after every epoch. Candidates run as Ray tasks, one CPU each. The table
+whole validation split after every epoch (of the last slice, with `--slices R`: the subset split
+into R slices by user and trained stage by stage in the config's slice_mode, as a shard's adapter
+is; the default, 1, trains the subset at once). Candidates run as Ray tasks, one CPU each. The table
 shows validation AUC with its 95% bootstrap interval per epoch; the best row is the recipe to put
 in the config. The test split is never read.
 
@@ -47,7 +49,7 @@ class Recipe(NamedTuple):
 QV, QKVO = ("q_proj", "v_proj"), ("q_proj", "k_proj", "v_proj", "o_proj")
 # TALLRec's recipe and the two-way loss at two learning rates, then more capacity in attention;
 # then the best of those with the head in bfloat16 (twice as fast on this CPU), and in bfloat16 a
-# higher rate and LoRA in the MLP too.
+# higher rate and LoRA in the MLP too; then a lower rate, for the many more steps of 4096 samples.
 CANDIDATES = (
     Recipe("vocabulary", 3e-4, 8, QV),
     Recipe("vocabulary", 1e-3, 8, QV),
@@ -57,13 +59,14 @@ CANDIDATES = (
     Recipe("two-way", 1e-3, 8, QV, "bfloat16"),
     Recipe("two-way", 2e-3, 8, QV, "bfloat16"),
     Recipe("two-way", 1e-3, 8, (*QV, "gate_proj", "up_proj", "down_proj"), "bfloat16"),
+    Recipe("two-way", 5e-4, 8, QV, "bfloat16"),
 )
 
 
-def recipe_config(config: Config, recipe: Recipe, epochs: int) -> Config:
+def recipe_config(config: Config, recipe: Recipe, epochs: int, slices: int = 1) -> Config:
     return config.model_copy(update={
         "model": config.model.model_copy(update={"head_dtype": recipe.head_dtype}),
-        "partition": config.partition.model_copy(update={"num_slices": 1}),
+        "partition": config.partition.model_copy(update={"num_slices": slices}),
         "adapter": config.adapter.model_copy(update={"r": recipe.rank, "alpha": 2 * recipe.rank, "target_modules": recipe.targets}),
         "train": config.train.model_copy(update={"loss": recipe.loss, "learning_rate": recipe.learning_rate, "epochs": epochs}),
     })
@@ -71,7 +74,9 @@ def recipe_config(config: Config, recipe: Recipe, epochs: int) -> Config:
 
 @ray.remote(num_cpus=1)
 def try_recipe(config_json: dict, store: str, train_ids: list[str]) -> list[dict]:
-    """Train one adapter with the recipe in `config_json`; validation AUC after every epoch."""
+    """Train one adapter with the recipe in `config_json`, its samples in the config's slices as
+    a shard's are; validation AUC after every epoch of the last slice (the adapter a shard serves)."""
+    from components.partition import slice_of
     from components.model import answer_token_ids, load_base_model, load_tokenizer, make_deterministic
     from components.train import predict_states, train_shard
 
@@ -80,7 +85,8 @@ def try_recipe(config_json: dict, store: str, train_ids: list[str]) -> list[dict
     workdir = Workdir(store)
     tokenizer = load_tokenizer()
     base = load_base_model(config.model, config.seed, tokenizer, head_only=True)
-    train = read_parquet(workdir.split("train")).set_index("sample_id").loc[train_ids].reset_index().assign(slice=0)
+    train = read_parquet(workdir.split("train")).set_index("sample_id").loc[train_ids].reset_index()
+    train["slice"] = slice_of(train["user_id"], config.partition.num_slices, config.seed)
     valid = read_parquet(workdir.split("valid"))
     labels = valid["label"].to_numpy()
     valid_states = sample_states(config, workdir, valid, base, tokenizer)
@@ -88,6 +94,8 @@ def try_recipe(config_json: dict, store: str, train_ids: list[str]) -> list[dict
     rows, started = [], time.time()
 
     def after_epoch(model, stage, epoch):
+        if stage < config.partition.num_slices - 1:
+            return
         scores = predict_states(model, valid_states, yes_id, no_id)
         rows.append({"epoch": epoch + 1, "valid_auc": auc(labels, scores), "interval": auc_interval(labels, scores, seed=0),
                      "seconds": round(time.time() - started, 1)})
@@ -140,7 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", help="a work dir whose sample store to use (default: the shared store "
                         "runs/store/<experiment>, prepared if missing)")
     parser.add_argument("--n-train", type=int, help="training samples per candidate (default: one shard's share)")
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=3, help="epochs at each slice")
+    parser.add_argument("--slices", type=int, default=1, help="slices of the subset, trained in the config's "
+                        "slice_mode as a shard is (default 1: the subset at once)")
     parser.add_argument("--candidates", help=f"comma-separated numbers (1-{len(CANDIDATES)}) of the candidates to "
                         "train, in the order of CANDIDATES (default: all)")
     parser.add_argument("--tau", help="comma-separated APA temperatures to compare instead (needs --trained)")
@@ -165,19 +175,22 @@ def main(argv: list[str] | None = None) -> int:
     if not all(n.strip().isdigit() and 1 <= int(n) <= len(CANDIDATES) for n in numbers):
         parser.error(f"--candidates takes numbers from 1 to {len(CANDIDATES)}, got {args.candidates!r}")
     candidates = [CANDIDATES[int(n) - 1] for n in numbers]
+    if args.slices < 1:
+        parser.error(f"--slices takes a positive number, got {args.slices}")
     workdir = Workdir(args.workdir) if args.workdir else shared_store(config)
     if not workdir.split("valid").exists():
         parser.error(f"{workdir.root} holds no prepared sample store (no {workdir.split('valid').name})")
     train = read_parquet(workdir.split("train"))
     n_train = min(len(train), args.n_train or len(train) // config.partition.num_shards)
     chosen = sorted(train["sample_id"], key=lambda s: stable_hash("recipe", config.seed, s))[:n_train]
-    print(f"recipe search: {len(candidates)} candidates x {args.epochs} epochs on {n_train} training samples, "
+    print(f"recipe search: {len(candidates)} candidates x {args.epochs} epochs on {n_train} training samples "
+          f"({args.slices} slice(s), {config.train.slice_mode if args.slices > 1 else 'at once'}), "
           f"scored on {len(read_parquet(workdir.split('valid')))} validation samples ({workdir.root})", flush=True)
 
     started = time.time()
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True)
     try:
-        configs = [recipe_config(config, candidate, args.epochs) for candidate in candidates]
+        configs = [recipe_config(config, candidate, args.epochs, args.slices) for candidate in candidates]
         results = ray.get([try_recipe.remote(c.model_dump(mode="json"), str(workdir.root), chosen) for c in configs])
     finally:
         ray.shutdown()
@@ -195,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{row['head_dtype']:<8} {row['epoch']:>5} {row['valid_auc']:>9.4f}  [{low:.3f}, {high:.3f}]{mark}")
     out = bench_dir() / "results" / "recipe.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"config": args.config, "n_train": n_train, "n_valid": len(read_parquet(workdir.split("valid"))),
+    out.write_text(json.dumps({"config": args.config, "n_train": n_train, "slices": args.slices,
+                               "slice_mode": config.train.slice_mode, "n_valid": len(read_parquet(workdir.split("valid"))),
                                "rows": table, "best": best, "seconds": round(time.time() - started, 1)}, indent=1))
     print(f"\n{out} ({time.time() - started:.0f}s)")
     return 0

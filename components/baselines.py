@@ -3,7 +3,7 @@
 Each baseline trains through the same machinery as APA, in its own work dir
 (`DIR/baselines/<name>`) under its own experiment (`<experiment>-<name>`):
 
-    retrain    one adapter on all the training data           (forgetting = retraining from scratch)
+    retrain    one adapter on all the training data, one slice   (forgetting = retraining from scratch)
     sisa       K random shards, average of the K models' P(yes)
     user       K user-based shards, average of the K models' P(yes)
     lmeraser   adaptive clusters, one soft prompt each, routing to the nearest prototype
@@ -35,7 +35,11 @@ def baseline_config(config: Config, name: str) -> Config:
         "aggregate": config.aggregate.model_copy(update={"method": BASELINE_AGGREGATE[name]}),
     }
     if name == "retrain":
-        update["partition"] = update["partition"].model_copy(update={"num_shards": 1})
+        # Slices only make forgetting cheaper, and a retrain forgets from scratch anyway; in
+        # incremental mode they would also cost it accuracy (the last slice's epochs come last).
+        update["partition"] = update["partition"].model_copy(update={"num_shards": 1, "num_slices": 1})
+        if config.train.retrain_cpus is not None:
+            update["train"] = config.train.model_copy(update={"cpus_per_actor": config.train.retrain_cpus})
     if name == "lmeraser":
         update["adapter"] = config.adapter.model_copy(update={"kind": "prompt"})
     return config.model_copy(update=update)

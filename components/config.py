@@ -122,6 +122,8 @@ class TrainConfig(Section):
     # (for deep heads; a few head layers over stored states need none).
     gradient_checkpointing: bool = False
     cpus_per_actor: float = Field(1.0, gt=0)
+    # The retrain baseline's single actor (default cpus_per_actor): the cores K shard actors share.
+    retrain_cpus: float | None = Field(None, gt=0)
     gpus_per_actor: float = Field(0.0, ge=0)
     max_restarts: int = Field(3, ge=0)
 

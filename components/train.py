@@ -131,7 +131,7 @@ def checkpoint_path(checkpoint_dir: Path, stage: int) -> Path:
 def training_sha256(config: Config) -> str:
     """What a checkpoint's bits depend on besides the data: model, adapter, training, seed."""
     relevant = {"seed": config.seed, "model": config.model.model_dump(mode="json"), "adapter": config.adapter.model_dump(mode="json"),
-                "train": config.train.model_dump(mode="json", exclude={"cpus_per_actor", "gpus_per_actor", "max_restarts"}),
+                "train": config.train.model_dump(mode="json", exclude={"cpus_per_actor", "retrain_cpus", "gpus_per_actor", "max_restarts"}),
                 "num_slices": config.partition.num_slices}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
 

@@ -116,3 +116,19 @@ def test_converted_smollm2_loads_offline_and_scores_a_real_prompt(samples):
     assert 130e6 < sum(p.numel() for p in model.parameters()) < 140e6
     p = score(model, tokenizer, samples["prompt"].head(2).tolist(), ModelConfig())
     assert ((p > 0) & (p < 1)).all() and p[0] != p[1]
+
+
+def test_retrain_baseline_is_one_unsliced_adapter_on_its_own_cores():
+    from components.baselines import baseline_config, baseline_sha256
+    from components.train import training_sha256
+
+    config = load_config(TINY)
+    retrain = baseline_config(config, "retrain")
+    assert (retrain.partition.num_shards, retrain.partition.num_slices) == (1, 1)
+    assert retrain.train.cpus_per_actor == config.train.cpus_per_actor  # retrain_cpus unset
+    given = config.model_copy(update={"train": config.train.model_copy(update={"retrain_cpus": 2})})
+    assert baseline_config(given, "retrain").train.cpus_per_actor == 2
+    assert baseline_config(given, "sisa").train.cpus_per_actor == config.train.cpus_per_actor
+    # Resources are not part of what a checkpoint or a baseline depends on: no retraining for them.
+    assert training_sha256(given) == training_sha256(config)
+    assert baseline_sha256(baseline_config(given, "sisa")) == baseline_sha256(baseline_config(config, "sisa"))
