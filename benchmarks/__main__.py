@@ -22,7 +22,9 @@ five work dirs of SmolLM2 the first time: at configs/movielens.yaml about 65 min
 at ~11 each), so the whole run, about 100 minutes, overruns 75; on an AVX2-only machine (2026-12-02,
 the head in float32) APA took 30 and the retrain baseline ~50: about 4.5 hours in all, estimated.
 With the 8-layer head (trunk_layers 22, 2026-12-02 afternoon, AVX-512 with bfloat16 kernels) the
-store took 21 minutes (~225 ms a prompt), APA 20 and the retrain baseline 39. bench_embedding runs
+store took 21 minutes (~225 ms a prompt), APA 20 and the retrain baseline 39; with one slice per
+shard and the retrain on both cores (2026-12-03, the same kind of machine) the store 25, APA 30, the
+retrain baseline 33 and SISA 31, so the whole run takes about 200 minutes. bench_embedding runs
 last, on the evaluation's trained work dir.
 """
 
