@@ -7,8 +7,8 @@ every figure is a ratio to its baseline measured in the same run.
 
 First the shared sample store runs/store/<experiment> (benchmarks/common.shared_store) is prepared
 once: every sample's trunk state, computed a single time (for the 5596 samples of
-configs/movielens.yaml on an idle 2-core machine: 15 minutes on one with AVX-512, ~50 on an AVX2
-one) and linked by every benchmark and the evaluation.
+configs/movielens.yaml, 22 trunk layers, on an idle 2-core machine with AVX-512: 25 minutes,
+2026-12-03) and linked by every benchmark and the evaluation.
 Each benchmark runs as its own process (`python -m benchmarks.<name>`, its own local Ray, its
 memory freed when it ends); one that is missing is skipped with a message. A benchmark reports its
 figures by writing {"figures": [...]} to the file named by $BENCH_RESULT (benchmarks/common.py).
@@ -17,15 +17,10 @@ samples each would take over half an hour here; their ratios do not need the ful
 evaluation is `python -m ray_jobs.evaluate --config configs/movielens.yaml --states-from
 runs/store/movielens` into runs/bench/movielens (trained once, reused by later runs); its AUCs are shown against the `retrain`
 baseline's and its latencies against the single adapter's. On 2 CPU cores the evaluation trains
-five work dirs of SmolLM2 the first time: at configs/movielens.yaml about 65 minutes of training
-(2026-12-01, measured: APA 12, SISA 11, the one-actor retrain baseline 20; user and LMEraser estimated
-at ~11 each), so the whole run, about 100 minutes, overruns 75; on an AVX2-only machine (2026-12-02,
-the head in float32) APA took 30 and the retrain baseline ~50: about 4.5 hours in all, estimated.
-With the 8-layer head (trunk_layers 22, 2026-12-02 afternoon, AVX-512 with bfloat16 kernels) the
-store took 21 minutes (~225 ms a prompt), APA 20 and the retrain baseline 39; with one slice per
-shard and the retrain on both cores (2026-12-03, the same kind of machine) the store 25, APA 30, the
-retrain baseline 33 and SISA 31, so the whole run takes about 200 minutes. bench_embedding runs
-last, on the evaluation's trained work dir.
+five work dirs of SmolLM2 the first time: at configs/movielens.yaml (2026-12-03, AVX-512 with
+bfloat16 kernels) APA took 30 minutes, the one-actor retrain baseline 33 and SISA 31; with the user
+partition and LMEraser (~30 each, estimated) the whole run takes about 200 minutes and overruns 75
+(README Results). bench_embedding runs last, on the evaluation's trained work dir.
 """
 
 from __future__ import annotations
