@@ -121,35 +121,34 @@ def load_interactions_and_items(config: DataConfig) -> tuple[pd.DataFrame, pd.Da
 
 def build_samples(inter: pd.DataFrame, items: pd.DataFrame, config: DataConfig) -> pd.DataFrame:
     """Every interaction with `history_len` strictly earlier interactions of its user becomes a sample."""
-    titles = dict(zip(items["item_id"], items["title"]))
-    rows = []
-    for user_id, group in inter.groupby("user_id", sort=True):
-        group = group.sort_values(["timestamp", "item_id"], kind="stable")
-        stamps, item_ids, ratings = group["timestamp"].to_numpy(), group["item_id"].to_numpy(), group["rating"].to_numpy()
-        for i in range(len(group)):
-            earlier = int(np.searchsorted(stamps, stamps[i], side="left"))  # same-second ratings are not history
-            if earlier < config.history_len:
-                continue
-            hist = range(earlier - config.history_len, earlier)
-            liked = [titles[item_ids[j]] for j in hist if ratings[j] > config.like_threshold]
-            disliked = [titles[item_ids[j]] for j in hist if ratings[j] <= config.like_threshold]
-            rows.append(
-                {
-                    "sample_id": interaction_id(user_id, item_ids[i]),
-                    "user_id": str(user_id),
-                    "item_id": str(item_ids[i]),
-                    "timestamp": int(stamps[i]),
-                    "interactions": [interaction_id(user_id, item_ids[j]) for j in hist] + [interaction_id(user_id, item_ids[i])],
-                    "prompt": build_prompt(liked, disliked, titles[item_ids[i]]),
-                    # Counts kept beside the prompt so a no-model floor scores without parsing text.
-                    "n_liked": len(liked),
-                    "n_history": len(liked) + len(disliked),
-                    "label": int(ratings[i] > config.like_threshold),
-                }
-            )
-    if not rows:
+    inter = inter.sort_values(["user_id", "timestamp", "item_id"], kind="stable").reset_index(drop=True)
+    users = inter["user_id"]
+    position = users.groupby(users).cumcount().to_numpy()
+    # Same-second ratings are not history: a row's history ends at the first row of its second.
+    earlier = position - inter.groupby(["user_id", "timestamp"]).cumcount().to_numpy()
+    target = np.flatnonzero(earlier >= config.history_len)
+    if not len(target):
         raise DataError(f"no samples: no user has {config.history_len} interactions before another (data.history_len)")
-    return pd.DataFrame(rows)
+    # Row numbers of each sample's history, oldest first [samples, history_len]; rows are grouped by user.
+    history = (target - position[target] + earlier[target] - config.history_len)[:, None] + np.arange(config.history_len)
+    ids = np.array([interaction_id(u, i) for u, i in zip(users, inter["item_id"])])
+    titles = inter["item_id"].map(dict(zip(items["item_id"], items["title"]))).to_numpy()
+    liked = inter["rating"].to_numpy()[history] > config.like_threshold
+    return pd.DataFrame(
+        {
+            "sample_id": ids[target],
+            "user_id": users.astype(str).to_numpy()[target],
+            "item_id": inter["item_id"].astype(str).to_numpy()[target],
+            "timestamp": inter["timestamp"].to_numpy()[target].astype(int),
+            "interactions": np.concatenate([ids[history], ids[target, None]], axis=1).tolist(),
+            "prompt": [build_prompt(seen[like], seen[~like], title)
+                       for seen, like, title in zip(titles[history], liked, titles[target])],
+            # Counts kept beside the prompt so a no-model floor scores without parsing text.
+            "n_liked": liked.sum(axis=1).astype(int),
+            "n_history": np.full(len(target), config.history_len),
+            "label": (inter["rating"].to_numpy()[target] > config.like_threshold).astype(int),
+        }
+    )
 
 
 def split_by_time(samples: pd.DataFrame, config: DataConfig, seed: int) -> dict[str, pd.DataFrame]:

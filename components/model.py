@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib.util
 import os
 import sys
@@ -238,6 +239,7 @@ def pad_states(states: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return batch, mask
 
 
+@functools.cache  # asked on every head pass; the answer is fixed for a device
 def native_bfloat16(device: torch.device) -> bool:
     """Whether `device` has bfloat16 matmul kernels (CPU: oneDNN's, from AVX-512 up; without them
     torch emulates bfloat16, ~60x slower than float32 on an AVX2 machine, measured)."""
