@@ -17,8 +17,8 @@ in the config. The test split is never read.
 chooses APA's temperature the same way, on a trained work dir: each validation sample is weighed
 by its `aggregate.neighbours` nearest *other* validation samples (leave-one-out, so its own label
 never weighs it) with components.aggregate.apa_weights, scored by the mixture of the live
-adapters, and the validation AUC is shown per tau. Aggregation does not touch training: a new tau
-needs no retraining.
+adapters (the decomposed merge when the config's `aggregate.method` is `decomposed`), and the
+validation AUC is shown per tau. Aggregation does not touch training: a new tau needs no retraining.
 """
 
 from __future__ import annotations
@@ -110,7 +110,8 @@ def try_recipe(config_json: dict, store: str, train_ids: list[str]) -> list[dict
 
 
 def tau_rows(config: Config, workdir: Workdir, taus: list[float]) -> list[dict]:
-    """Leave-one-out validation AUC of APA's attention for each tau, on `workdir`'s live adapters."""
+    """Leave-one-out validation AUC of APA's attention for each tau, on `workdir`'s live adapters,
+    merged as `config.aggregate.method` says (decomposed, or else non-decomposed)."""
     import torch
 
     from components.aggregate import AggregatorState, apa_weights, load_mixture, stored_inputs
@@ -134,7 +135,8 @@ def tau_rows(config: Config, workdir: Workdir, taus: list[float]) -> list[dict]:
             for tau in taus:
                 weights[tau].append(apa_weights(state.embeddings[i:i + 1], others, config.aggregate.neighbours, tau)[0])
         for tau in taus:
-            scores = torch.cat([mixture.p_yes(stored_inputs(states[a:a + 16], embeddings[a:a + 16]), torch.stack(weights[tau][a:a + 16]))
+            scores = torch.cat([mixture.p_yes(stored_inputs(states[a:a + 16], embeddings[a:a + 16]), torch.stack(weights[tau][a:a + 16]),
+                                              decomposed=config.aggregate.method == "decomposed")
                                 for a in range(0, n, 16)]).numpy()
             labels = valid["label"].to_numpy()
             rows.append({"tau": tau, "valid_auc": auc(labels, scores), "interval": auc_interval(labels, scores, seed=0)})

@@ -160,9 +160,11 @@ class Recommender:
             await asyncio.sleep(self.config.serving.poll_interval_s)
 
     async def _poll_once(self) -> None:
-        live = await asyncio.to_thread(self.registry.live_version, self.registry.set_model)
         async with self._mask_lock:
+            # The mask before the alias: a forget job moves the alias before it unmasks, so an empty
+            # mask read first is never paired with an alias older than the unmasking.
             registry_mask = await asyncio.to_thread(self.registry.masked_shards)
+            live = await asyncio.to_thread(self.registry.live_version, self.registry.set_model)
             view = self.view
             loaded = {k: v["version"] for k, v in view.served.shards.items()}
             live_pins = loaded if live is not None and str(live.version) == view.served.version else _pins(live)
@@ -178,8 +180,8 @@ class Recommender:
             started = time.time()
             served = await asyncio.to_thread(self._load_set, version)  # fully loaded before anyone sees it
             async with self._mask_lock:
+                registry_mask = await asyncio.to_thread(self.registry.masked_shards)  # before the alias, as in _poll_once
                 live = await asyncio.to_thread(self.registry.live_version, self.registry.set_model)
-                registry_mask = await asyncio.to_thread(self.registry.masked_shards)
                 loaded = {k: v["version"] for k, v in served.shards.items()}
                 live_pins = loaded if live is not None and str(live.version) == version else _pins(live)
                 masked = served_mask(registry_mask, self.view.masked, loaded, live_pins)
