@@ -3,14 +3,14 @@
     python -m benchmarks.recipe [--config configs/movielens.yaml] [--n-train 1024] [--epochs 3] [--slices 4]
     make recipe
 
-Each candidate recipe (loss, learning rate, LoRA rank and targets) trains one adapter, as a shard
-actor would, on the same seeded subset of `--n-train` training samples of the work dir's store
+Each candidate recipe (loss, learning rate, LoRA rank and targets, or a soft prompt) trains one
+adapter, as a shard actor would, on the same seeded subset of `--n-train` training samples of the work dir's store
 (default: the size of one of the config's shards), over the stored trunk states, and scores the
 whole validation split after every epoch (of the last slice, with `--slices R`: the subset split
 into R slices by user and trained stage by stage in the config's slice_mode, as a shard's adapter
 is; the default, 1, trains the subset at once). Candidates run as Ray tasks, one CPU each. The table
-shows validation AUC with its 95% bootstrap interval per epoch; the best row is the recipe to put
-in the config. The test split is never read.
+shows validation AUC with its 95% bootstrap interval per epoch; the best LoRA row is the recipe to
+put in the config, the best prompt row its `train.prompt_learning_rate`. The test split is never read.
 
     python -m benchmarks.recipe --tau 1,10,30,100,300,1000 --trained runs/bench/movielens
 
@@ -44,12 +44,15 @@ class Recipe(NamedTuple):
     rank: int
     targets: tuple[str, ...]
     head_dtype: str = "float32"
+    adapter: str = "lora"  # or "prompt": LMEraser's soft prompt (rank and targets unused)
 
 
 QV, QKVO = ("q_proj", "v_proj"), ("q_proj", "k_proj", "v_proj", "o_proj")
 # TALLRec's recipe and the two-way loss at two learning rates, then more capacity in attention;
 # then the best of those with the head in bfloat16 (twice as fast on this CPU), and in bfloat16 a
-# higher rate and LoRA in the MLP too; then a lower rate, for the many more steps of 4096 samples.
+# higher rate and LoRA in the MLP too; then a lower rate, for the many more steps of 4096 samples;
+# then LMEraser's soft prompt (train.prompt_learning_rate), from LoRA's rate up (prompt tuning is
+# usually run at 1e-2 and more), for `--n-train` the size of one of its clusters.
 CANDIDATES = (
     Recipe("vocabulary", 3e-4, 8, QV),
     Recipe("vocabulary", 1e-3, 8, QV),
@@ -60,6 +63,7 @@ CANDIDATES = (
     Recipe("two-way", 2e-3, 8, QV, "bfloat16"),
     Recipe("two-way", 1e-3, 8, (*QV, "gate_proj", "up_proj", "down_proj"), "bfloat16"),
     Recipe("two-way", 5e-4, 8, QV, "bfloat16"),
+    *(Recipe("two-way", rate, 0, (), "bfloat16", "prompt") for rate in (1e-3, 1e-2, 3e-2, 1e-1, 3e-1)),
 )
 
 
@@ -67,9 +71,17 @@ def recipe_config(config: Config, recipe: Recipe, epochs: int, slices: int = 1) 
     return config.model_copy(update={
         "model": config.model.model_copy(update={"head_dtype": recipe.head_dtype}),
         "partition": config.partition.model_copy(update={"num_slices": slices}),
-        "adapter": config.adapter.model_copy(update={"r": recipe.rank, "alpha": 2 * recipe.rank, "target_modules": recipe.targets}),
-        "train": config.train.model_copy(update={"loss": recipe.loss, "learning_rate": recipe.learning_rate, "epochs": epochs}),
+        "adapter": config.adapter.model_copy(update={"kind": "prompt"} if recipe.adapter == "prompt" else
+                                             {"kind": "lora", "r": recipe.rank, "alpha": 2 * recipe.rank, "target_modules": recipe.targets}),
+        "train": config.train.model_copy(update={"loss": recipe.loss, "learning_rate": recipe.learning_rate,
+                                                 "prompt_learning_rate": None, "epochs": epochs}),
     })
+
+
+def adapter_text(config: Config) -> str:
+    if config.adapter.kind == "prompt":
+        return f"soft prompt, {config.adapter.num_virtual_tokens} tokens"
+    return f"LoRA r {config.adapter.r} {'+'.join(config.adapter.target_modules)}"
 
 
 @ray.remote(num_cpus=1)
@@ -99,8 +111,8 @@ def try_recipe(config_json: dict, store: str, train_ids: list[str]) -> list[dict
         scores = predict_states(model, valid_states, yes_id, no_id)
         rows.append({"epoch": epoch + 1, "valid_auc": auc(labels, scores), "interval": auc_interval(labels, scores, seed=0),
                      "seconds": round(time.time() - started, 1)})
-        print(f"  {config.train.loss} lr {config.train.learning_rate:g} r {config.adapter.r} "
-              f"{'+'.join(config.adapter.target_modules)} {config.model.head_dtype}: epoch {epoch + 1} "
+        print(f"  {config.train.loss} lr {config.train.learning_rate:g} {adapter_text(config)} "
+              f"{config.model.head_dtype}: epoch {epoch + 1} "
               f"valid AUC {rows[-1]['valid_auc']:.4f}", flush=True)
 
     with tempfile.TemporaryDirectory() as checkpoints:
@@ -200,13 +212,15 @@ def main(argv: list[str] | None = None) -> int:
     table = []
     for candidate, rows in zip(candidates, results):
         for row in rows:
-            table.append({**candidate._asdict(), "targets": list(candidate.targets), **row})
-    best = max(table, key=lambda r: r["valid_auc"])
-    print(f"\n{'loss':<11} {'lr':>7} {'r':>3} {'targets':<47} {'head':<8} {'epoch':>5} {'valid AUC':>9}  95% interval")
+            table.append({**candidate._asdict(), "targets": list(candidate.targets),
+                          "adapter_text": adapter_text(recipe_config(config, candidate, args.epochs)), **row})
+    best = {kind: max((r for r in table if r["adapter"] == kind), key=lambda r: r["valid_auc"])
+            for kind in {r["adapter"] for r in table}}  # a recipe for LoRA, another for prompts
+    print(f"\n{'loss':<11} {'lr':>7} {'adapter':<50} {'head':<8} {'epoch':>5} {'valid AUC':>9}  95% interval")
     for row in table:
         low, high = row["interval"] or (float("nan"), float("nan"))
-        mark = "  <- best" if row is best else ""
-        print(f"{row['loss']:<11} {row['learning_rate']:>7g} {row['rank']:>3} {'+'.join(row['targets']):<47} "
+        mark = "  <- best" if row is best[row["adapter"]] else ""
+        print(f"{row['loss']:<11} {row['learning_rate']:>7g} {row['adapter_text']:<50} "
               f"{row['head_dtype']:<8} {row['epoch']:>5} {row['valid_auc']:>9.4f}  [{low:.3f}, {high:.3f}]{mark}")
     out = bench_dir() / "results" / "recipe.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -114,6 +114,8 @@ class TrainConfig(Section):
     slice_mode: Literal["cumulative", "incremental"] = "cumulative"
     batch_size: int = Field(8, ge=1)
     learning_rate: float = Field(3e-4, gt=0)
+    # A soft prompt's rate (adapter.kind prompt, LMEraser's baseline); unset: learning_rate.
+    prompt_learning_rate: float | None = Field(None, gt=0)
     # vocabulary: cross-entropy of the answer token over the whole vocabulary (TALLRec);
     # two-way: cross-entropy over the " Yes" / " No" logits only (what P(yes) reads).
     loss: Literal["vocabulary", "two-way"] = "vocabulary"

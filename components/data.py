@@ -133,7 +133,8 @@ def build_samples(inter: pd.DataFrame, items: pd.DataFrame, config: DataConfig) 
     history = (target - position[target] + earlier[target] - config.history_len)[:, None] + np.arange(config.history_len)
     ids = np.array([interaction_id(u, i) for u, i in zip(users, inter["item_id"])])
     titles = inter["item_id"].map(dict(zip(items["item_id"], items["title"]))).to_numpy()
-    liked = inter["rating"].to_numpy()[history] > config.like_threshold
+    likes = inter["rating"].to_numpy() > config.like_threshold
+    liked = likes[history]
     return pd.DataFrame(
         {
             "sample_id": ids[target],
@@ -146,7 +147,7 @@ def build_samples(inter: pd.DataFrame, items: pd.DataFrame, config: DataConfig) 
             # Counts kept beside the prompt so a no-model floor scores without parsing text.
             "n_liked": liked.sum(axis=1).astype(int),
             "n_history": np.full(len(target), config.history_len),
-            "label": (inter["rating"].to_numpy()[target] > config.like_threshold).astype(int),
+            "label": likes[target].astype(int),
         }
     )
 

@@ -177,6 +177,20 @@ class Registry:
         self._ensure_model(self.set_model, "")
         self.client.set_registered_model_tag(self.set_model, MASK_TAG, ",".join(map(str, sorted(shards))))
 
+    def mask_and_live_set(self) -> tuple[set[int], str | None, dict[int, str] | None]:
+        """The masked shards, then the live adapter-set version and the shard versions it pins (None
+        where unknown), read in that order: a forget job moves the alias before it unmasks, so a mask
+        read first is never paired with an alias older than the unmasking."""
+        masked = self.masked_shards()
+        live = self.live_version(self.set_model)
+        if live is None:
+            return masked, None, None
+        try:
+            pins = {int(k): str(v) for k, v in json.loads(live.tags["shards"]).items()}
+        except (KeyError, TypeError, ValueError):
+            pins = None
+        return masked, str(live.version), pins
+
     def run_artifacts(self, run_id: str) -> list[str]:
         """The files a run's artifact store still holds (deleted runs included)."""
         try:

@@ -128,11 +128,19 @@ def checkpoint_path(checkpoint_dir: Path, stage: int) -> Path:
     return checkpoint_dir / f"slice-{stage}.pt"
 
 
+def learning_rate(config: Config) -> float:
+    """The rate the adapter trains at: a soft prompt's own where the config sets one."""
+    if config.adapter.kind == "prompt" and config.train.prompt_learning_rate is not None:
+        return config.train.prompt_learning_rate
+    return config.train.learning_rate
+
+
 def training_sha256(config: Config) -> str:
     """What a checkpoint's bits depend on besides the data: model, adapter, training, seed."""
+    train = config.train.model_dump(mode="json", exclude={"cpus_per_actor", "retrain_cpus", "gpus_per_actor", "max_restarts",
+                                                          "prompt_learning_rate"})
     relevant = {"seed": config.seed, "model": config.model.model_dump(mode="json"), "adapter": config.adapter.model_dump(mode="json"),
-                "train": config.train.model_dump(mode="json", exclude={"cpus_per_actor", "retrain_cpus", "gpus_per_actor", "max_restarts"}),
-                "num_slices": config.partition.num_slices}
+                "train": {**train, "learning_rate": learning_rate(config)}, "num_slices": config.partition.num_slices}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
 
 
@@ -197,7 +205,7 @@ def train_shard(
     model = AdaptedHead(config, shard, base)
     if config.train.gpus_per_actor > 0 and torch.cuda.is_available():
         model.to("cuda")  # the actor was given (a fraction of) a GPU
-    optimizer = torch.optim.AdamW(model.trainable(), lr=config.train.learning_rate, weight_decay=config.train.weight_decay)
+    optimizer = torch.optim.AdamW(model.trainable(), lr=learning_rate(config), weight_decay=config.train.weight_decay)
     losses: list[float] = []
     resume = last_clean_stage(checkpoint_dir, slices, config)
     if resume >= 0:

@@ -63,7 +63,7 @@ from components.model import head_dtype, load_base_model, load_tokenizer
 from components.partition import Partitioner
 from components.registry import Registry
 from components.store import Workdir, copy_store, load_splits, prepare, sample_states, write_json
-from components.train import ADAPTER_FILE
+from components.train import ADAPTER_FILE, learning_rate
 from components.unlearn import new_request
 from ray_jobs.common import connect_ray, fail, id_list, job_parser, load_job
 
@@ -181,7 +181,8 @@ class LiveSet:
     def __init__(self, config: Config, workdir: Workdir):
         self.registry = Registry(config.experiment, workdir.root)
         self._tmp = tempfile.TemporaryDirectory(prefix="evaluate-")
-        self.set = self.registry.load_adapter_set(Path(self._tmp.name))
+        self.masked, live, _ = self.registry.mask_and_live_set()
+        self.set = self.registry.load_adapter_set(Path(self._tmp.name), live) if live else None
         if self.set is None:
             self._tmp.cleanup()
             raise EvaluationError(f"{workdir.root} has no live adapter set ({config.experiment}.adapter-set@live)")
@@ -189,7 +190,6 @@ class LiveSet:
         self.state = AggregatorState.load(aggregator)
         self.partitioner = Partitioner.load(aggregator / "partitioner.npz")
         self.files = {k: Path(v["local"]) / ADAPTER_FILE for k, v in sorted(self.set.shards.items())}
-        self.masked = self.registry.masked_shards()
 
     def __enter__(self):
         return self
@@ -504,7 +504,7 @@ def _baseline_note(config: Config, name: str, shards: int, report: dict, forgets
     if name == "retrain":
         note = f"1 {config.adapter.kind} adapter on all {samples} training samples"
     elif name == "lmeraser":
-        note = f"K={shards} adaptive clusters, prompt tuning ({config.adapter.num_virtual_tokens} tokens), routing to the nearest prototype"
+        note = f"K={shards} adaptive clusters, prompt tuning ({config.adapter.num_virtual_tokens} tokens, lr {learning_rate(config):g}), routing to the nearest prototype"
     else:
         note = f"K={shards} {config.partition.method}-based shards, average of the K models' P(yes)"
     return note + (f"; after {forgets} forget request(s) in its work dir" if forgets else "")

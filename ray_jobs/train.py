@@ -22,6 +22,7 @@ from components.metrics import auc, bar_figure, close, loss_curve_figure
 from components.model import load_base_model, load_tokenizer, make_deterministic
 from components.registry import Registry
 from components.store import Workdir, fit_partitioner, load_splits, prepare, remove_samples, write_json, write_shards
+from components.train import learning_rate
 from ray_jobs.common import connect_ray, fail, id_list, job_parser, load_job
 from ray_jobs.shard_actor import ShardTrainer
 
@@ -87,7 +88,7 @@ def register_shards(config: Config, workdir: Workdir, registry: Registry, result
                 params={"shard": shard, "seed": config.seed, "adapter": config.adapter.kind,
                         "partition": config.partition.method, "num_slices": config.partition.num_slices,
                         "epochs": config.train.epochs, "slice_mode": config.train.slice_mode,
-                        "batch_size": config.train.batch_size, "learning_rate": config.train.learning_rate},
+                        "batch_size": config.train.batch_size, "learning_rate": learning_rate(config)},
                 losses=result["losses"],
                 tags={"samples": str(result["samples"]), "manifest_sha256": result["manifest_sha256"],
                       "adapter_sha256": result["adapter_sha256"], "config_sha256": config.sha256(),

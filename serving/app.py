@@ -20,7 +20,6 @@ for _key, _value in OFFLINE_ENV.items():
 
 import asyncio  # noqa: E402
 import hmac  # noqa: E402
-import json  # noqa: E402
 import logging  # noqa: E402
 import shutil  # noqa: E402
 import tempfile  # noqa: E402
@@ -84,14 +83,6 @@ class View:
     masked: frozenset[int]
 
 
-def _pins(model_version) -> dict[int, str] | None:
-    """shard -> version pinned by a registered adapter-set version (its `shards` tag)."""
-    try:
-        return {int(k): str(v) for k, v in json.loads(model_version.tags["shards"]).items()}
-    except (AttributeError, KeyError, TypeError, ValueError):
-        return None
-
-
 def _resolve(path: str) -> Path:
     return Path(path).expanduser().resolve()
 
@@ -117,12 +108,11 @@ class Recommender:
         items = load_interactions_and_items(self.config.data)[1]
         self.titles = {str(i): str(t) for i, t in zip(items["item_id"], items["title"])}
         self.registry = Registry(self.config.experiment, self.workdir.root)
-        live = await asyncio.to_thread(self.registry.live_version, self.registry.set_model)
+        masked, live, _ = await asyncio.to_thread(self.registry.mask_and_live_set)
         if live is None:
             raise RuntimeError(f"no live adapter set {self.registry.set_model!r} in {self.workdir.root}: "
                                f"run python -m ray_jobs.train first")
-        served = await asyncio.to_thread(self._load_set, str(live.version))
-        masked = await asyncio.to_thread(self.registry.masked_shards)
+        served = await asyncio.to_thread(self._load_set, live)
         self.view = View(served, frozenset(masked))
         self._mask_lock = asyncio.Lock()
         self._loading: asyncio.Task | None = None
@@ -159,34 +149,31 @@ class Recommender:
                     logger.exception("could not reach the forget reconciler")
             await asyncio.sleep(self.config.serving.poll_interval_s)
 
+    async def _mask_with(self, served: ServedSet, shown: frozenset[int]) -> tuple[frozenset[int], str | None]:
+        """The shards to mask while `served` is loaded and `shown` are masked, and the registry's live
+        set version (call under the mask lock: a forget request must not interleave)."""
+        registry_mask, live, live_pins = await asyncio.to_thread(self.registry.mask_and_live_set)
+        loaded = {k: v["version"] for k, v in served.shards.items()}
+        return frozenset(served_mask(registry_mask, shown, loaded, loaded if live == served.version else live_pins)), live
+
     async def _poll_once(self) -> None:
         async with self._mask_lock:
-            # The mask before the alias: a forget job moves the alias before it unmasks, so an empty
-            # mask read first is never paired with an alias older than the unmasking.
-            registry_mask = await asyncio.to_thread(self.registry.masked_shards)
-            live = await asyncio.to_thread(self.registry.live_version, self.registry.set_model)
             view = self.view
-            loaded = {k: v["version"] for k, v in view.served.shards.items()}
-            live_pins = loaded if live is not None and str(live.version) == view.served.version else _pins(live)
-            masked = frozenset(served_mask(registry_mask, view.masked, loaded, live_pins))
+            masked, live = await self._mask_with(view.served, view.masked)
             if masked != view.masked:
                 self.view = View(view.served, masked)
                 logger.info("masked shards now %s", sorted(masked))
-        if live is not None and str(live.version) != self.view.served.version and self._loading is None:
-            self._loading = asyncio.create_task(self._swap_to(str(live.version)))
+        if live is not None and live != self.view.served.version and self._loading is None:
+            self._loading = asyncio.create_task(self._swap_to(live))
 
     async def _swap_to(self, version: str) -> None:
         try:
             started = time.time()
             served = await asyncio.to_thread(self._load_set, version)  # fully loaded before anyone sees it
             async with self._mask_lock:
-                registry_mask = await asyncio.to_thread(self.registry.masked_shards)  # before the alias, as in _poll_once
-                live = await asyncio.to_thread(self.registry.live_version, self.registry.set_model)
-                loaded = {k: v["version"] for k, v in served.shards.items()}
-                live_pins = loaded if live is not None and str(live.version) == version else _pins(live)
-                masked = served_mask(registry_mask, self.view.masked, loaded, live_pins)
                 old = self.view
-                self.view = View(served, frozenset(masked))  # the swap: one reference assignment
+                masked, _ = await self._mask_with(served, old.masked)
+                self.view = View(served, masked)  # the swap: one reference assignment
             logger.info("swapped adapter set %s -> %s in %.1fs (masked %s)", old.served.version, version,
                         time.time() - started, sorted(masked))
         except Exception:  # noqa: BLE001 - keep serving the old set; the next poll tries again

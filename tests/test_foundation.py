@@ -132,3 +132,18 @@ def test_retrain_baseline_is_one_unsliced_adapter_on_its_own_cores():
     # Resources are not part of what a checkpoint or a baseline depends on: no retraining for them.
     assert training_sha256(given) == training_sha256(config)
     assert baseline_sha256(baseline_config(given, "sisa")) == baseline_sha256(baseline_config(config, "sisa"))
+
+
+def test_a_soft_prompt_trains_at_its_own_rate_which_lora_ignores():
+    from components.baselines import baseline_config, baseline_sha256
+    from components.train import learning_rate, training_sha256
+
+    config = load_config(TINY)
+    given = config.model_copy(update={"train": config.train.model_copy(update={"prompt_learning_rate": 0.03})})
+    assert learning_rate(given) == config.train.learning_rate
+    assert learning_rate(baseline_config(given, "lmeraser")) == 0.03
+    assert learning_rate(baseline_config(config, "lmeraser")) == config.train.learning_rate  # unset: LoRA's
+    # LoRA checkpoints and baselines do not depend on it (nothing retrains); the prompts' do.
+    assert training_sha256(given) == training_sha256(config)
+    assert baseline_sha256(baseline_config(given, "sisa")) == baseline_sha256(baseline_config(config, "sisa"))
+    assert baseline_sha256(baseline_config(given, "lmeraser")) != baseline_sha256(baseline_config(config, "lmeraser"))

@@ -126,3 +126,53 @@ def test_retrain_purge_and_lineage_against_a_real_mlflow_server(ray_session, tin
     assert registry.run_artifacts(old.run_id) == []
     assert not [p for p in artifact_root.rglob("*") if p.is_file() and old.run_id in str(p)]
     assert {p["version"] for p in audit["purged"] if p["model"] == registry.shard_model(shard)} == {"1"}
+
+
+class ForgetJobBetweenReads(Registry):
+    """A real registry on which a forget job finishes its last two writes (the alias moves to the
+    clean set, then the shard is unmasked) right after the first read of the reader."""
+
+    def __init__(self, *args, job_writes):
+        super().__init__(*args)
+        self.job_writes, self.reads = job_writes, []
+
+    def _after_read(self, what: str) -> None:
+        self.reads.append(what)
+        if len(self.reads) == 1:
+            self.job_writes(self)
+
+    def masked_shards(self) -> set[int]:
+        masked = super().masked_shards()
+        self._after_read("mask")
+        return masked
+
+    def live_version(self, name: str):
+        live = super().live_version(name)
+        self._after_read("alias")
+        return live
+
+
+def test_a_forget_job_between_the_two_reads_never_unmasks_the_old_set(tmp_path):
+    """What serving reads per poll: if the job's writes fall between the reads, the pair must not be
+    (empty mask, old alias), which would serve the old adapter of a forgotten shard."""
+    writer = Registry("race", tmp_path)
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter.pt").write_bytes(b"weights")
+    (tmp_path / "aggregator").mkdir()
+    (tmp_path / "aggregator" / "state.pt").write_bytes(b"state")
+    sets = []
+    for _ in range(2):  # the set with the forgotten user's data, then the clean one
+        shard_version = writer.log_shard_version(0, tmp_path / "adapter", tmp_path / "none", {}, [0.5], {})
+        sets.append(writer.register_adapter_set({0: shard_version}, tmp_path / "aggregator", {}))
+    writer.set_live(writer.set_model, sets[0])
+    writer.set_masked_shards({0})
+
+    def job_writes(registry):
+        registry.set_live(registry.set_model, sets[1])
+        registry.set_masked_shards(set())
+
+    reader = ForgetJobBetweenReads("race", tmp_path, job_writes=job_writes)
+    masked, live, pins = reader.mask_and_live_set()
+    assert (masked, live, pins) == ({0}, str(sets[1]), {0: "2"})  # still masked, and the alias already clean
+    assert reader.reads[:2] == ["mask", "alias"]
+    assert writer.mask_and_live_set() == (set(), str(sets[1]), {0: "2"})
