@@ -210,10 +210,9 @@ def main(argv: list[str] | None = None) -> int:
         ray.shutdown()
 
     table = []
-    for candidate, rows in zip(candidates, results):
+    for candidate, candidate_config, rows in zip(candidates, configs, results):
         for row in rows:
-            table.append({**candidate._asdict(), "targets": list(candidate.targets),
-                          "adapter_text": adapter_text(recipe_config(config, candidate, args.epochs)), **row})
+            table.append({**candidate._asdict(), "targets": list(candidate.targets), "adapter_text": adapter_text(candidate_config), **row})
     best = {kind: max((r for r in table if r["adapter"] == kind), key=lambda r: r["valid_auc"])
             for kind in {r["adapter"] for r in table}}  # a recipe for LoRA, another for prompts
     print(f"\n{'loss':<11} {'lr':>7} {'adapter':<50} {'head':<8} {'epoch':>5} {'valid AUC':>9}  95% interval")
