@@ -39,7 +39,7 @@ def main() -> int:
 
     banner("1. Data, the frozen trunk's states, and the untuned base model")
     make_deterministic(2)
-    tokenizer = load_tokenizer()
+    tokenizer = load_tokenizer(config.model)
     model = load_base_model(config.model, config.seed, tokenizer)
     started = time.time()
     splits = prepare(config, workdir, model, tokenizer)
@@ -48,7 +48,7 @@ def main() -> int:
     summary["untuned_auc"] = auc(test["label"], base_scores)
     print(f"samples: train {len(splits['train'])}, valid {len(splits['valid'])}, test {len(test)} "
           f"(from {config.data.source}); prepared in {time.time() - started:.0f}s, trunk states in {workdir.trunk.root}")
-    print(f"untuned {config.model.name} AUC on the test split: {summary['untuned_auc']:.4f}")
+    print(f"untuned {config.model.label} AUC on the test split: {summary['untuned_auc']:.4f}")
     del model
 
     banner("2. Train one LoRA adapter per shard in parallel Ray actors")

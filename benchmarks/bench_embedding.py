@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     labels = test["label"].to_numpy().astype(int)
     test_states = workdir.trunk.read(test["sample_id"])
     with LiveSet(config, workdir) as live:
-        tokenizer = load_tokenizer()
+        tokenizer = load_tokenizer(config.model)
         mixture = load_mixture(config, live.files, tokenizer, load_base_model(config.model, config.seed, tokenizer))
         t0 = time.time()
         keys = embeddings_at(mixture.model, tokenizer, valid.loc[live.state.sample_ids, "prompt"].tolist(),

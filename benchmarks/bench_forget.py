@@ -99,7 +99,7 @@ def run(config_path: str, workdir: str | None = None, sizes: dict | None = None,
     root = fresh_workdir(workdir, NAME)
     config = bench_config(config_path, "bench-forget", data=sizes, partition={"num_shards": 4, "num_slices": 4})
     K = config.partition.num_shards
-    print(f"{NAME}: {config.model.name} (trunk {config.model.trunk_layers} layers), n_train {config.data.n_train}, "
+    print(f"{NAME}: {config.model.label} (trunk {config.model.trunk_layers} layers), n_train {config.data.n_train}, "
           f"n_valid {config.data.n_valid}, K={K}, R={config.partition.num_slices}, {config.train.slice_mode} slices, "
           f"{config.train.epochs} epoch(s); work dir {root.root}", flush=True)
     prepared = prepare_store(config, root, states_from)

@@ -46,6 +46,7 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict  # n
 
 from benchmarks.common import MOVIELENS, figure, finish, limit  # noqa: E402
 from components.aggregate import AggregatorState, MixtureModel, ServedSet, apa_weights, predict  # noqa: E402
+from components.architectures import lora_targets  # noqa: E402
 from components.config import Config, load_config  # noqa: E402
 from components.model import (  # noqa: E402
     decoder_of,
@@ -78,11 +79,11 @@ def catalogue_prompts(n: int, history_len: int, seed: int) -> list[str]:
 def random_adapters(config: Config, base, k: int, seed: int) -> list[dict[str, torch.Tensor]]:
     """K LoRA state dicts for the head's layers under peft's keys (what a shard actor saves), A and
     B random (a trained adapter's B is not 0). main() checks the keys against peft's."""
-    a, layers = config.adapter, decoder_of(base).layers
+    a, layers, targets = config.adapter, decoder_of(base).layers, lora_targets(config.adapter, base)
     shapes = {}
     for index in range(config.model.trunk_layers, len(layers)):
         for name, module in layers[index].named_modules():
-            if name.rsplit(".", 1)[-1] in a.target_modules and isinstance(module, torch.nn.Linear):
+            if name.rsplit(".", 1)[-1] in targets and isinstance(module, torch.nn.Linear):
                 path = f"base_model.model.model.layers.{index}.{name}"
                 shapes[f"{path}.lora_A.weight"] = (a.r, module.in_features)
                 shapes[f"{path}.lora_B.weight"] = (module.out_features, a.r)
@@ -109,7 +110,7 @@ def replica_peak_rss_mb(config: dict, shards: int, index: int, batch: int, threa
     run inside a Ray actor."""
     torch.set_num_threads(threads)
     config = Config.model_validate(config)
-    tokenizer = load_tokenizer()
+    tokenizer = load_tokenizer(config.model)
     base = load_base_model(config.model, config.seed, tokenizer)
     mixture = MixtureModel(base, tokenizer, dict(enumerate(random_adapters(config, base, shards, seed))),
                            config.adapter.alpha / config.adapter.r, config.model)
@@ -154,11 +155,11 @@ def main(argv: list[str] | None = None) -> int:
 
     config = load_config(args.config)
     mc, trunk = config.model, config.model.trunk_layers
-    tokenizer = load_tokenizer()
+    tokenizer = load_tokenizer(config.model)
     base = load_base_model(mc, config.seed, tokenizer)
     adapters = random_adapters(config, base, args.shards, args.seed)
     scaling = config.adapter.alpha / config.adapter.r
-    single = get_peft_model(copy.deepcopy(base), lora_config(config, len(decoder_of(base).layers)))
+    single = get_peft_model(copy.deepcopy(base), lora_config(config, base))
     expected = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(single).items()}
     if expected != {k: tuple(v.shape) for k, v in adapters[0].items()}:
         raise SystemExit(f"the benchmark's adapters do not have peft's keys: {sorted(expected)[:2]}...")
@@ -170,9 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     prompts = catalogue_prompts(max(args.batch, args.latency_rounds), config.data.history_len, args.seed)
     tokens = [len(tokenize(tokenizer, [p], mc.max_length)["input_ids"][0]) for p in prompts]
     layers = len(decoder_of(base).layers)
-    print(f"{mc.name} ({sum(p.numel() for p in base.parameters()) / 1e6:.1f}M params), trunk {trunk} of {layers} layers "
+    print(f"{mc.label} ({sum(p.numel() for p in base.parameters()) / 1e6:.1f}M params), trunk {trunk} of {layers} layers "
           f"(states as {mc.trunk_dtype}), embedding after layer {mc.embedding_depth}, K={args.shards}, "
-          f"LoRA r={config.adapter.r} on {','.join(config.adapter.target_modules)} in the head, index {args.index}, "
+          f"LoRA r={config.adapter.r} on {','.join(lora_targets(config.adapter, base))} in the head, index {args.index}, "
           f"prompts {min(tokens)}-{max(tokens)} tokens, torch threads {torch.get_num_threads()}", flush=True)
 
     @torch.no_grad()
@@ -267,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     figures.append(limit(f"peak RSS of a replica serving K={args.shards} adapters", replica[args.shards], "MB", 1500,
                          "a replica serving one adapter", replica[1]))
     finish("bench_serving", {"figures": figures, "seconds": time.time() - started, "config": args.config,
-                             "model": mc.name, "trunk_layers": trunk, "shards": args.shards, "prompt_tokens": tokens,
+                             "model": mc.label, "trunk_layers": trunk, "shards": args.shards, "prompt_tokens": tokens,
                              "cpu_time_ratios": {
                                  "latency": {n: latency_cpu[n] / latency_cpu[base_name] for n in candidates},
                                  "throughput": {n: throughput_cpu[n] / throughput_cpu[base_name] for n in candidates}}})

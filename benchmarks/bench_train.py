@@ -82,7 +82,7 @@ def run(config_path: str, workdir: str | None = None, sizes: dict | None = None,
     config = bench_config(config_path, "bench-train", data=sizes)
     main = Workdir(root.path("sharded"))
     d = config.data
-    print(f"{NAME}: {config.model.name} (trunk {config.model.trunk_layers} layers), n_train {d.n_train}, n_valid "
+    print(f"{NAME}: {config.model.label} (trunk {config.model.trunk_layers} layers), n_train {d.n_train}, n_valid "
           f"{d.n_valid}, K={config.partition.num_shards}, R={config.partition.num_slices}, {config.train.epochs} epoch(s), "
           f"{config.train.cpus_per_actor:g} CPU per actor; work dir {root.root}", flush=True)
     prepared = prepare_store(config, main, states_from)
@@ -145,7 +145,7 @@ def _weights_mb(config: Config) -> float:
     """What a shard actor holds of the model: the head's layers, the norm and the (tied) embeddings."""
     from components.model import load_base_model, load_tokenizer
 
-    model = load_base_model(config.model, config.seed, load_tokenizer(), head_only=True)
+    model = load_base_model(config.model, config.seed, load_tokenizer(config.model), head_only=True)
     return sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
 
 

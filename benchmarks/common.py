@@ -108,7 +108,7 @@ def shared_store(config: Config) -> Workdir:
     store = Workdir(store_dir(config))
     if not all(store.split(name).exists() for name in SPLITS):
         make_deterministic(1)  # the trunk itself runs on model.trunk_threads
-        tokenizer = load_tokenizer()
+        tokenizer = load_tokenizer(config.model)
         print(f"preparing the shared sample store {store.root}", flush=True)
         prepare(config, store, load_base_model(config.model, config.seed, tokenizer), tokenizer,
                 log=lambda m: print(f"  {m}", flush=True))
@@ -159,7 +159,7 @@ def prepare_store(config: Config, workdir: Workdir, states_from: Path | None = N
     cache = Workdir(bench_dir() / "cache" / _key(config.model_dump(mode="json", include={"seed", "data", "model", "partition"})))
     if not (all(cache.split(name).exists() for name in SPLITS) and cache.partitioner.exists()):
         make_deterministic(1)  # the trunk itself runs on model.trunk_threads
-        tokenizer = load_tokenizer()
+        tokenizer = load_tokenizer(config.model)
         model = load_base_model(config.model, config.seed, tokenizer)
         pool = Workdir(bench_dir() / "cache" / f"states-{_key(_unsized(config, 'seed', 'model'))}")
         fitted = bench_dir() / "cache" / f"partitioner-{_key(_unsized(config, 'seed', 'model', 'partition'))}.npz"

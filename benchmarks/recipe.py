@@ -81,7 +81,7 @@ def recipe_config(config: Config, recipe: Recipe, epochs: int, slices: int = 1) 
 def adapter_text(config: Config) -> str:
     if config.adapter.kind == "prompt":
         return f"soft prompt, {config.adapter.num_virtual_tokens} tokens"
-    return f"LoRA r {config.adapter.r} {'+'.join(config.adapter.target_modules)}"
+    return f"LoRA r {config.adapter.r} {'+'.join(config.adapter.target_modules or ('family default',))}"
 
 
 @ray.remote(num_cpus=1)
@@ -95,14 +95,14 @@ def try_recipe(config_json: dict, store: str, train_ids: list[str]) -> list[dict
     config = Config.model_validate(config_json)
     make_deterministic(1)
     workdir = Workdir(store)
-    tokenizer = load_tokenizer()
+    tokenizer = load_tokenizer(config.model)
     base = load_base_model(config.model, config.seed, tokenizer, head_only=True)
     train = read_parquet(workdir.split("train")).set_index("sample_id").loc[train_ids].reset_index()
     train["slice"] = slice_of(train["user_id"], config.partition.num_slices, config.seed)
     valid = read_parquet(workdir.split("valid"))
     labels = valid["label"].to_numpy()
     valid_states = sample_states(config, workdir, valid, base, tokenizer)
-    yes_id, no_id = answer_token_ids(tokenizer)
+    yes_id, no_id = answer_token_ids(tokenizer, config.model)
     rows, started = [], time.time()
 
     def after_epoch(model, stage, epoch):
@@ -134,7 +134,7 @@ def tau_rows(config: Config, workdir: Workdir, taus: list[float]) -> list[dict]:
     with LiveSet(config, workdir) as live:
         state = live.state
         valid = read_parquet(workdir.split("valid")).set_index("sample_id").loc[state.sample_ids].reset_index()
-        tokenizer = load_tokenizer()
+        tokenizer = load_tokenizer(config.model)
         base = load_base_model(config.model, config.seed, tokenizer, head_only=True)
         mixture = load_mixture(config, live.files, tokenizer, base)
         states, embeddings = sample_states(config, workdir, valid, base, tokenizer), valid["embedding"].tolist()

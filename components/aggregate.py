@@ -167,7 +167,7 @@ class MixtureModel:
         if not adapters:
             raise ValueError("a mixture needs at least one adapter")
         self.shards = sorted(adapters)
-        self.yes_id, self.no_id = answer_token_ids(tokenizer)
+        self.yes_id, self.no_id = answer_token_ids(tokenizer, model_config)
         # The mixture weights are set on the shared modules for the duration of a forward: one
         # forward at a time per model (threads of a server included).
         self.lock = threading.RLock()
@@ -182,8 +182,9 @@ class MixtureModel:
             parent = base.get_submodule(parent_path)
             linear = getattr(parent, name)
             linear = linear.base if isinstance(linear, MixtureLoRALinear) else linear
-            a = torch.stack([ad[f"base_model.model.{path}.lora_A.weight"] for ad in stacked])
-            b = torch.stack([ad[f"base_model.model.{path}.lora_B.weight"] for ad in stacked])
+            # In the base layer's dtype: a bfloat16 or float16 model mixes in its own precision.
+            a = torch.stack([ad[f"base_model.model.{path}.lora_A.weight"] for ad in stacked]).to(linear.weight.dtype)
+            b = torch.stack([ad[f"base_model.model.{path}.lora_B.weight"] for ad in stacked]).to(linear.weight.dtype)
             layer = MixtureLoRALinear(linear, a, b, torch.full((len(stacked),), float(scaling)))
             setattr(parent, name, layer)
             self.layers.append(layer)
@@ -321,7 +322,7 @@ def load_served_set(config, adapter_set, tokenizer=None) -> ServedSet:
     from components.train import ADAPTER_FILE, tensors_sha256
 
     folder = Path(adapter_set.folder)
-    tokenizer = tokenizer if tokenizer is not None else load_tokenizer()
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.model)
     adapters, shards = {}, {}
     for shard, info in sorted(adapter_set.shards.items()):
         adapter = torch.load(Path(info["local"]) / ADAPTER_FILE, map_location="cpu", weights_only=True)
@@ -357,13 +358,13 @@ def served_mask(registry_mask: set[int], current_mask: set[int], loaded_pins: di
     return set(registry_mask) | (stale & set(current_mask))
 
 
-def history_split(history: list[tuple[object, float]], titles: dict[str, str], like_threshold: float,
+def history_split(history: list[tuple[object, float]], titles: dict[str, str], liked_above: float,
                   history_len: int) -> tuple[list[str], list[str]]:
     """TALLRec's liked / disliked titles from a history of (item id, rating), oldest first: the
-    latest `history_len` interactions, liked if rating > like_threshold (as in training)."""
+    latest `history_len` interactions, liked if rating > liked_above (data.liked_above, as in training)."""
     recent = list(history)[-history_len:] if history_len else []
-    liked = [titles[str(item)] for item, rating in recent if rating > like_threshold]
-    disliked = [titles[str(item)] for item, rating in recent if rating <= like_threshold]
+    liked = [titles[str(item)] for item, rating in recent if rating > liked_above]
+    disliked = [titles[str(item)] for item, rating in recent if rating <= liked_above]
     return liked, disliked
 
 
@@ -377,8 +378,8 @@ def unknown_items(item_ids, titles: dict[str, str]) -> list:
     return unknown
 
 
-def candidate_prompts(liked: list[str], disliked: list[str], candidates, titles: dict[str, str]) -> list[str]:
-    """One TALLRec prompt per candidate item, the same text training and evaluation use."""
+def candidate_prompts(liked: list[str], disliked: list[str], candidates, titles: dict[str, str], template: str) -> list[str]:
+    """One prompt per candidate item (data.prompt), the same text training and evaluation use."""
     from components.data import build_prompt
 
-    return [build_prompt(liked, disliked, titles[str(item)]) for item in candidates]
+    return [build_prompt(liked, disliked, titles[str(item)], template) for item in candidates]

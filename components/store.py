@@ -29,6 +29,7 @@ from safetensors.torch import save_file
 from components.config import Config
 from components.data import (
     SPLITS,
+    DataError,
     build_samples,
     load_interactions_and_items,
     read_parquet,
@@ -36,7 +37,7 @@ from components.data import (
     split_by_time,
     write_parquet,
 )
-from components.model import STATE_DTYPES, embed, tokenize, trunk_pass
+from components.model import STATE_DTYPES, answer_token_ids, embed, load_tokenizer, tokenize, trunk_pass
 from components.partition import Partitioner, reference_prompts, shard_sizes_report, slice_of
 
 
@@ -165,6 +166,19 @@ class TrunkStore:
                 os.replace(tmp, target)
 
 
+def check_inputs(config: Config, workdir: Workdir) -> None:
+    """What a job will read, checked before it starts anything or writes a byte: the data files
+    (and, while the work dir has no sample store, the samples and split sizes they give) and the
+    model's tokenizer with its answer tokens. A DataError or ValueError names what is wrong."""
+    inter, items = load_interactions_and_items(config.data)
+    if not all(workdir.split(name).exists() for name in SPLITS):
+        try:
+            split_by_time(build_samples(inter, items, config.data), config.data, config.seed)
+        except DataError as err:
+            raise DataError(f"{config.data.interactions_path or config.data.source}: {err}") from None
+    answer_token_ids(load_tokenizer(config.model), config.model)
+
+
 def sample_states(config: Config, workdir: Workdir, samples: pd.DataFrame, model=None, tokenizer=None) -> list[torch.Tensor]:
     """The trunk states of stored samples: read from DIR/trunk/, or (trunk_layers 0) the token
     embeddings, computed from the prompt with `model`."""
@@ -284,7 +298,8 @@ def fit_partitioner(config: Config, workdir: Workdir, model, tokenizer) -> Parti
     reference = None
     if config.partition.method in ("semantic", "semantic-user", "adaptive"):
         _, items = load_interactions_and_items(config.data)
-        prompts = reference_prompts(items, config.partition.reference_size, config.data.history_len, config.seed)
+        prompts = reference_prompts(items, config.partition.reference_size, config.data.history_len, config.seed,
+                                    config.data.prompt)
         reference = embed(model, tokenizer, prompts, config.model)
     partitioner = Partitioner.fit(config.partition, config.seed, reference)
     workdir.partitioner.parent.mkdir(parents=True, exist_ok=True)

@@ -26,6 +26,7 @@ from peft import LoraConfig, TaskType, get_peft_model
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from torch import nn
 
+from components.architectures import lora_targets
 from components.config import Config
 from components.data import stable_hash
 from components.model import answer_token_ids, decoder_of, head_logits, p_yes, pad_states
@@ -50,12 +51,12 @@ def tensors_sha256(state: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def lora_config(config: Config, num_layers: int) -> LoraConfig:
+def lora_config(config: Config, base: nn.Module) -> LoraConfig:
     """TALLRec's LoRA, in the head's layers only: the trunk below them is shared and frozen."""
     a, trunk = config.adapter, config.model.trunk_layers
     return LoraConfig(task_type=TaskType.CAUSAL_LM, r=a.r, lora_alpha=a.alpha, lora_dropout=a.dropout,
-                      target_modules=list(a.target_modules), bias="none",
-                      layers_to_transform=list(range(trunk, num_layers)) if trunk else None)
+                      target_modules=lora_targets(a, base), bias="none",
+                      layers_to_transform=list(range(trunk, len(decoder_of(base).layers))) if trunk else None)
 
 
 class AdaptedHead(nn.Module):
@@ -70,7 +71,7 @@ class AdaptedHead(nn.Module):
             base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         torch.manual_seed(shard_seed(config.seed, shard))
         if config.adapter.kind == "lora":
-            self.model, self.prompt = get_peft_model(base, lora_config(config, len(decoder_of(base).layers))), None
+            self.model, self.prompt = get_peft_model(base, lora_config(config, base)), None
         else:
             self.model = base
             # Scaled like the model's own token embeddings (public: the base model), not like user data.
@@ -200,7 +201,7 @@ def train_shard(
     slices = [samples.loc[samples["slice"] == r, "sample_id"].tolist() for r in range(num_slices)]
     manifests = stage_manifests(slices, config)
     by_id = samples.set_index("sample_id")
-    yes_id, no_id = answer_token_ids(tokenizer)
+    yes_id, no_id = answer_token_ids(tokenizer, config.model)
 
     model = AdaptedHead(config, shard, base)
     if config.train.gpus_per_actor > 0 and torch.cuda.is_available():

@@ -12,7 +12,8 @@ from pathlib import Path
 import ray
 
 from components.config import OFFLINE_ENV, Config, ConfigError, load_config
-from components.store import Workdir
+from components.data import DataError
+from components.store import Workdir, check_inputs
 
 
 def job_parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -23,13 +24,16 @@ def job_parser(prog: str, description: str) -> argparse.ArgumentParser:
 
 
 def load_job(parser: argparse.ArgumentParser, argv: list[str] | None) -> tuple[argparse.Namespace, Config, Workdir]:
-    """Parse arguments and load the config; bad input exits with code 2 and a message."""
+    """Parse arguments, load the config and check the data and model it names; bad input exits
+    with code 2 and a message, before Ray starts and before anything is written."""
     args = parser.parse_args(argv)
     try:
         config = load_config(args.config)
-    except ConfigError as err:
+        workdir = Workdir(Path(args.workdir or Path("runs") / config.experiment))
+        check_inputs(config, workdir)
+    except (ConfigError, DataError, ValueError) as err:
         parser.exit(2, f"error: {err}\n")
-    return args, config, Workdir(Path(args.workdir or Path("runs") / config.experiment))
+    return args, config, workdir
 
 
 def id_list(text: str | None) -> list[str]:

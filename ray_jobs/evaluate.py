@@ -129,7 +129,7 @@ def ensure_main(config: Config, workdir: Workdir, train: bool, states_from: Work
         return train_run(config, workdir, states_from=states_from)
     if not all(workdir.split(name).exists() for name in SPLITS):
         log(f"preparing the sample store of {workdir.root}")
-        tokenizer = load_tokenizer()
+        tokenizer = load_tokenizer(config.model)
         prepare(config, workdir, load_base_model(config.model, config.seed, tokenizer), tokenizer, states_from=states_from)
     return None
 
@@ -205,7 +205,7 @@ class Scorer:
     def __init__(self, config: Config, workdir: Workdir, test, out: Path, threads: int):
         self.config, self.out, self.threads = config, out, threads
         self.labels = test["label"].to_numpy().astype(int)
-        self.tokenizer = load_tokenizer()
+        self.tokenizer = load_tokenizer(self.config.model)
         self.base = load_base_model(config.model, config.seed, self.tokenizer, head_only=True)  # same model and seed everywhere
         self.states = sample_states(config, workdir, test, self.base, self.tokenizer)
         self.embeddings = test["embedding"].tolist()

@@ -246,7 +246,7 @@ def verify_from_scratch(config: Config, workdir: Workdir, registry: Registry, ro
 def compare_live(config: Config, workdir: Workdir, ours: Registry, theirs: Registry) -> dict:
     """Bit-for-bit comparison of two live adapter sets: adapters, aggregator state, and their
     predictions of the test samples stored in `workdir`."""
-    tokenizer = load_tokenizer()
+    tokenizer = load_tokenizer(config.model)
     test = load_splits(workdir)["test"]
     base = load_base_model(config.model, config.seed, tokenizer, head_only=True)
     test_states = sample_states(config, workdir, test, base, tokenizer)

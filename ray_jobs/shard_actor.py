@@ -23,7 +23,7 @@ class ShardTrainer:
         self.shard = shard
         # The thread count is part of the result's bits: it comes from the config, never the host.
         make_deterministic(max(1, int(self.config.train.cpus_per_actor)))
-        self.tokenizer = load_tokenizer()
+        self.tokenizer = load_tokenizer(self.config.model)
 
     def _progress(self, event: dict) -> None:
         with self.workdir.progress(self.shard).open("a") as f:

@@ -131,7 +131,7 @@ def run(config: Config, workdir: Workdir, exclude_users=(), exclude_interactions
     started = time.time()
     connect_ray()
     make_deterministic(max(1, int(config.train.cpus_per_actor)))
-    tokenizer = load_tokenizer()
+    tokenizer = load_tokenizer(config.model)
     model = load_base_model(config.model, config.seed, tokenizer)
     prepare(config, workdir, model, tokenizer, states_from=states_from)
     if exclude_users or exclude_interactions:

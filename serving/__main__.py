@@ -50,12 +50,15 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault(key, value)
 
     from components.config import ConfigError, load_config
+    from components.data import DataError
+    from components.store import Workdir, check_inputs
 
     try:
         config = load_config(args.config)
-    except ConfigError as err:
+        workdir = Path(args.workdir or Path("runs") / config.experiment).resolve()
+        check_inputs(config, Workdir(workdir))
+    except (ConfigError, DataError, ValueError) as err:
         fail(str(err))
-    workdir = Path(args.workdir or Path("runs") / config.experiment).resolve()
     version = check_workdir(config, workdir)
     host, port = args.host or config.serving.host, args.port or config.serving.port
     if not 0 < port < 65536:

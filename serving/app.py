@@ -48,7 +48,7 @@ from components.aggregate import (  # noqa: E402
 from components.config import Config, ServingConfig, load_config  # noqa: E402
 from components.data import load_interactions_and_items  # noqa: E402
 from components.registry import Registry  # noqa: E402
-from components.store import Workdir  # noqa: E402
+from components.store import Workdir, check_inputs  # noqa: E402
 from serving.http import (  # noqa: E402
     REQUEST_ID,
     ForgetAccepted,
@@ -226,14 +226,14 @@ class Recommender:
                 raise HTTPException(422, f"{field}: unknown item id(s) {shown}")
         if body.history is not None:
             liked, disliked = history_split([(h.item_id, h.rating) for h in body.history], self.titles,
-                                            data.like_threshold, data.history_len)
+                                            data.liked_above, data.history_len)
         else:
             liked, disliked = list(body.liked or []), list(body.disliked or [])
         view = self.view  # one read: every row of this request uses the same set and masks
         if not view.served.serving(view.masked):
             raise HTTPException(503, f"every shard is masked {sorted(view.masked)}: no adapter may serve until "
                                      f"the forget job registers clean versions")
-        prompts = candidate_prompts(liked, disliked, body.candidates, self.titles)
+        prompts = candidate_prompts(liked, disliked, body.candidates, self.titles, data.prompt)
         rows = await asyncio.gather(*(self._score_rows((view, prompt)) for prompt in prompts))
         shards = view.served.mixture.shards
         predictions = [Prediction(item_id=item, p_yes=p, weights={str(k): float(w[i]) for i, k in enumerate(shards)})
@@ -365,5 +365,6 @@ def build_app(args: dict) -> Application:
     parsed = AppArgs.model_validate(dict(args or {}))
     config = load_config(parsed.config)  # a bad config fails here, with the file and the key
     workdir = parsed.workdir or str(Path("runs") / config.experiment)
+    check_inputs(config, Workdir(workdir))  # and bad data or model files here, naming file and column
     absolute = lambda p: str(Path(p).resolve()) if Path(p).exists() else p  # noqa: E731
     return Recommender.bind(absolute(parsed.config), absolute(workdir))

@@ -25,7 +25,7 @@ from components.aggregate import (
     uniform_weights,
     unknown_items,
 )
-from components.config import load_config
+from components.config import DEFAULT_PROMPT, load_config
 from components.data import build_prompt
 from components.model import head_dtype, head_logits, load_base_model, load_tokenizer, p_yes, pad_states, positions, tokenize, trunk_pass
 from components.partition import Partitioner
@@ -105,9 +105,9 @@ def test_without_weights_the_layer_is_the_frozen_base():
 def tiny(request):
     """The tiny model with a frozen trunk of 1 layer (LoRA in the other) and without a trunk."""
     config = load_config(TINY, model={"trunk_layers": request.param})
-    tokenizer = load_tokenizer()
+    tokenizer = load_tokenizer(config.model)
     base = load_base_model(config.model, config.seed, tokenizer)
-    peft_model = get_peft_model(copy.deepcopy(base), lora_config(config, config.model.tiny_layers))
+    peft_model = get_peft_model(copy.deepcopy(base), lora_config(config, base))
     peft_model.eval()  # no dropout
     adapters = []
     for k in range(K):  # trained-looking adapters: LoRA's init has B = 0, so randomize A and B
@@ -209,7 +209,7 @@ def test_trunk_then_head_is_the_models_own_forward(layers, key_value_heads):
     top layer runs at the answer position only; with 4 layers, 3 are in the head, and 2 key/value
     heads serve the 4 query heads (grouped-query attention, as in SmolLM2)."""
     config = load_config(TINY, model={"trunk_layers": 1, "trunk_dtype": "float32", "tiny_layers": layers})
-    tokenizer = load_tokenizer()
+    tokenizer = load_tokenizer(config.model)
     base = load_base_model(config.model, config.seed, tokenizer)
     if key_value_heads:
         grouped = copy.deepcopy(base.config)
@@ -344,9 +344,9 @@ def test_a_shard_masked_by_a_server_stays_masked_until_its_new_version_is_loaded
 
 def test_request_history_becomes_the_training_prompt():
     titles = {"1": "Toy Story (1995)", "2": "GoldenEye (1995)", "3": "Heat (1995)", "4": "Babe (1995)"}
-    liked, disliked = history_split([(1, 5), ("2", 2), (3, 4.5)], titles, like_threshold=3.0, history_len=10)
+    liked, disliked = history_split([(1, 5), ("2", 2), (3, 4.5)], titles, liked_above=3.0, history_len=10)
     assert (liked, disliked) == (["Toy Story (1995)", "Heat (1995)"], ["GoldenEye (1995)"])
     assert history_split([(1, 5), (2, 2), (3, 4)], titles, 3.0, history_len=2) == (["Heat (1995)"], ["GoldenEye (1995)"])
-    assert candidate_prompts(liked, disliked, [4, "1"], titles) == [
+    assert candidate_prompts(liked, disliked, [4, "1"], titles, DEFAULT_PROMPT) == [
         build_prompt(liked, disliked, "Babe (1995)"), build_prompt(liked, disliked, "Toy Story (1995)")]
     assert unknown_items([1, 99, "x", 99, "2"], titles) == [99, "x"]

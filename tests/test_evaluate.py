@@ -169,7 +169,7 @@ def test_the_apa_auc_is_what_the_live_adapter_set_predicts(evaluated):
         assert sorted(files) == list(range(config.partition.num_shards))
         state = AggregatorState.load(live.folder / "aggregator")
         partitioner = Partitioner.load(live.folder / "aggregator" / "partitioner.npz")
-        tokenizer = load_tokenizer()
+        tokenizer = load_tokenizer(config.model)
         base = load_base_model(config.model, config.seed, tokenizer, head_only=True)
         mixture = load_mixture(config, files, tokenizer, base)
         states = workdir.trunk.read(test["sample_id"])  # the head runs over the stored trunk states

@@ -97,9 +97,9 @@ def test_config_rejects_unknown_and_ill_typed_keys(tmp_path):
 
 
 def test_tiny_model_scores_are_probabilities_and_deterministic():
-    tokenizer = load_tokenizer()
     prompts = ['User Preference: "Heat (1995)"\nWhether the user will like the target movie "Fargo (1996)"?\nAnswer:'] * 2
     config = ModelConfig(name="tiny-llama", max_length=128, trunk_layers=1)
+    tokenizer = load_tokenizer(config)
     first = score(load_base_model(config, 3, tokenizer), tokenizer, prompts, config)
     second = score(load_base_model(config, 3, tokenizer), tokenizer, prompts, config)
     other_seed = score(load_base_model(config, 4, tokenizer), tokenizer, prompts, config)
@@ -111,7 +111,7 @@ def test_tiny_model_scores_are_probabilities_and_deterministic():
 @pytest.mark.slow
 @pytest.mark.ci
 def test_converted_smollm2_loads_offline_and_scores_a_real_prompt(samples):
-    tokenizer = load_tokenizer()
+    tokenizer = load_tokenizer(ModelConfig())
     model = load_base_model(ModelConfig(), 0)
     assert 130e6 < sum(p.numel() for p in model.parameters()) < 140e6
     p = score(model, tokenizer, samples["prompt"].head(2).tolist(), ModelConfig())

@@ -17,7 +17,7 @@ from components.train import checkpoint_path, train_shard
 @pytest.fixture(scope="module")
 def world(tiny_config):
     make_deterministic(1)
-    tokenizer = load_tokenizer()
+    tokenizer = load_tokenizer(tiny_config.model)
     model = load_base_model(tiny_config.model, tiny_config.seed, tokenizer)
     inter, items = load_interactions_and_items(DataConfig())
     splits = split_by_time(build_samples(inter, items, tiny_config.data), tiny_config.data, tiny_config.seed)

@@ -131,10 +131,10 @@ def direct(config, workdir: Workdir, body: dict, tmp_path: Path, version: str | 
     """The same request computed without Serve: the registered set, MixtureModel, components' predict."""
     titles = {str(i): t for i, t in catalogue(config).items()}
     liked, disliked = history_split([(h["item_id"], h["rating"]) for h in body["history"]], titles,
-                                    config.data.like_threshold, config.data.history_len)
-    prompts = candidate_prompts(liked, disliked, body["candidates"], titles)
+                                    config.data.liked_above, config.data.history_len)
+    prompts = candidate_prompts(liked, disliked, body["candidates"], titles, config.data.prompt)
     adapter_set = Registry(config.experiment, workdir.root).load_adapter_set(tmp_path / f"direct-{time.time_ns()}", version)
-    mixture = load_mixture(config, {k: Path(v["local"]) / ADAPTER_FILE for k, v in adapter_set.shards.items()}, load_tokenizer())
+    mixture = load_mixture(config, {k: Path(v["local"]) / ADAPTER_FILE for k, v in adapter_set.shards.items()}, load_tokenizer(config.model))
     state = AggregatorState.load(adapter_set.folder / "aggregator")
     partitioner = Partitioner.load(adapter_set.folder / "aggregator" / "partitioner.npz")
     scores, weights = predict(config, mixture, [mixture.encode(prompts)], state, partitioner, set(masked))
@@ -171,7 +171,7 @@ def test_a_served_p_yes_is_the_evaluations_for_the_same_prompt(served, tmp_path)
     report = evaluate.run(config, workdir, ["apa"], "none")
     evaluated = np.load(workdir.path(report["methods"]["apa"]["predictions"]))  # at the evaluation's batch size
     test = read_parquet(workdir.split("test"))
-    tokenizer = load_tokenizer()
+    tokenizer = load_tokenizer(config.model)
     adapter_set = Registry(config.experiment, workdir.root).load_adapter_set(tmp_path / "set")
     base = load_base_model(config.model, config.seed, tokenizer, head_only=True)
     mixture = load_mixture(config, {k: Path(v["local"]) / ADAPTER_FILE for k, v in adapter_set.shards.items()}, tokenizer, base)
@@ -188,12 +188,12 @@ def test_a_served_p_yes_is_the_evaluations_for_the_same_prompt(served, tmp_path)
         body = {"history": [{"item_id": h.split(":")[1], "rating": float(ratings[h])} for h in history],
                 "candidates": [target.split(":")[1]]}
         liked, disliked = history_split([(h["item_id"], h["rating"]) for h in body["history"]], titles,
-                                        config.data.like_threshold, config.data.history_len)
-        assert candidate_prompts(liked, disliked, body["candidates"], titles) == [sample["prompt"]]  # the same prompt
+                                        config.data.liked_above, config.data.history_len)
+        assert candidate_prompts(liked, disliked, body["candidates"], titles, config.data.prompt) == [sample["prompt"]]  # the same prompt
         alone = served.predict(body)["predictions"][0]["p_yes"]
         assert np.float32(alone) == expected  # bit for bit
         body["candidates"] += [longest, shortest]  # a longer and a shorter prompt in the same batch
-        lengths = tokenize(tokenizer, candidate_prompts(liked, disliked, body["candidates"], titles),
+        lengths = tokenize(tokenizer, candidate_prompts(liked, disliked, body["candidates"], titles, config.data.prompt),
                            config.model.max_length)["attention_mask"].sum(1)
         assert lengths[1] > lengths[0] > lengths[2]  # the sample's row is left-padded, and pads another
         mixed = served.predict(body)["predictions"][0]["p_yes"]
