@@ -88,15 +88,16 @@ def _read_table(path: str | Path, required: tuple[str, ...], columns: dict[str, 
         raise DataError(f"{path}: unknown file format {suffix!r} (use .csv or .parquet)")
     if not path.exists():
         raise DataError(f"{path}: file not found")
+    file_name = {role: name for name, role in columns.items()}
+    ids = {file_name.get(role, role): str for role in ("user_id", "item_id")}  # as written: ISBN 0195153448 keeps its 0
     try:
-        frame = pd.read_csv(path) if suffix == ".csv" else pd.read_parquet(path)
+        frame = pd.read_csv(path, dtype=ids) if suffix == ".csv" else pd.read_parquet(path)
     except (ValueError, OSError, pd.errors.ParserError) as err:
         raise DataError(f"{path}: cannot be read as {suffix[1:]}: {err}") from None
-    file_name = {role: name for name, role in columns.items()}
     missing = [file_name.get(c, c) for c in required if file_name.get(c, c) not in frame.columns]
     if missing:
-        raise DataError(f"{path}: missing column(s) {', '.join(map(repr, missing))} (has {', '.join(map(str, frame.columns))}"
-                        f"{'; data.columns names the file' + chr(39) + 's own' if columns else ''})")
+        raise DataError(f"{path}: missing column(s) {', '.join(map(repr, missing))} (has {', '.join(map(str, frame.columns))};"
+                        " data.columns maps a file's own names onto the platform's)")
     if frame.empty:
         raise DataError(f"{path}: no rows")
     return frame.rename(columns={name: role for name, role in columns.items() if name in frame.columns})
@@ -119,7 +120,7 @@ def _numbers(column: pd.Series, name: str, path) -> pd.Series:
     values = pd.to_numeric(column, errors="coerce")
     bad = values.isna()
     if bad.any():
-        raise DataError(f"{path}: column {name!r} has {_rows(int(bad.sum()))} that are not numbers, e.g. {_examples(column[bad])}")
+        raise DataError(f"{path}: column {name!r}: {_rows(int(bad.sum()))} not a number, e.g. {_examples(column[bad])}")
     return values
 
 
@@ -129,11 +130,18 @@ def _timestamps(column: pd.Series, name: str, path) -> pd.Series:
         numbers = pd.to_numeric(column, errors="coerce")
         if not numbers.isna().any():
             return numbers.astype("int64")
-    stamps = pd.to_datetime(column, errors="coerce", utc=True, format="mixed")
-    bad = stamps.isna()
+    seconds = _seconds(pd.to_datetime(column, errors="coerce", utc=True, format="ISO8601"))  # vectorised
+    odd = seconds.isna() & column.notna()
+    if odd.any():  # other forms, parsed one by one
+        seconds[odd] = _seconds(pd.to_datetime(column[odd], errors="coerce", utc=True, format="mixed"))
+    bad = seconds.isna()
     if bad.any():
-        raise DataError(f"{path}: column {name!r} has {_rows(int(bad.sum()))} that are neither numbers nor dates, "
+        raise DataError(f"{path}: column {name!r}: {_rows(int(bad.sum()))} neither a number nor a date, "
                         f"e.g. {_examples(column[bad])}")
+    return seconds.astype("int64")
+
+
+def _seconds(stamps: pd.Series) -> pd.Series:
     return (stamps - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(seconds=1)
 
 

@@ -104,7 +104,7 @@ def answer_token_ids(tokenizer, config: ModelConfig) -> tuple[int, int]:
 def load_base_model(config: ModelConfig, seed: int, tokenizer=None, head_only: bool = False) -> torch.nn.Module:
     """The frozen base model in `config.dtype`. The tiny LLaMA is random but fully determined by
     `seed`. `head_only` drops the trunk's layers, for processes that only run the head over stored states."""
-    dtype = STATE_DTYPES[config.dtype]
+    dtype = getattr(torch, config.dtype)
     if config.path:
         model = AutoModelForCausalLM.from_pretrained(Path(config.path).expanduser(), dtype=dtype,
                                                      trust_remote_code=config.trust_remote_code)

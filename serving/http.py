@@ -55,7 +55,8 @@ _ONE_FORM = {"oneOf": [
 
 class PredictRequest(Body):
     """Either a history of rated item ids (oldest first; the latest `data.history_len` are used,
-    liked if rating > `data.like_threshold`), or liked / disliked titles directly (together at most
+    liked if rating > `data.like_threshold`, or if 1 where the log has a 0/1 `data.label_column`), or
+    liked / disliked titles directly (together at most
     `serving.max_history`). Item ids must be in the catalogue (else 422)."""
 
     model_config = ConfigDict(extra="forbid", json_schema_extra=_ONE_FORM)

@@ -25,7 +25,7 @@ from components.store import Workdir, check_inputs, load_splits
 from ray_jobs import forget as forget_job
 from ray_jobs import train as train_job
 
-from .conftest import free_port
+from .conftest import ROOT, free_port
 from .test_forget import assert_identical_to_scratch
 
 pytestmark = pytest.mark.timeout(900)
@@ -60,10 +60,10 @@ def save_tiny_model(folder: Path, family: str, layers: int = 3, seed: int = 0) -
 
 
 def write_books(folder: Path, users: int = 24, per_user: int = 16, seed: int = 0) -> tuple[Path, Path]:
-    """A Book-Crossing-like log: string user ids and ISBNs, ratings 1-10, read dates as text."""
+    """A Book-Crossing-like log: string user ids, ISBNs that look like numbers, ratings 1-10, read dates as text."""
     rng = np.random.default_rng(seed)
     words = ["Silent", "River", "Glass", "Garden", "Winter", "Atlas", "Harbor", "Ember", "Paper", "Moon", "Salt", "Orchard"]
-    books = pd.DataFrame({"ISBN": [f"978-{i:05d}" for i in range(60)],
+    books = pd.DataFrame({"ISBN": [f"0{140449000 + i}" for i in range(60)],  # ISBN-10s with a leading 0
                           "Book-Title": [f"The {words[i % 12]} {words[(i * 5 + 3) % 12]} ({1950 + i})" for i in range(60)]})
     rows = []
     for user in range(users):
@@ -205,19 +205,19 @@ def test_lora_targets_default_per_family_and_the_config_overrides(folders):
 def test_a_books_log_with_string_ids_and_dates_builds_samples_in_its_own_prompt(folders, books, tmp_path):
     config = load_config(books_config(tmp_path, folders["qwen2"], *books))
     inter, items = load_interactions_and_items(config.data)
-    assert inter["user_id"].str.startswith("u-").all() and items["item_id"].str.startswith("978-").all()
+    assert inter["user_id"].str.startswith("u-").all() and items["item_id"].str.fullmatch(r"0\d{9}").all()
     assert inter["timestamp"].between(1704067200, 1735689600).all()  # 2024, in seconds
     samples = build_samples(inter, items, config.data)
     first = samples.iloc[0]
     assert first["prompt"].startswith("A reader rated books. Enjoyed: ") and first["prompt"].endswith("Answer:")
     assert first["sample_id"] == f"{first['user_id']}:{first['item_id']}" and len(first["interactions"]) == 6
-    raw = pd.read_csv(books[0])
+    raw = pd.read_csv(books[0], dtype={"ISBN": str})
     rating = raw.set_index(["User-ID", "ISBN"])["Book-Rating"]
     assert samples["label"].tolist() == [int(rating[(u, i)] > 6) for u, i in zip(samples["user_id"], samples["item_id"])]
 
 
 def test_an_explicit_label_column_replaces_the_rating_rule(folders, books, tmp_path):
-    raw = pd.read_csv(books[0])
+    raw = pd.read_csv(books[0], dtype={"ISBN": str})
     raw["Liked"] = (raw["Book-Rating"] >= 9).astype(int)
     labelled = tmp_path / "labelled.csv"
     raw.drop(columns=["Book-Rating"]).to_csv(labelled, index=False)
@@ -246,7 +246,7 @@ def test_a_prompt_template_with_an_unknown_or_missing_placeholder_is_a_config_er
 
 def _broken(tmp_path, books, what):
     """A copy of the books log with one defect; returns (interactions, items, the words the error must name)."""
-    inter, items = pd.read_csv(books[0]), pd.read_csv(books[1])
+    inter, items = pd.read_csv(books[0], dtype={"ISBN": str}), pd.read_csv(books[1], dtype={"ISBN": str})
     if what == "missing file":
         return tmp_path / "absent.csv", books[1], ["absent.csv", "not found"]
     if what == "missing column":
@@ -364,3 +364,11 @@ def test_mistral_on_books_forgets_a_user_exactly(ray_session, folders, books, tm
     [audit] = forget_job.process(config, workdir)
     assert audit["scan"]["clean"] and 1 in audit["affected_shards"]
     assert_identical_to_scratch(config, workdir, tmp_path, [user], [])
+
+
+@pytest.mark.parametrize("example, family", [("books.yaml", "qwen2"), ("gpu-7b.yaml", "llama")])
+def test_the_example_configs_are_valid_once_their_model_folder_exists(folders, example, family):
+    """configs/examples/ name folders of this machine's absence: with a tiny folder of the same
+    family in its place, every other key of the example is a valid config."""
+    config = load_config(ROOT / "configs" / "examples" / example, model={"path": str(folders[family])})
+    assert config.model.path == str(folders[family]) and config.model.name is None
