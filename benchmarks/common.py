@@ -20,6 +20,7 @@ import yaml
 
 from components.config import OFFLINE_ENV, Config, load_config
 from components.data import SPLITS
+from components.registry import keep_own_registry
 from components.store import Workdir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,10 +70,12 @@ def bench_config(path: str, experiment: str, **sections) -> Config:
 
 
 def fresh_workdir(path: str | None, name: str) -> Workdir:
-    """A benchmark's own work dir, emptied: every run measures from the same start."""
+    """A benchmark's own work dir, emptied: every run measures from the same start. It and the work
+    dirs inside it register in an MLflow store of their own, never in a deployment's."""
     folder = Path(path) if path else bench_dir() / name
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
+    print(f"{name}: registers in its own MLflow store {keep_own_registry(folder, 'a benchmark')}", flush=True)
     return Workdir(folder)
 
 

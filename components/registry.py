@@ -4,6 +4,12 @@ Every shard training becomes an MLflow run (params, loss curve, adapter and slic
 artifacts) and a version of the registered model `<experiment>.shard-<k>`; alias `live` marks the
 version in use. An *adapter set* (`<experiment>.adapter-set`) pins one version of every shard plus
 the aggregator state; serving loads `models:/<experiment>.adapter-set@live`.
+
+The names a deployment serves belong to its work dir alone: a registered model carries the work
+dir that created it (tag `workdir`) and no other work dir may add versions, move aliases or masks
+on it. Runs that are not the deployment (reference trainings, the evaluation's and benchmarks' own
+trainings) keep a registry of their own inside their work dir (`keep_own_registry`), whatever
+MLFLOW_TRACKING_URI says.
 """
 
 from __future__ import annotations
@@ -21,10 +27,36 @@ from mlflow.store.artifact.artifact_repository_registry import get_artifact_repo
 
 LIVE = "live"
 MASK_TAG = "masked_shards"  # on the adapter-set model: shards serving must not use right now
+OWNER_TAG = "workdir"  # on every registered model: the work dir whose names these are
+OWN_REGISTRY = "registry.json"  # in a work dir that keeps its own MLflow store
+
+
+class RegistryConflict(RuntimeError):
+    """A write to registered models that belong to another work dir."""
 
 
 def default_tracking_uri(workdir: Path) -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(workdir).resolve() / 'mlflow.db'}"
+    """The store of the work dir, or of a folder above it, that keeps its own (DIR/registry.json);
+    else MLFLOW_TRACKING_URI; else sqlite in the work dir."""
+    workdir = Path(workdir).resolve()
+    for folder in (workdir, *workdir.parents):
+        if (folder / OWN_REGISTRY).is_file():
+            return json.loads((folder / OWN_REGISTRY).read_text())["tracking_uri"]
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{workdir / 'mlflow.db'}"
+
+
+def keep_own_registry(workdir: Path, why: str) -> str:
+    """Give a work dir (and the work dirs inside it) an MLflow store of its own, sqlite inside it,
+    whatever MLFLOW_TRACKING_URI says: a run that is not the deployment never writes to the
+    deployment's registry. Returns the store's URI."""
+    workdir = Path(workdir).resolve()
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    workdir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=workdir, prefix=f".{OWN_REGISTRY}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump({"tracking_uri": uri, "why": why}, f)
+    os.replace(tmp, workdir / OWN_REGISTRY)
+    return uri
 
 
 @dataclass(frozen=True)
@@ -41,6 +73,7 @@ class Registry:
         self.tracking_uri = tracking_uri or default_tracking_uri(self.workdir)
         self.client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
         self.experiment_id = self._experiment_id()
+        self._owned: set[str] = set()  # registered models checked to be this work dir's
 
     # --- names -----------------------------------------------------------------------------------
     def shard_model(self, shard: int) -> str:
@@ -62,13 +95,28 @@ class Registry:
             return self.client.get_experiment_by_name(self.experiment).experiment_id
 
     def _ensure_model(self, name: str, description: str) -> None:
+        """The registered model `name`, created if new; a RegistryConflict if another work dir owns it."""
+        if name in self._owned:
+            return
         try:
-            self.client.create_registered_model(name, description=description)
+            self.client.create_registered_model(name, tags={OWNER_TAG: str(self.workdir)}, description=description)
         except MlflowException as err:
             if "RESOURCE_ALREADY_EXISTS" not in str(err.error_code):
                 raise
+            owner = self.client.get_registered_model(name).tags.get(OWNER_TAG)
+            if owner is None:  # registered before models carried their owner: the first writer claims it
+                self.client.set_registered_model_tag(name, OWNER_TAG, str(self.workdir))
+            elif owner != str(self.workdir):
+                raise RegistryConflict(
+                    f"registered model {name!r} on {self.tracking_uri} belongs to the work dir {owner}, not {self.workdir}: "
+                    f"give this run another experiment name, or its own registry (MLFLOW_TRACKING_URI)") from None
+        self._owned.add(name)
 
     # --- writing ----------------------------------------------------------------------------------
+    def claim(self) -> None:
+        """Make sure this work dir may write its names (before hours of training, not after)."""
+        self._ensure_model(self.set_model, f"The shard adapters and aggregator state that serving loads ({self.experiment})")
+
     def log_shard_version(
         self,
         shard: int,
@@ -108,6 +156,7 @@ class Registry:
         self.client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, float(v), 0, 0) for k, v in metrics.items()])
 
     def set_live(self, name: str, version: str) -> None:
+        self._ensure_model(name, "")
         self.client.set_registered_model_alias(name, LIVE, version)
 
     def register_adapter_set(self, shard_versions: dict[int, str], aggregator_dir: Path, tags: dict[str, str],

@@ -61,7 +61,7 @@ from components.floors import FloorError, history_floor, item_floor
 from components.metrics import auc, auc_interval, bar_figure, close, grouped_bar_figure, paired_difference_interval
 from components.model import head_dtype, load_base_model, load_tokenizer
 from components.partition import Partitioner
-from components.registry import Registry
+from components.registry import Registry, keep_own_registry
 from components.store import Workdir, copy_store, load_splits, prepare, sample_states, write_json
 from components.train import ADAPTER_FILE, learning_rate
 from components.unlearn import new_request
@@ -125,7 +125,9 @@ def ensure_main(config: Config, workdir: Workdir, train: bool, states_from: Work
             log(f"note: {workdir.root} was trained with a different configuration (sha256 {report.get('config_sha256', '?')[:12]})")
         return report
     if train:
-        log(f"{workdir.root} has no reports/train.json: training the APA shards first")
+        uri = keep_own_registry(workdir.root, "the evaluation's own training")
+        log(f"{workdir.root} has no reports/train.json: training the APA shards first, registered in the work dir's "
+            f"own MLflow store {uri} (never in a deployment's)")
         return train_run(config, workdir, states_from=states_from)
     if not all(workdir.split(name).exists() for name in SPLITS):
         log(f"preparing the sample store of {workdir.root}")

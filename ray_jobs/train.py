@@ -20,7 +20,7 @@ from components.config import ALLOCATOR_ENV, Config
 from components.data import read_parquet
 from components.metrics import auc, bar_figure, close, loss_curve_figure
 from components.model import load_base_model, load_tokenizer, make_deterministic
-from components.registry import Registry
+from components.registry import Registry, RegistryConflict, keep_own_registry
 from components.store import Workdir, fit_partitioner, load_splits, prepare, remove_samples, write_json, write_shards
 from components.train import learning_rate
 from ray_jobs.common import connect_ray, fail, id_list, job_parser, load_job
@@ -129,6 +129,11 @@ def run(config: Config, workdir: Workdir, exclude_users=(), exclude_interactions
     """Prepare the store (once), partition, train every shard, register, publish. `states_from`:
     a work dir of the same model whose stored trunk states are linked instead of computed."""
     started = time.time()
+    if exclude_users or exclude_interactions:  # a reference: never the deployment's registry
+        uri = keep_own_registry(workdir.root, "a reference training, as if some data never existed")
+        print(f"reference training: registered in its own MLflow store {uri}, never in the deployment's", flush=True)
+    registry = Registry(config.experiment, workdir.root)
+    registry.claim()
     connect_ray()
     make_deterministic(max(1, int(config.train.cpus_per_actor)))
     tokenizer = load_tokenizer(config.model)
@@ -144,7 +149,6 @@ def run(config: Config, workdir: Workdir, exclude_users=(), exclude_interactions
     print(f"{config.partition.method} partition: shard sizes {sizes}", flush=True)
 
     results = train_shards(config, workdir, sorted(sizes))
-    registry = Registry(config.experiment, workdir.root)
     versions = register_shards(config, workdir, registry, results)
     valid = splits["valid"]
     state = AggregatorState(
@@ -180,7 +184,10 @@ def main(argv: list[str] | None = None) -> int:
     if (args.exclude_users or args.exclude_interactions) and workdir.path("reports", "train.json").exists():
         fail(f"{workdir.root} is already trained: forget with `python -m ray_jobs.forget` (which purges what the data "
              "touched); --exclude-* builds a from-scratch reference in a new work dir")
-    report = run(config, workdir, id_list(args.exclude_users), id_list(args.exclude_interactions))
+    try:
+        report = run(config, workdir, id_list(args.exclude_users), id_list(args.exclude_interactions))
+    except RegistryConflict as err:
+        fail(str(err))
     print(json.dumps({k: v for k, v in report.items() if k != "shards"}))
     if args.baseline == "retrain":
         baseline = run(baseline_config(config, "retrain"), Workdir(workdir.path("baselines", "retrain")),

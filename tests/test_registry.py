@@ -12,8 +12,10 @@ import httpx
 import pytest
 
 from components.data import read_parquet
-from components.registry import Registry
+from benchmarks.common import fresh_workdir
+from components.registry import Registry, RegistryConflict
 from components.store import Workdir
+from ray_jobs import evaluate as evaluate_job
 from ray_jobs import forget as forget_job
 from ray_jobs import train as train_job
 
@@ -126,6 +128,21 @@ def test_retrain_purge_and_lineage_against_a_real_mlflow_server(ray_session, tin
     assert registry.run_artifacts(old.run_id) == []
     assert not [p for p in artifact_root.rglob("*") if p.is_file() and old.run_id in str(p)]
     assert {p["version"] for p in audit["purged"] if p["model"] == registry.shard_model(shard)} == {"1"}
+
+    # Issue 29: runs that are not the deployment, with its config and its tracking server, never
+    # move its aliases. A reference training, an evaluation's own training and a benchmark's keep
+    # registries of their own; anything else that would write the deployment's names is refused.
+    live = {name: registry.live_version(name).version for name in [registry.set_model, *map(registry.shard_model, range(4))]}
+    train_job.run(tiny_config, Workdir(tmp_path / "reference"), [user], [])
+    evaluate_job.run(tiny_config, Workdir(tmp_path / "evaluation"), ["apa"], "none")
+    bench = fresh_workdir(str(tmp_path / "bench"), "bench-x")
+    train_job.run(tiny_config, Workdir(bench.path("sharded")))
+    for other in ("reference", "evaluation", "bench/sharded"):
+        assert Registry(tiny_config.experiment, tmp_path / other).tracking_uri == f"sqlite:///{tmp_path / other.split('/')[0] / 'mlflow.db'}"
+    with pytest.raises(RegistryConflict, match=rf"belongs to the work dir {workdir.root}"):
+        train_job.run(tiny_config, Workdir(tmp_path / "another"))
+    assert {name: registry.live_version(name).version for name in live} == live
+    assert registry.client.get_registered_model(registry.set_model).tags["workdir"] == str(workdir.root)
 
 
 class ForgetJobBetweenReads(Registry):
