@@ -4,7 +4,7 @@
 
 With K=4 shards and R=4 slices, on a prepared sample store (trunk states linked): train all
 shards once (the full retrain, the baseline), then forget several users one after another with
-the forget job, each as `python -m ray_jobs.forget --users ID` would (in-process), and compare
+the forget job, each as `python -m ray_jobs.forget --request-file FILE` would (in-process), and compare
 the mean per user against the full retrain:
   - compute: seconds of shard training (sum over the shards retrained) against the sum over all
     shards of the full train (target >= 1.3 x K = 5.2x);
@@ -21,6 +21,7 @@ that fixed cost per shard must keep its share of a shard's seconds for the ratio
 from __future__ import annotations
 
 import json
+import tempfile
 import threading
 import time
 
@@ -60,8 +61,10 @@ def forget_one(config, config_file, workdir: Workdir, user: str, request_id: str
 
     def job():
         try:
+            with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as request:  # the job deletes it
+                json.dump({"users": [user]}, request)
             outcome["rc"] = forget_job.main(["--config", str(config_file), "--workdir", str(workdir.root),
-                                             "--users", user, "--request-id", request_id])
+                                             "--request-file", request.name, "--request-id", request_id])
         except SystemExit as exit_:
             outcome["rc"] = exit_.code
         outcome["finished"] = time.perf_counter()

@@ -240,6 +240,24 @@ class Registry:
             pins = None
         return masked, str(live.version), pins
 
+    def mentions(self, needle: str) -> list[str]:
+        """Where the experiment's runs and registered models name `needle`: run names, params,
+        tags and metric names, and the tags and descriptions of models and versions (deleted runs
+        included). Artifacts are files: scan their store as files."""
+        places = []
+        runs = self.client.search_runs([self.experiment_id], run_view_type=mlflow.entities.ViewType.ALL, max_results=50000)
+        for run in runs:
+            fields = {"run name": run.info.run_name or "", **{f"param {k}": f"{k}={v}" for k, v in run.data.params.items()},
+                      **{f"tag {k}": f"{k}={v}" for k, v in run.data.tags.items()}, **{f"metric {k}": k for k in run.data.metrics}}
+            places += [f"MLflow run {run.info.run_id}: {field}" for field, text in fields.items() if needle in text]
+        for model in self.client.search_registered_models(f"name LIKE '{self.experiment}.%'"):
+            texts = [model.description or "", *(f"{k}={v}" for k, v in model.tags.items())]
+            places += [f"MLflow model {model.name}: tags or description" for text in texts if needle in text][:1]
+            for version in self.versions(model.name):
+                texts = [version.description or "", *(f"{k}={v}" for k, v in version.tags.items())]
+                places += [f"MLflow model {model.name} v{version.version}: tags or description" for text in texts if needle in text][:1]
+        return places
+
     def run_artifacts(self, run_id: str) -> list[str]:
         """The files a run's artifact store still holds (deleted runs included)."""
         try:

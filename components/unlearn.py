@@ -22,6 +22,7 @@ import os
 import secrets
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -279,6 +280,40 @@ def scan_workdir(workdir: Workdir, config, users: set[str], interactions: set[st
         if record["state"] == "done" and ("users" in record or "interactions" in record):
             findings.append(f"request log: {record['request_id']} keeps plain ids")
     return findings
+
+
+def files_holding(needle: str, roots: Iterable[Path]) -> list[Path]:
+    """Every file under `roots` (files or folders) that holds `needle`: its UTF-8 bytes anywhere in
+    the file, or, in a Parquet file (compressed pages hide bytes), in any value of any column."""
+    pattern = needle.encode()
+    found = []
+    for root in map(Path, roots):
+        for path in [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file()):
+            try:
+                hit = _parquet_holds(path, needle) if path.suffix == ".parquet" else _bytes_hold(path, pattern)
+            except OSError:  # vanished while scanning (a log rotated, a temp file replaced)
+                continue
+            if hit:
+                found.append(path)
+    return found
+
+
+def _bytes_hold(path: Path, pattern: bytes, chunk: int = 1 << 20) -> bool:
+    with path.open("rb") as f:
+        tail = b""
+        while block := f.read(chunk):
+            if pattern in tail + block:
+                return True
+            tail = block[-(len(pattern) - 1):] if len(pattern) > 1 else b""
+    return False
+
+
+def _parquet_holds(path: Path, needle: str) -> bool:
+    try:
+        frame = read_parquet(path)
+    except Exception:  # noqa: BLE001 - not readable as Parquet: look at its bytes
+        return _bytes_hold(path, needle.encode())
+    return any(frame[column].astype(str).str.contains(needle, regex=False).any() for column in frame.columns)
 
 
 # --- bit-for-bit comparison -----------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Kubeflow Pipelines (v2) for the exact-unlearning system: every step is a KubeRay RayJob.
 
     action=train  : train -> evaluate
-    action=forget : forget (users and/or interactions, optional --verify) -> evaluate
+    action=forget : forget (a request file on the shared volume, optional --verify) -> evaluate
 
 A step creates a RayJob in the cluster through the Kubernetes API, from the manifest of the same
 name in k8s/jobs/ (read when this file is compiled: clusterSelector, runtimeEnvYAML, ...) with its
@@ -40,8 +40,7 @@ def ray_job(
     namespace: str,
     config: str,
     workdir: str,
-    users: str = "",
-    interactions: str = "",
+    request_file: str = "",
     verify: bool = False,
     poll_seconds: float = 15.0,
     timeout_seconds: float = 172800.0,
@@ -61,16 +60,11 @@ def ray_job(
         raise ValueError(f"unknown step {step!r}: expected one of {sorted(modules)}")
     args = ["python", "-m", modules[step], "--config", config, "--workdir", workdir]
     if step == "forget":
-        if not users and not interactions:
-            raise ValueError("forget needs users (ID,ID,...) or interactions (USER:ITEM,...)")
-        if users:
-            if not re.fullmatch(r"[A-Za-z0-9_.-]+(,[A-Za-z0-9_.-]+)*", users):
-                raise ValueError(f"users must be comma-separated ids, got {users!r}")
-            args += ["--users", users]
-        if interactions:
-            if not re.fullmatch(r"[A-Za-z0-9_.-]+:[A-Za-z0-9_.-]+(,[A-Za-z0-9_.-]+:[A-Za-z0-9_.-]+)*", interactions):
-                raise ValueError(f"interactions must be comma-separated USER:ITEM pairs, got {interactions!r}")
-            args += ["--interactions", interactions]
+        # The ids stay in the file (which the job deletes): never in a parameter, an entrypoint or a log.
+        if not re.fullmatch(r"(/[A-Za-z0-9_.-]+)+\.json", request_file) or "/../" in f"{request_file}/":
+            raise ValueError(f"forget needs request_file, an absolute path to a .json file on the shared volume, "
+                             f"got {request_file!r}")
+        args += ["--request-file", request_file]
         if verify:
             args.append("--verify")
     entrypoint = shlex.join(args)
@@ -118,10 +112,10 @@ def ray_job(
         time.sleep(poll_seconds)
 
 
-def _step(step: str, namespace, config, workdir, users="", interactions="", verify=False):
+def _step(step: str, namespace, config, workdir, request_file="", verify=False):
     task = ray_job(
         step=step, template=job_template(step), namespace=namespace, config=config, workdir=workdir,
-        users=users, interactions=interactions, verify=verify,
+        request_file=request_file, verify=verify,
     )
     task.set_display_name(step)
     task.set_caching_options(False)  # a step is an action on the cluster, never a cached result
@@ -130,22 +124,21 @@ def _step(step: str, namespace, config, workdir, users="", interactions="", veri
 
 @dsl.pipeline(
     name="exact-unlearning",
-    description="Train K shard adapters then evaluate, or forget users/interactions exactly then evaluate; each step a KubeRay RayJob.",
+    description="Train K shard adapters then evaluate, or forget a request file's users/interactions exactly then evaluate; each step a KubeRay RayJob.",
 )
 def unlearning_pipeline(
     action: str = "train",
     config: str = "configs/movielens.yaml",
     workdir: str = "/data/runs/movielens",
     namespace: str = "unlearning",
-    users: str = "",
-    interactions: str = "",
+    request_file: str = "",
     verify: bool = False,
 ):
     with dsl.If(action == "train", "train-then-evaluate"):
         train = _step("train", namespace, config, workdir)
         _step("evaluate", namespace, config, workdir).after(train)
     with dsl.Elif(action == "forget", "forget-then-evaluate"):
-        forget = _step("forget", namespace, config, workdir, users, interactions, verify)
+        forget = _step("forget", namespace, config, workdir, request_file, verify)
         _step("evaluate", namespace, config, workdir).after(forget)
 
 

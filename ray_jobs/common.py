@@ -40,6 +40,33 @@ def id_list(text: str | None) -> list[str]:
     return [part.strip() for part in (text or "").split(",") if part.strip()]
 
 
+def read_subject(path: str, flag: str) -> tuple[list[str], list[str]]:
+    """The users and interactions named by a request file, JSON {"users": [...], "interactions":
+    ["USER:ITEM", ...]}, or by standard input for '-'. A subject's ids travel in such a file, never
+    on a command line (process lists, job entrypoints and Kubernetes objects keep those); the caller
+    deletes the file once the ids are recorded. Bad input exits 2, without echoing the file."""
+    try:
+        text = sys.stdin.read() if path == "-" else Path(path).read_text()
+    except OSError as err:
+        fail(f"{flag} {path}: {err.strerror}")
+    try:
+        payload = json.loads(text)
+    except json.JSONDecodeError as err:
+        fail(f"{flag} {path}: not JSON ({err.msg}, line {err.lineno})")
+    if not isinstance(payload, dict) or not payload or set(payload) - {"users", "interactions"}:
+        fail(f'{flag} {path}: expected {{"users": [...], "interactions": ["USER:ITEM", ...]}} (either or both)')
+    lists = [payload.get("users", []), payload.get("interactions", [])]
+    if not all(isinstance(ids, list) and all(isinstance(i, (str, int)) and not isinstance(i, bool) for i in ids) for ids in lists):
+        fail(f"{flag} {path}: users and interactions are lists of ids (strings or integers)")
+    return [str(u).strip() for u in lists[0]], [str(i).strip() for i in lists[1]]
+
+
+def delete_subject(path: str) -> None:
+    """Remove a request file once its ids are recorded (standard input leaves nothing behind)."""
+    if path != "-":
+        Path(path).unlink(missing_ok=True)
+
+
 def ray_address() -> str | None:
     """Where `ray.init` goes: None lets it take RAY_ADDRESS, or the cluster `ray start` recorded on
     this machine (/tmp/ray/ray_current_cluster) if that cluster still answers; "local" starts a

@@ -2,11 +2,15 @@
 clean slice checkpoint, register, swap, purge, scan, and (with --verify) prove the result equals a
 model trained from scratch without the data.
 
-    python -m ray_jobs.forget --config configs/tiny.yaml --workdir runs/tiny --users 13,42
-    python -m ray_jobs.forget ... --interactions 13:250 --request-id ticket-991 --verify
+    python -m ray_jobs.forget --config configs/tiny.yaml --workdir runs/tiny --request-file ticket-991.json
+    echo '{"users": ["13"], "interactions": ["42:250"]}' | python -m ray_jobs.forget ... --request-file - --request-id ticket-991 --verify
     python -m ray_jobs.forget ... --request-id ticket-991      # resume / process a recorded request
     python -m ray_jobs.forget ... --request-id ticket-991 --retry      # a failed request, its cause fixed
     python -m ray_jobs.forget ... --request-id ticket-991 --abandon    # one that has deleted nothing yet
+    python -m ray_jobs.forget ... --scan-for u-3kq9x7 [--scan-path DIR]   # after "done": is the id anywhere? (exit 1 if so)
+
+A request file is JSON {"users": [...], "interactions": ["USER:ITEM", ...]}; the job deletes it once
+the request is recorded. Ids never go on the command line.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import json
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import time
 import uuid
@@ -28,7 +33,7 @@ from components.config import Config
 from components.data import SPLITS, read_parquet, samples_touching
 from components.model import load_base_model, load_tokenizer
 from components.partition import Partitioner
-from components.registry import Registry
+from components.registry import Registry, default_tracking_uri, keep_own_registry
 from components.store import Workdir, copy_store, load_splits, remove_samples, sample_states, write_json
 from components.train import ADAPTER_FILE, checkpoint_path
 from components.unlearn import (
@@ -37,6 +42,7 @@ from components.unlearn import (
     advance,
     compare_states,
     compare_tensors,
+    files_holding,
     load_request,
     masked_by_pending,
     new_request,
@@ -48,7 +54,7 @@ from components.unlearn import (
     scrub,
     state_index,
 )
-from ray_jobs.common import connect_ray, fail, id_list, job_parser, load_job
+from ray_jobs.common import connect_ray, delete_subject, fail, id_list, job_parser, load_job, read_subject
 from ray_jobs.train import publish_adapter_set, register_shards, train_shards
 from ray_jobs.train import run as train_from_scratch
 
@@ -236,6 +242,7 @@ def verify_from_scratch(config: Config, workdir: Workdir, registry: Registry, ro
     reference_dir = Workdir(workdir.path("verify", round_id))
     shutil.rmtree(reference_dir.root, ignore_errors=True)
     copy_store(workdir, reference_dir)  # per-sample data (embeddings, trunk states) as stored
+    keep_own_registry(reference_dir.root, "a forget's verification")  # never the deployment's registry
     reference_config = config.model_copy(update={"experiment": f"{config.experiment}-verify"})
     train_from_scratch(reference_config, reference_dir)
     result = compare_live(config, workdir, registry, Registry(reference_config.experiment, reference_dir.root))
@@ -311,23 +318,65 @@ def abandon(config: Config, workdir: Workdir, request_id: str) -> None:
               f"{sorted(registry.masked_shards())}", flush=True)
 
 
+def trace_scan(config: Config, workdir: Workdir, needle: str, extra: list[Path]) -> tuple[list[str], list[str]]:
+    """Everywhere the system wrote or reported something, searched for `needle` (a subject's id):
+    the work dir (sample store, trunk states, checkpoints, request log, audit, a sqlite MLflow store
+    and its artifacts), `extra` (an MLflow server's database and artifact store, rendered manifests,
+    logs kept elsewhere), the logs of every Ray session on this machine (Serve's, the jobs'), the
+    Ray cluster's job list, and the MLflow runs and models of the experiment. Returns (findings,
+    places searched)."""
+    import ray
+    from ray._common.utils import get_default_system_temp_dir
+
+    sessions = sorted(Path(get_default_system_temp_dir(), "ray").glob("session_*/logs"))
+    roots = [workdir.root, *extra, *sessions]
+    findings = [f"file {path}" for path in files_holding(needle, roots)]
+    searched = [str(workdir.root), *map(str, extra), f"{len(sessions)} Ray session log folder(s)"]
+    findings += Registry(config.experiment, workdir.root).mentions(needle)
+    searched.append(f"MLflow runs and models of {config.experiment} at {default_tracking_uri(workdir.root)}")
+    try:
+        from ray.job_submission import JobSubmissionClient
+
+        client = JobSubmissionClient(ray.get_runtime_context().gcs_address if ray.is_initialized() else None)
+        jobs = client.list_jobs()
+        findings += [f"Ray job {job.submission_id or job.job_id}: entrypoint, metadata or message"
+                     for job in jobs if needle in json.dumps(job.dict(), default=str)]
+        searched.append(f"{len(jobs)} Ray job(s) of the cluster")
+    except (ConnectionError, RuntimeError, ValueError) as err:
+        searched.append(f"no Ray job list ({type(err).__name__}: no cluster answers)")
+    return findings, searched
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = job_parser("ray_jobs.forget", "Forget users or interactions exactly, and prove it.")
-    parser.add_argument("--users", help="comma-separated user ids")
-    parser.add_argument("--interactions", help="comma-separated USER:ITEM interactions")
+    parser.add_argument("--request-file", metavar="FILE",
+                        help='JSON {"users": [...], "interactions": ["USER:ITEM", ...]}, deleted once recorded; - reads standard input')
     parser.add_argument("--request-id", help="idempotency key; alone, it resumes a recorded request")
     parser.add_argument("--verify", action="store_true", help="also train from scratch without the data and compare bit for bit")
     action = parser.add_mutually_exclusive_group()
     action.add_argument("--retry", action="store_true", help="with --request-id: retry a failed request (and its round) now")
     action.add_argument("--abandon", action="store_true",
                         help="with --request-id: drop a request that has deleted nothing yet, and unmask its shards")
+    action.add_argument("--scan-for", metavar="ID",
+                        help="search everything the system wrote or reported for this id (- reads it from standard input); "
+                             "exit 1 when found")
+    parser.add_argument("--scan-path", action="append", type=Path, default=[], metavar="PATH",
+                        help="with --scan-for: another file or folder to search (an MLflow server's store, manifests)")
     args, config, workdir = load_job(parser, argv)
+    if args.scan_for:
+        needle = sys.stdin.readline().strip() if args.scan_for == "-" else args.scan_for.strip()
+        if len(needle) < 3:
+            fail("--scan-for needs an id of at least 3 characters (a shorter one matches by chance)")
+        findings, searched = trace_scan(config, workdir, needle, args.scan_path)
+        print("searched: " + "; ".join(searched))
+        print("\n".join(["found in:", *findings]) if findings else "not found anywhere searched", flush=True)
+        return 1 if findings else 0
     if workdir.num_shards() == 0:
         fail(f"{workdir.root} holds no trained shards: run ray_jobs.train first")
-    users, interactions = id_list(args.users), id_list(args.interactions)
+    users, interactions = read_subject(args.request_file, "--request-file") if args.request_file else ([], [])
     try:
         if args.retry or args.abandon:
-            if not args.request_id or users or interactions:
+            if not args.request_id or args.request_file:
                 fail("--retry and --abandon take a --request-id and nothing to forget")
             if load_request(workdir, args.request_id) is None:
                 fail(f"unknown request id {args.request_id!r}")
@@ -337,6 +386,7 @@ def main(argv: list[str] | None = None) -> int:
             retry(workdir, args.request_id)
         elif users or interactions:
             request = new_request(workdir, users, interactions, args.request_id)
+            delete_subject(args.request_file)  # the request log holds the ids until done, then only their hash
             print(f"request {request.request_id}: affects shard(s) {request.affected_shards} (state {request.state})")
             # Mask at once, even if another job's round is running and this request has to wait.
             registry = Registry(config.experiment, workdir.root)
@@ -345,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
             if load_request(workdir, args.request_id) is None:
                 fail(f"unknown request id {args.request_id!r}")
         else:
-            fail("name --users, --interactions, or the --request-id of a recorded request")
+            fail("give a --request-file, or the --request-id of a recorded request")
     except RequestError as err:
         fail(str(err))
     for audit in process(config, workdir, verify=args.verify):

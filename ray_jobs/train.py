@@ -1,7 +1,7 @@
 """Train every shard's adapter in parallel Ray actors, register them, publish an adapter set.
 
     python -m ray_jobs.train --config configs/tiny.yaml --workdir runs/tiny
-    python -m ray_jobs.train ... --exclude-users 13,42      # as if those users never existed
+    python -m ray_jobs.train ... --exclude-file subject.json  # as if they never existed: {"users": [...], "interactions": [...]}
     python -m ray_jobs.train ... --baseline retrain         # also one adapter on all the data
 """
 
@@ -23,7 +23,7 @@ from components.model import load_base_model, load_tokenizer, make_deterministic
 from components.registry import Registry, RegistryConflict, keep_own_registry
 from components.store import Workdir, fit_partitioner, load_splits, prepare, remove_samples, write_json, write_shards
 from components.train import learning_rate
-from ray_jobs.common import connect_ray, fail, id_list, job_parser, load_job
+from ray_jobs.common import connect_ray, delete_subject, fail, job_parser, load_job, read_subject
 from ray_jobs.shard_actor import ShardTrainer
 
 
@@ -174,24 +174,28 @@ def run(config: Config, workdir: Workdir, exclude_users=(), exclude_interactions
 
 def main(argv: list[str] | None = None) -> int:
     parser = job_parser("ray_jobs.train", "Train one adapter per shard in parallel Ray actors and register them in MLflow.")
-    parser.add_argument("--exclude-users", help="comma-separated user ids to train as if they never existed")
-    parser.add_argument("--exclude-interactions", help="comma-separated USER:ITEM interactions to leave out")
+    parser.add_argument("--exclude-file", metavar="FILE",
+                        help='train as if these never existed: JSON {"users": [...], "interactions": ["USER:ITEM", ...]}, '
+                             "deleted once read; - reads standard input. A reference, in its own registry")
     parser.add_argument("--baseline", choices=["retrain"], help="also train the single-adapter baseline")
     args, config, workdir = load_job(parser, argv)
-    bad = [i for i in id_list(args.exclude_interactions) if i.count(":") != 1]
+    users, interactions = read_subject(args.exclude_file, "--exclude-file") if args.exclude_file else ([], [])
+    bad = [i for i in interactions if i.count(":") != 1]
     if bad:
-        fail(f"--exclude-interactions takes USER:ITEM pairs, got {bad[0]!r}")
-    if (args.exclude_users or args.exclude_interactions) and workdir.path("reports", "train.json").exists():
+        fail(f"--exclude-file: interactions are USER:ITEM pairs, one is not (entry {interactions.index(bad[0]) + 1})")
+    if args.exclude_file and workdir.path("reports", "train.json").exists():
         fail(f"{workdir.root} is already trained: forget with `python -m ray_jobs.forget` (which purges what the data "
-             "touched); --exclude-* builds a from-scratch reference in a new work dir")
+             "touched); --exclude-file builds a from-scratch reference in a new work dir")
+    if args.exclude_file:
+        delete_subject(args.exclude_file)
     try:
-        report = run(config, workdir, id_list(args.exclude_users), id_list(args.exclude_interactions))
+        report = run(config, workdir, users, interactions)
     except RegistryConflict as err:
         fail(str(err))
     print(json.dumps({k: v for k, v in report.items() if k != "shards"}))
     if args.baseline == "retrain":
         baseline = run(baseline_config(config, "retrain"), Workdir(workdir.path("baselines", "retrain")),
-                       id_list(args.exclude_users), id_list(args.exclude_interactions), states_from=workdir)
+                       users, interactions, states_from=workdir)
         print(f"retrain baseline: {baseline['seconds']}s (sharded: {report['seconds']}s)")
     print(f"report: {workdir.path('reports', 'train.json')}")
     return 0

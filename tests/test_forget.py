@@ -155,12 +155,26 @@ def test_bad_requests_are_refused_with_a_reason(forgetting):
         new_request(forgetting, ["1"], [], "../etc")
 
 
-def test_cli_exits_2_with_a_message_on_bad_input(tmp_path):
-    run = lambda *args: subprocess.run([sys.executable, "-m", "ray_jobs.forget", *args], cwd=ROOT, capture_output=True, text=True)  # noqa: E731
-    missing = run("--config", str(tmp_path / "nope.yaml"), "--users", "1")
-    assert missing.returncode == 2 and "config file not found" in missing.stderr
-    empty = run("--config", str(TINY), "--workdir", str(tmp_path), "--users", "1")
-    assert empty.returncode == 2 and "no trained shards" in empty.stderr
+def test_cli_exits_2_with_a_message_on_bad_input(forgetting, tmp_path, capsys):
+    request = tmp_path / "request.json"
+    request.write_text(json.dumps({"users": ["1"]}))
+    for args, message in ((["--config", str(tmp_path / "nope.yaml")], "config file not found"),
+                          (["--config", str(TINY), "--workdir", str(tmp_path / "empty")], "no trained shards")):
+        with pytest.raises(SystemExit) as stopped:
+            forget_job.main([*args, "--request-file", str(request)])
+        assert stopped.value.code == 2 and message in capsys.readouterr().err
+    # A request file that is missing, not JSON, or not {"users": [...], "interactions": [...]}: exit 2,
+    # without the file's content in the message; nothing is recorded.
+    for content, message in ((None, "No such file"), ("users: 1", "not JSON"), ('{"user": ["1"]}', "expected"),
+                             ('{"users": "1"}', "lists of ids"), ('{"users": [["1"]]}', "lists of ids")):
+        request.unlink(missing_ok=True)
+        if content is not None:
+            request.write_text(content)
+        before = sorted(forgetting.path("requests").glob("*.json"))
+        with pytest.raises(SystemExit) as stopped:
+            forget_job.main(["--config", str(TINY), "--workdir", str(forgetting.root), "--request-file", str(request)])
+        assert stopped.value.code == 2 and message in capsys.readouterr().err
+        assert sorted(forgetting.path("requests").glob("*.json")) == before
 
 
 def test_a_job_killed_during_retraining_resumes_to_the_same_result(forgetting, tiny_config, tmp_path):
@@ -170,8 +184,10 @@ def test_a_job_killed_during_retraining_resumes_to_the_same_result(forgetting, t
     user = sorted(shard_of_users(workdir))[1]
     request = workdir.root / "requests" / "killed.json"
     command = [sys.executable, "-m", "ray_jobs.forget", "--config", str(TINY), "--workdir", str(workdir.root)]
-    process = subprocess.Popen(command + ["--users", user, "--request-id", "killed"], cwd=ROOT,
+    process = subprocess.Popen(command + ["--request-file", "-", "--request-id", "killed"], cwd=ROOT, stdin=subprocess.PIPE,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process.stdin.write(json.dumps({"users": [user]}).encode())
+    process.stdin.close()  # the ids go in on standard input, never on the command line
     deadline = time.time() + 120
     while time.time() < deadline and not (request.exists() and json.loads(request.read_text())["state"] == "deleted"):
         time.sleep(0.02)
@@ -189,7 +205,7 @@ def test_a_job_killed_during_retraining_resumes_to_the_same_result(forgetting, t
 
 def test_train_cli_refuses_to_exclude_from_a_trained_work_dir(forgetting):
     done = subprocess.run([sys.executable, "-m", "ray_jobs.train", "--config", str(TINY), "--workdir", str(forgetting.root),
-                           "--exclude-users", "1"], cwd=ROOT, capture_output=True, text=True)
+                           "--exclude-file", "-"], input='{"users": ["1"]}', cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 2 and "already trained" in done.stderr
 
 

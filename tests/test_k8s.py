@@ -22,6 +22,7 @@ import copy
 import functools
 import importlib
 import importlib.util
+import inspect
 import io
 import json
 import re
@@ -47,11 +48,12 @@ NAMESPACE = "unlearning"
 
 ENTRYPOINTS = {
     "train": "python -m ray_jobs.train --config configs/movielens.yaml --workdir /data/runs/movielens",
-    "forget": "python -m ray_jobs.forget --config configs/movielens.yaml --workdir /data/runs/movielens --users 42",
+    "forget": "python -m ray_jobs.forget --config configs/movielens.yaml --workdir /data/runs/movielens "
+              "--request-file /data/forget-inbox/ticket-991.json --request-id ticket-991",
     "evaluate": "python -m ray_jobs.evaluate --config configs/movielens.yaml --workdir /data/runs/movielens",
 }
 # Flags the jobs must accept beyond those in ENTRYPOINTS (the README and the pipeline use them).
-EXTRA_FLAGS = {"train": ["--baseline", "--exclude-users"], "forget": ["--interactions", "--verify"], "evaluate": []}
+EXTRA_FLAGS = {"train": ["--baseline", "--exclude-file"], "forget": ["--verify", "--scan-for"], "evaluate": []}
 JOB_ENV = {"HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true"}
 
 # Secrets the manifests reference that the operator creates before deploying (k8s/README.md,
@@ -412,6 +414,18 @@ def test_crd_validation_rejects_misspelled_fields(where, typo):
     node[typo] = 1
     errors = crd_errors(obj)
     assert errors and any(typo in e for e in errors), errors
+
+
+def test_no_object_names_a_subject():
+    """Issue 29: ids to forget travel in a request file or an HTTP body, never in an object kept by
+    the cluster: no rendered object, job manifest or compiled pipeline parameter takes them."""
+    id_flags = ("--users", "--interactions", "--exclude-users", "--exclude-interactions")
+    for name, obj in all_objects():
+        text = json.dumps(obj)
+        assert not any(flag in text for flag in id_flags), (name, obj.get("kind"))
+    assert "--request-file" in job_manifests()["forget"]["spec"]["entrypoint"]
+    parameters = inspect.signature(pipeline_module().unlearning_pipeline.pipeline_func).parameters
+    assert not {"users", "interactions"} & set(parameters) and "request_file" in parameters
 
 
 def test_crd_validation_rejects_misspelled_rayjob_field():
@@ -903,21 +917,19 @@ def test_pipeline_step_creates_the_rayjob_and_waits_for_success(fake_kube):
     assert not crd_errors(body) and not kuberay_errors(body)
 
 
-def test_pipeline_forget_step_passes_users_interactions_and_verify(fake_kube):
+def test_pipeline_forget_step_passes_the_request_file_never_the_ids(fake_kube):
     api = fake_kube([{"jobStatus": "SUCCEEDED"}])
-    _run_step("forget", users="42")
-    assert api.created[0][1]["spec"]["entrypoint"] == ENTRYPOINTS["forget"]
-    api = fake_kube([{"jobStatus": "SUCCEEDED"}])
-    _run_step("forget", users="13,42", interactions="7:250,9:11", verify=True)
+    _run_step("forget", request_file="/data/forget-inbox/ticket-991.json", verify=True)
     entrypoint = api.created[0][1]["spec"]["entrypoint"]
-    assert entrypoint == ENTRYPOINTS["forget"].replace("--users 42", "--users 13,42 --interactions 7:250,9:11 --verify")
+    assert entrypoint == ENTRYPOINTS["forget"].replace(" --request-id ticket-991", "") + " --verify"
     module, flags = _flags(entrypoint)
     help_text = job_help(module)
     assert all(flag in help_text for flag in flags)
-    with pytest.raises(ValueError, match="needs users"):
+    with pytest.raises(ValueError, match="needs request_file"):
         _run_step("forget")
-    with pytest.raises(ValueError, match="comma-separated"):
-        _run_step("forget", users="42; rm -rf /data")
+    for bad in ("42", "/data/x.json; rm -rf /data", "/data/../etc/x.json", "relative/x.json"):
+        with pytest.raises(ValueError, match="needs request_file"):
+            _run_step("forget", request_file=bad)
 
 
 def test_pipeline_step_fails_when_the_rayjob_fails(fake_kube):
