@@ -204,8 +204,12 @@ def train_shard(
     yes_id, no_id = answer_token_ids(tokenizer, config.model)
 
     model = AdaptedHead(config, shard, base)
-    if config.train.gpus_per_actor > 0 and torch.cuda.is_available():
-        model.to("cuda")  # the actor was given (a fraction of) a GPU
+    if config.train.gpus_per_actor > 0:  # the actor was given (a fraction of) a GPU: never train on the CPU unnoticed
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"train.gpus_per_actor is {config.train.gpus_per_actor:g} but torch {torch.__version__} sees no "
+                               f"CUDA device on this node ({'a CPU-only build' if torch.version.cuda is None else 'no GPU or driver'}):"
+                               " run the CUDA image there, or set train.gpus_per_actor: 0")
+        model.to("cuda")
     optimizer = torch.optim.AdamW(model.trainable(), lr=learning_rate(config), weight_decay=config.train.weight_decay)
     losses: list[float] = []
     resume = last_clean_stage(checkpoint_dir, slices, config)

@@ -44,6 +44,8 @@ CRD_DIR = Path(__file__).resolve().parents[2] / "shared" / "kuberay-crds"
 KUSTOMIZATIONS = {"base": K8S / "base", "cpu": K8S / "overlays" / "cpu", "gpu": K8S / "overlays" / "gpu"}
 JOB_FILES = {step: K8S / "jobs" / f"{step}.yaml" for step in ("train", "forget", "evaluate")}
 IMAGE = "ghcr.io/example/exact-unlearning:0.1.0"
+# The GPU overlay runs the same image built with torch's CUDA wheels (Dockerfile TORCH_INDEX_URL).
+IMAGES = {"base": IMAGE, "cpu": IMAGE, "gpu": f"{IMAGE}-cu128"}
 NAMESPACE = "unlearning"
 
 ENTRYPOINTS = {
@@ -267,7 +269,7 @@ def test_one_image_everywhere():
     for name in KUSTOMIZATIONS:
         images = set()
         _collect_images(list(rendered(name)), images)
-        assert IMAGE in images
+        assert images == {IMAGES[name], "docker.io/library/postgres:17.6"}, images
         for image in images:
             _, tag, digest = _split_image(image)
             assert tag or digest, f"{name}: unpinned image {image}"
@@ -414,6 +416,14 @@ def test_crd_validation_rejects_misspelled_fields(where, typo):
     node[typo] = 1
     errors = crd_errors(obj)
     assert errors and any(typo in e for e in errors), errors
+
+
+def test_the_shared_volume_takes_the_overlays_readwritemany_storage_class():
+    for name in ("cpu", "gpu"):
+        [claim] = [o for o in of_kind(name, "PersistentVolumeClaim") if o["metadata"]["name"] == "unlearning-data"]
+        assert claim["spec"]["accessModes"] == ["ReadWriteMany"] and claim["spec"]["storageClassName"] == "standard-rwx"
+        assert "storage-class.yaml" in (KUSTOMIZATIONS[name] / "kustomization.yaml").read_text()
+    assert "efs-sc" in (KUSTOMIZATIONS["cpu"] / "storage-class.yaml").read_text()  # the common classes, named
 
 
 def test_no_object_names_a_subject():
@@ -644,7 +654,7 @@ def test_ray_clusters(name):
         for template in _templates(spec):
             pod = template["spec"]
             container = pod["containers"][0]
-            assert container["image"] == IMAGE
+            assert container["image"] == IMAGES[name]
             assert container["workingDir"] == "/app"  # job entrypoints and the Serve app use configs/ relative to it
             env = {e["name"]: e.get("value") for e in container["env"]}
             assert env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"

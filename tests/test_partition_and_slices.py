@@ -122,6 +122,14 @@ def test_resuming_from_a_slice_checkpoint_equals_training_straight_through(world
     assert through.losses[0] != through.losses[-1]  # it trained
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a node without CUDA")
+def test_a_shard_asking_for_a_gpu_on_a_node_without_cuda_fails_at_start(world, tiny_config, tmp_path):
+    config = tiny_config.model_copy(update={"train": tiny_config.train.model_copy(update={"gpus_per_actor": 0.25})})
+    with pytest.raises(RuntimeError, match="gpus_per_actor is 0.25 but .* sees no CUDA device"):
+        _train(world, config, world["train"].head(8).assign(slice=0), tmp_path)
+    assert not list(tmp_path.glob("slice-*.pt"))
+
+
 def test_a_changed_slice_invalidates_its_checkpoint_and_later_ones(world, tiny_config, tmp_path):
     train = world["train"].head(40).assign(slice=lambda f: slice_of(f["user_id"], 4, 7))
     _train(world, tiny_config, train, tmp_path)
