@@ -27,6 +27,7 @@ from ray_jobs import train as train_job
 
 from .conftest import ROOT, free_port
 from .test_forget import assert_identical_to_scratch
+from .test_registry import mlflow_server  # noqa: F401 - a real `mlflow server` on 127.0.0.1
 
 pytestmark = pytest.mark.timeout(900)
 TOKEN = "books-forget-token"
@@ -358,7 +359,10 @@ def test_qwen2_on_books_trains_serves_forgets_and_equals_training_from_scratch(r
 
 
 def test_mistral_on_books_forgets_a_user_from_the_command_line_exactly_and_without_a_trace(ray_session, folders, books,
-                                                                                            tmp_path, capsys):
+                                                                                            tmp_path, capsys, mlflow_server):
+    """On a real MLflow server: the id is found nowhere after the forget, its database and
+    artifact store and the Kubernetes manifests included."""
+    url, artifacts = mlflow_server
     config_path = books_config(tmp_path, folders["mistral"], *books, experiment="books-mistral")
     config = load_config(config_path)
     workdir = Workdir(tmp_path / "work")
@@ -371,7 +375,11 @@ def test_mistral_on_books_forgets_a_user_from_the_command_line_exactly_and_witho
     assert not request.exists() and user not in capsys.readouterr().out
     audit = json.loads(next(workdir.path("audit").glob("*.json")).read_text())
     assert audit["scan"]["clean"] and 1 in audit["affected_shards"]
-    assert forget_job.main(["--config", str(config_path), "--workdir", str(workdir.root), "--scan-for", user]) == 0
+    assert Registry(config.experiment, workdir.root).tracking_uri == url and any(artifacts.rglob("adapter.pt"))
+    places = [f"--scan-path={path}" for path in (tmp_path / "server.db", artifacts, ROOT / "k8s")]
+    assert forget_job.main(["--config", str(config_path), "--workdir", str(workdir.root), *places, "--scan-for", user]) == 0
+    other = sorted(read_parquet(workdir.shard_samples(0))["user_id"])[0]
+    assert forget_job.main(["--config", str(config_path), "--workdir", str(workdir.root), *places, "--scan-for", other]) == 1
     assert_identical_to_scratch(config, workdir, tmp_path, [user], [])
 
 
