@@ -166,12 +166,13 @@ class TrunkStore:
                 os.replace(tmp, target)
 
 
-def check_inputs(config: Config, workdir: Workdir) -> None:
+def check_inputs(config: Config, workdir: Workdir, builds_store: bool = False) -> None:
     """What a job will read, checked before it starts anything or writes a byte: the data files
-    (and, while the work dir has no sample store, the samples and split sizes they give) and the
-    model's tokenizer with its answer tokens. A DataError or ValueError names what is wrong."""
+    (and, for a job that builds the sample store where there is none yet, the samples and split
+    sizes they give) and the model's tokenizer with its answer tokens. A DataError or ValueError
+    names what is wrong."""
     inter, items = load_interactions_and_items(config.data)
-    if not all(workdir.split(name).exists() for name in SPLITS):
+    if builds_store and not all(workdir.split(name).exists() for name in SPLITS):
         try:
             split_by_time(build_samples(inter, items, config.data), config.data, config.seed)
         except DataError as err:

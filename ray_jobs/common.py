@@ -23,14 +23,16 @@ def job_parser(prog: str, description: str) -> argparse.ArgumentParser:
     return parser
 
 
-def load_job(parser: argparse.ArgumentParser, argv: list[str] | None) -> tuple[argparse.Namespace, Config, Workdir]:
-    """Parse arguments, load the config and check the data and model it names; bad input exits
-    with code 2 and a message, before Ray starts and before anything is written."""
+def load_job(parser: argparse.ArgumentParser, argv: list[str] | None, builds_store: bool = False
+             ) -> tuple[argparse.Namespace, Config, Workdir]:
+    """Parse arguments, load the config and check the data and model it names (`builds_store`:
+    also the samples, for a job that may build the store); bad input exits with code 2 and a
+    message, before Ray starts and before anything is written."""
     args = parser.parse_args(argv)
     try:
         config = load_config(args.config)
         workdir = Workdir(Path(args.workdir or Path("runs") / config.experiment))
-        check_inputs(config, workdir)
+        check_inputs(config, workdir, builds_store)
     except (ConfigError, DataError, ValueError) as err:
         parser.exit(2, f"error: {err}\n")
     return args, config, workdir

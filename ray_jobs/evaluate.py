@@ -631,7 +631,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, help="torch threads for scoring (default: CPU count)")
     parser.add_argument("--states-from", help="a work dir of the same model and data whose stored trunk states are "
                         "linked into a new work dir's store instead of computed (make bench: runs/store/<experiment>)")
-    args, config, workdir = load_job(parser, argv)
+    args, config, workdir = load_job(parser, argv, builds_store=True)
     try:
         methods = parse_methods(args.methods) if args.methods is not None else list(DEFAULT_METHODS)
         if args.threads is not None and args.threads < 1:

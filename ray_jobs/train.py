@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
                         help='train as if these never existed: JSON {"users": [...], "interactions": ["USER:ITEM", ...]}, '
                              "deleted once read; - reads standard input. A reference, in its own registry")
     parser.add_argument("--baseline", choices=["retrain"], help="also train the single-adapter baseline")
-    args, config, workdir = load_job(parser, argv)
+    args, config, workdir = load_job(parser, argv, builds_store=True)
     users, interactions = read_subject(args.exclude_file, "--exclude-file") if args.exclude_file else ([], [])
     bad = [i for i in interactions if i.count(":") != 1]
     if bad:

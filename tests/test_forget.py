@@ -1,5 +1,6 @@
 """Issue 6: exact forgetting, end to end, compared bit for bit with training from scratch."""
 
+import io
 import json
 import shutil
 import subprocess
@@ -203,10 +204,11 @@ def test_a_job_killed_during_retraining_resumes_to_the_same_result(forgetting, t
     assert_identical_to_scratch(tiny_config, workdir, tmp_path, FORGOTTEN["users"], FORGOTTEN["interactions"])
 
 
-def test_train_cli_refuses_to_exclude_from_a_trained_work_dir(forgetting):
-    done = subprocess.run([sys.executable, "-m", "ray_jobs.train", "--config", str(TINY), "--workdir", str(forgetting.root),
-                           "--exclude-file", "-"], input='{"users": ["1"]}', cwd=ROOT, capture_output=True, text=True)
-    assert done.returncode == 2 and "already trained" in done.stderr
+def test_train_cli_refuses_to_exclude_from_a_trained_work_dir(forgetting, monkeypatch, capsys):
+    monkeypatch.setattr("sys.stdin", io.StringIO('{"users": ["1"]}'))
+    with pytest.raises(SystemExit) as stopped:
+        train_job.main(["--config", str(TINY), "--workdir", str(forgetting.root), "--exclude-file", "-"])
+    assert stopped.value.code == 2 and "already trained" in capsys.readouterr().err
 
 
 @pytest.mark.slow  # two trainings from scratch: make test-slow; the main exactness test runs in make test
