@@ -384,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
                 abandon(config, workdir, args.request_id)
                 return 0
             retry(workdir, args.request_id)
-        elif users or interactions:
+        elif args.request_file:
             request = new_request(workdir, users, interactions, args.request_id)
             delete_subject(args.request_file)  # the request log holds the ids until done, then only their hash
             print(f"request {request.request_id}: affects shard(s) {request.affected_shards} (state {request.state})")

@@ -167,7 +167,8 @@ def test_cli_exits_2_with_a_message_on_bad_input(forgetting, tmp_path, capsys):
     # A request file that is missing, not JSON, or not {"users": [...], "interactions": [...]}: exit 2,
     # without the file's content in the message; nothing is recorded.
     for content, message in ((None, "No such file"), ("users: 1", "not JSON"), ('{"user": ["1"]}', "expected"),
-                             ('{"users": "1"}', "lists of ids"), ('{"users": [["1"]]}', "lists of ids")):
+                             ('{"users": "1"}', "lists of ids"), ('{"users": [["1"]]}', "lists of ids"),
+                             ('{"users": []}', "at least one user")):
         request.unlink(missing_ok=True)
         if content is not None:
             request.write_text(content)
