@@ -54,7 +54,7 @@ class DataConfig(Section):
     items_path: str | None = None  # CSV or Parquet: item_id, title[, genres]
     # The files' own column names -> the platform's (user_id, item_id, rating, timestamp, title, genres).
     columns: dict[str, str] = Field(default_factory=dict)
-    # A column of explicit 0/1 labels (1 = liked), in place of rating > like_threshold.
+    # A column of explicit 0/1 labels (1 = liked), in place of rating > like_threshold (then unused).
     label_column: str | None = None
     prompt: str = DEFAULT_PROMPT
     history_len: int = Field(10, ge=1)
@@ -81,8 +81,6 @@ class DataConfig(Section):
         repeated = sorted({role for role in self.columns.values() if list(self.columns.values()).count(role) > 1})
         if repeated:
             raise ValueError(f"data.columns maps several columns onto {repeated}")
-        if self.label_column and "like_threshold" in self.model_fields_set:
-            raise ValueError("data.label_column and data.like_threshold are alternatives: give one")
         return self
 
     @model_validator(mode="after")
