@@ -20,7 +20,7 @@ baseline's and its latencies against the single adapter's. On 2 CPU cores the ev
 five work dirs of SmolLM2 the first time: at configs/movielens.yaml (2026-12-03, AVX-512 with
 bfloat16 kernels) APA took 30 minutes, the one-actor retrain baseline 33, SISA 31, the user
 partition 30 and LMEraser 39; with the store and the other benchmarks the whole run takes about
-260 minutes and overruns 75 (README Results). bench_embedding runs last, on the evaluation's trained work dir.
+260 minutes and overruns 75 (docs/results.md). bench_embedding runs last, on the evaluation's trained work dir.
 """
 
 from __future__ import annotations

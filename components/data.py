@@ -103,15 +103,17 @@ def _read_table(path: str | Path, required: tuple[str, ...], columns: dict[str, 
     return frame.rename(columns={name: role for name, role in columns.items() if name in frame.columns})
 
 
-def _ids(column: pd.Series, name: str, path) -> pd.Series:
-    """An id column as strings; empty ids, and ids holding ':' (it joins USER:ITEM), are errors."""
+def _ids(column: pd.Series, name: str, path, personal: bool = False) -> pd.Series:
+    """An id column as strings; empty ids, and ids holding ':' (it joins USER:ITEM), are errors.
+    A `personal` column (user ids) is never quoted in the message: row numbers name the rows."""
     empty = column.isna() | (column.astype(str).str.strip() == "")
     if empty.any():
         raise DataError(f"{path}: column {name!r} is empty in {_rows(int(empty.sum()))} (first at row {int(np.argmax(empty))})")
     ids = column.astype(str)
     colon = ids.str.contains(":", regex=False)
     if colon.any():
-        raise DataError(f"{path}: column {name!r} holds ':' in {_rows(int(colon.sum()))}, e.g. {_examples(ids[colon])}: "
+        shown = f"at row(s) {', '.join(map(str, np.flatnonzero(colon.to_numpy())[:3]))}" if personal else _examples(ids[colon])
+        raise DataError(f"{path}: column {name!r} holds ':' in {_rows(int(colon.sum()))}, e.g. {shown}: "
                         "an interaction is named USER:ITEM")
     return ids
 
@@ -175,7 +177,7 @@ def load_files(config: DataConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
     inter = _read_table(inter_path, INTERACTION_COLUMNS, columns)
     items = _read_table(items_path, ITEM_COLUMNS, columns)
     inter = pd.DataFrame({
-        "user_id": _ids(inter["user_id"], name("user_id"), inter_path),
+        "user_id": _ids(inter["user_id"], name("user_id"), inter_path, personal=True),
         "item_id": _ids(inter["item_id"], name("item_id"), inter_path),
         "rating": _numbers(inter["rating"], name("rating"), inter_path),
         "timestamp": _timestamps(inter["timestamp"], name("timestamp"), inter_path),

@@ -87,7 +87,8 @@ def validate_ids(users: list[str], interactions: list[str]) -> None:
         raise RequestError("a forget request names at least one user or interaction")
     bad = [i for i in interactions if i.count(":") != 1 or not all(i.split(":"))]
     if bad:
-        raise RequestError(f"interactions are USER:ITEM pairs, got {bad[0]!r}")
+        # The entry's number, not its text: an error line is logged, and the text names a user.
+        raise RequestError(f"interactions are USER:ITEM pairs; entry {interactions.index(bad[0]) + 1} is not")
 
 
 def shard_hits(workdir: Workdir, users: set[str], interactions: set[str]) -> dict[int, pd.DataFrame]:
