@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-import ray
 
 from benchmarks.common import (
     bench_config,
@@ -35,7 +35,7 @@ from benchmarks.common import (
     prepare_store,
     states_source,
 )
-from components.config import ALLOCATOR_ENV, Config
+from components.config import Config
 from components.data import read_parquet, write_parquet
 from components.store import Workdir, copy_store
 
@@ -59,17 +59,11 @@ def actor_copy(source: Workdir, target: Workdir, shard: int) -> None:
 
 
 def train_actors(config: Config, workdirs: list[Workdir], shard: int) -> list[dict]:
-    """The real shard actor, one per work dir, all started together; their results."""
-    from ray_jobs.shard_actor import ShardTrainer
+    """The real shard trainer (a Ray Train run), one per work dir, all started together; their results."""
+    from ray_jobs.shard_training import train_shards
 
-    actors = [ShardTrainer.options(name=f"{config.experiment}/actor-{i}", num_cpus=config.train.cpus_per_actor,
-                                   runtime_env={"env_vars": ALLOCATOR_ENV})
-              .remote(config.model_dump(mode="json"), str(w.root), shard) for i, w in enumerate(workdirs)]
-    try:
-        return ray.get([a.train.remote() for a in actors])
-    finally:
-        for actor in actors:
-            ray.kill(actor)
+    with ThreadPoolExecutor(max_workers=len(workdirs)) as pool:
+        return [results[shard] for results in pool.map(lambda w: train_shards(config, w, [shard]), workdirs)]
 
 
 def run(config_path: str, workdir: str | None = None, sizes: dict | None = None, states_from=None) -> dict:

@@ -206,6 +206,9 @@ class TrainConfig(Section):
     # Recompute each layer's activations in the backward pass: more compute, a fraction of the memory
     # (for deep heads; a few head layers over stored states need none).
     gradient_checkpointing: bool = False
+    # Each shard is a Ray Train run of `workers_per_shard` workers (data-parallel over each batch
+    # when > 1), each worker given `cpus_per_actor` CPUs and `gpus_per_actor` GPUs.
+    workers_per_shard: int = Field(1, ge=1)
     cpus_per_actor: float = Field(1.0, gt=0)
     # The retrain baseline's single actor (default cpus_per_actor): the cores K shard actors share.
     retrain_cpus: float | None = Field(None, gt=0)

@@ -72,6 +72,12 @@ def convert_smollm2(target: Path | None = None) -> Path:
     return target
 
 
+def model_folder(path: str | None) -> Path:
+    """The folder a model's files come from: model.path, or (SmolLM2, and the tiny test model's
+    tokenizer) the converted SmolLM2 in this process's cache."""
+    return Path(path).expanduser() if path else smollm2_dir()
+
+
 def load_tokenizer(config: ModelConfig):
     """The model's tokenizer (the tiny test model shares SmolLM2's), padding on the left."""
     if config.path:

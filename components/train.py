@@ -13,6 +13,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -32,6 +34,7 @@ from components.data import stable_hash
 from components.model import answer_token_ids, decoder_of, head_logits, p_yes, pad_states
 
 ADAPTER_FILE = "adapter.pt"
+CHECKPOINT_FILE = "checkpoint.pt"
 
 
 def shard_seed(seed: int, shard: int) -> int:
@@ -126,7 +129,22 @@ def save_atomic(obj, path: Path) -> None:
 
 
 def checkpoint_path(checkpoint_dir: Path, stage: int) -> Path:
-    return checkpoint_dir / f"slice-{stage}.pt"
+    """Stage r's checkpoint: a folder (a Ray Train checkpoint, see ray_jobs.shard_training) holding one file."""
+    return checkpoint_dir / f"slice-{stage}" / CHECKPOINT_FILE
+
+
+def remove_checkpoint(checkpoint_dir: Path, stage: int) -> None:
+    shutil.rmtree(checkpoint_dir / f"slice-{stage}", ignore_errors=True)
+
+
+def read_checkpoint(checkpoint_dir: Path, stage: int) -> dict | None:
+    """A stage's checkpoint, or None where there is none or it was cut short (a copy into storage
+    interrupted by a failure: that stage is trained again)."""
+    path = checkpoint_path(checkpoint_dir, stage)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except (FileNotFoundError, RuntimeError, EOFError, pickle.UnpicklingError):
+        return None
 
 
 def learning_rate(config: Config) -> float:
@@ -157,11 +175,8 @@ def last_clean_stage(checkpoint_dir: Path, slices: list[list[str]], config: Conf
     manifests = stage_manifests(slices, config)
     clean = -1
     for stage in range(len(slices)):
-        path = checkpoint_path(checkpoint_dir, stage)
-        if not path.exists():
-            break
-        saved = torch.load(path, map_location="cpu", weights_only=False)["manifests"]
-        if saved != manifests[: stage + 1]:
+        saved = read_checkpoint(checkpoint_dir, stage)
+        if saved is None or saved["manifests"] != manifests[: stage + 1]:
             break
         clean = stage
     return clean
@@ -191,10 +206,17 @@ def train_shard(
     states_of: Callable[[pd.DataFrame], list[torch.Tensor]],
     progress: Callable[[dict], None] | None = None,
     after_epoch: Callable[[AdaptedHead, int, int], None] | None = None,
+    save_checkpoint: Callable[[dict | None, int], None] | None = None,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> ShardResult:
     """Train (or resume) one shard's adapter on `base` (frozen; the trunk may be dropped).
     `samples` carries sample_id, label and slice; `states_of(rows)` gives the rows' trunk states.
-    `after_epoch(model, stage, epoch)` may look at the model (e.g. score validation samples)."""
+    `after_epoch(model, stage, epoch)` may look at the model (e.g. score validation samples).
+    `save_checkpoint(state, stage)` stores a stage's checkpoint (default: a file under
+    `checkpoint_dir`); every rank calls it, rank 0 with the state, the others with None.
+    With `world_size` > 1 (torch.distributed initialised), rank r takes rows r, r+W, ... of every
+    batch and the gradients are summed across ranks: the full batch's gradient, in a fixed order."""
     started = time.time()
     samples = samples.sort_values("sample_id").reset_index(drop=True)
     num_slices = config.partition.num_slices
@@ -214,15 +236,16 @@ def train_shard(
     losses: list[float] = []
     resume = last_clean_stage(checkpoint_dir, slices, config)
     if resume >= 0:
-        state = torch.load(checkpoint_path(checkpoint_dir, resume), map_location="cpu", weights_only=False)
+        state = read_checkpoint(checkpoint_dir, resume)
         model.load_adapter_state(state["adapter"])
         optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"])  # dropout continues as if never interrupted
+        torch.set_rng_state(state["rng_by_rank"][rank])  # dropout continues as if never interrupted
         if state.get("cuda_rng") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state(state["cuda_rng"])
         losses = list(state["losses"])
-    for stale in range(resume + 1, num_slices):  # checkpoints of other data must not survive
-        checkpoint_path(checkpoint_dir, stale).unlink(missing_ok=True)
+    if rank == 0:
+        for stale in range(resume + 1, num_slices):  # checkpoints of other data must not survive
+            remove_checkpoint(checkpoint_dir, stale)
 
     seed = shard_seed(config.seed, shard)
     model.train()
@@ -233,10 +256,13 @@ def train_shard(
             order = torch.randperm(len(stage_ids), generator=torch.Generator().manual_seed(stable_hash(seed, stage, epoch) % 2**63))
             for start in range(0, len(stage_ids), config.train.batch_size):
                 rows = by_id.loc[[stage_ids[i] for i in order[start : start + config.train.batch_size].tolist()]].reset_index()
-                logits = model.logits(*pad_states(states_of(rows)))
-                loss = answer_loss(logits, rows["label"].tolist(), yes_id, no_id, config.train.loss)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                if world_size == 1:
+                    loss = answer_loss(model.logits(*pad_states(states_of(rows))), rows["label"].tolist(), yes_id, no_id,
+                                       config.train.loss)
+                    loss.backward()
+                else:
+                    loss = data_parallel_backward(model, rows, states_of, rank, world_size, yes_id, no_id, config.train.loss)
                 optimizer.step()
                 losses.append(float(loss.detach()))
                 if progress:
@@ -244,22 +270,24 @@ def train_shard(
             if after_epoch:
                 after_epoch(model, stage, epoch)
                 model.train()
-        save_atomic(
-            {
-                "adapter": model.adapter_state(),
-                "optimizer": optimizer.state_dict(),
-                "rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state() if model.device.type == "cuda" else None,
-                "losses": losses,
-                "manifests": manifests[: stage + 1],
-            },
-            checkpoint_path(checkpoint_dir, stage),
-        )
+        rngs = gathered(torch.get_rng_state(), world_size)
+        state = {
+            "adapter": model.adapter_state(),
+            "optimizer": optimizer.state_dict(),
+            "rng_by_rank": rngs,
+            "cuda_rng": torch.cuda.get_rng_state() if model.device.type == "cuda" else None,
+            "losses": losses,
+            "manifests": manifests[: stage + 1],
+        } if rank == 0 else None
+        if save_checkpoint:
+            save_checkpoint(state, stage)
+        elif state is not None:
+            save_atomic(state, checkpoint_path(checkpoint_dir, stage))
         if progress:
             progress({"shard": shard, "stage": stage, "checkpoint": True, "step": len(losses)})
 
     adapter = model.adapter_state()
-    valid_predictions = predict_states(model, states_of(valid), yes_id, no_id)
+    valid_predictions = predict_states(model, states_of(valid), yes_id, no_id) if rank == 0 else np.zeros(0, np.float32)
     return ShardResult(
         shard=shard,
         adapter=adapter,
@@ -271,6 +299,34 @@ def train_shard(
         losses=losses,
         seconds=time.time() - started,
     )
+
+
+def data_parallel_backward(model: AdaptedHead, rows: pd.DataFrame, states_of, rank: int, world_size: int,
+                           yes_id: int, no_id: int, kind: str) -> torch.Tensor:
+    """This rank's share of a batch's mean loss, backpropagated, the gradients summed over ranks
+    (a rank whose share is empty adds zeros). Returns the batch's loss."""
+    mine = rows.iloc[rank::world_size]
+    loss = torch.zeros(())
+    if len(mine):
+        loss = answer_loss(model.logits(*pad_states(states_of(mine))), mine["label"].tolist(), yes_id, no_id, kind)
+        loss = loss * (len(mine) / len(rows))
+        loss.backward()
+    for param in model.trainable():
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
+        torch.distributed.all_reduce(param.grad)
+    total = loss.detach().clone()
+    torch.distributed.all_reduce(total)
+    return total
+
+
+def gathered(value, world_size: int) -> list:
+    """`value` from every rank, by rank (the value itself when training alone)."""
+    if world_size == 1:
+        return [value]
+    values = [None] * world_size
+    torch.distributed.all_gather_object(values, value)
+    return values
 
 
 def predict_states(model: AdaptedHead, states: list[torch.Tensor], yes_id: int, no_id: int) -> np.ndarray:

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
+import shutil
 import socket
 import sys
+import uuid
 from pathlib import Path
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from components.config import OFFLINE_ENV, Config, ConfigError, load_config
 from components.data import DataError
@@ -90,9 +94,75 @@ def ray_address() -> str | None:
         return "local"
 
 
-def connect_ray() -> None:
+def connect_ray(config: Config | None = None, workdir: Workdir | None = None) -> None:
     """Join the cluster a job was submitted to (RAY_ADDRESS) or the one running on this machine,
-    or start a local one; pass the offline environment and model cache to every worker."""
+    or start a local one; pass the offline environment and model cache to every worker. With a
+    work dir, check that every node sees it and the model (`check_nodes`)."""
+    _connect()
+    if workdir is not None:
+        check_nodes(config, workdir)
+
+
+class SharedStorageError(RuntimeError):
+    """A node of the cluster does not see what the job's work reads and writes."""
+
+
+@ray.remote(num_cpus=0)
+def _what_this_node_sees(probe: str, token: str, model_path: str | None, model_digest: str | None, needs_cuda: bool) -> list[str]:
+    import torch
+
+    from components.model import model_folder
+
+    problems = []
+    path = Path(probe)
+    if not path.exists() or path.read_text() != token:
+        problems.append(f"does not see the work dir {path.parent} (the file the driver just wrote there is not there)")
+    folder = model_folder(model_path)
+    if folder_digest(folder) != model_digest:
+        problems.append(f"does not see the model folder {folder} as the driver does (missing or other files)")
+    if needs_cuda and not torch.cuda.is_available():
+        problems.append(f"offers GPUs to Ray but torch {torch.__version__} there sees no CUDA device")
+    return problems
+
+
+def folder_digest(folder: Path) -> str | None:
+    """What identifies a model folder: its config and tokenizer files' bytes (the weights are too big to hash at start)."""
+    files = [folder / name for name in ("config.json", "tokenizer.json", "tokenizer_config.json") if (folder / name).exists()]
+    if not (folder / "config.json").exists() and not (folder / "tokenizer.json").exists():
+        return None
+    return hashlib.sha256(b"".join(f.name.encode() + f.read_bytes() for f in files)).hexdigest()
+
+
+def check_nodes(config: Config, workdir: Workdir) -> None:
+    """The shared-storage contract, checked at start: every alive node of the cluster sees the
+    work dir at the same path (a probe file the driver writes, read by a task on each node) and
+    the same model folder, and, where shards ask for GPUs, torch on each GPU node sees CUDA.
+    Raises SharedStorageError naming each node that does not."""
+    from components.model import model_folder
+
+    created = not workdir.root.exists()
+    workdir.root.mkdir(parents=True, exist_ok=True)
+    probe = workdir.root / f".node-probe-{uuid.uuid4().hex}"
+    token = uuid.uuid4().hex
+    probe.write_text(token)
+    digest = folder_digest(model_folder(config.model.path))
+    try:
+        nodes = [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) + n["Resources"].get("GPU", 0) > 0]
+        answers = ray.get([
+            _what_this_node_sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(
+                str(probe), token, config.model.path, digest, config.train.gpus_per_actor > 0 and n["Resources"].get("GPU", 0) > 0)
+            for n in nodes], timeout=300)
+    finally:
+        probe.unlink(missing_ok=True)
+    problems = [f"node {n['NodeManagerAddress']} ({n['NodeID'][:12]}) {p}" for n, found in zip(nodes, answers) for p in found]
+    if problems:
+        if created:
+            shutil.rmtree(workdir.root, ignore_errors=True)
+        raise SharedStorageError("; ".join(problems) + ". Every node must mount the work dir (and UNLEARN_CACHE, where the "
+                                 "converted model lives) at the same path: shared storage (NFS, a ReadWriteMany volume)")
+
+
+def _connect() -> None:
     for key, value in OFFLINE_ENV.items():
         os.environ.setdefault(key, value)
     if ray.is_initialized():

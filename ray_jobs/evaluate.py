@@ -65,7 +65,7 @@ from components.registry import Registry, keep_own_registry
 from components.store import Workdir, copy_store, load_splits, prepare, sample_states, write_json
 from components.train import ADAPTER_FILE, learning_rate
 from components.unlearn import new_request
-from ray_jobs.common import connect_ray, fail, id_list, job_parser, load_job
+from ray_jobs.common import SharedStorageError, connect_ray, fail, id_list, job_parser, load_job
 
 METHODS = ("retrain", "sisa", "user", "apa", "apa-decomposed", "uniform", "lmeraser")
 SHARDS = "shards"  # every shard-<k> of the APA set
@@ -321,7 +321,7 @@ def run(config: Config, workdir: Workdir, methods=None, forget_cost_mode: str = 
     apa_family = [m for m in methods if m in APA_METHODS or m == SHARDS or SHARD_METHOD.fullmatch(m)]
     baselines = [m for m in BASELINES if m in methods]
     log(f"methods: {', '.join(methods)}; work dir {workdir.root}")
-    connect_ray()
+    connect_ray(config, workdir)
 
     train_report = ensure_main(config, workdir, bool(apa_family), states_from)
     test = load_splits(workdir)["test"]
@@ -640,7 +640,7 @@ def main(argv: list[str] | None = None) -> int:
             raise EvaluationError(f"--states-from {args.states_from}: no stored trunk states there (no trunk/ folder)")
         report = run(config, workdir, methods, args.forget_cost, args.config, args.threads,
                      Workdir(Path(args.states_from)) if args.states_from else None)
-    except EvaluationError as err:
+    except (EvaluationError, SharedStorageError) as err:
         fail(str(err))
     print((workdir.path("reports", "eval.md")).read_text())
     print(json.dumps({m: round(r["auc"], 4) for m, r in report["methods"].items()}))

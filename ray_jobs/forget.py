@@ -35,7 +35,7 @@ from components.model import load_base_model, load_tokenizer
 from components.partition import Partitioner
 from components.registry import Registry, default_tracking_uri, keep_own_registry
 from components.store import Workdir, copy_store, load_splits, remove_samples, sample_states, write_json
-from components.train import ADAPTER_FILE, checkpoint_path
+from components.train import ADAPTER_FILE, remove_checkpoint
 from components.unlearn import (
     RequestError,
     abandon_request,
@@ -54,8 +54,18 @@ from components.unlearn import (
     scrub,
     state_index,
 )
-from ray_jobs.common import connect_ray, delete_subject, fail, id_list, job_parser, load_job, read_subject
-from ray_jobs.train import publish_adapter_set, register_shards, train_shards
+from ray_jobs.common import (
+    SharedStorageError,
+    connect_ray,
+    delete_subject,
+    fail,
+    id_list,
+    job_parser,
+    load_job,
+    read_subject,
+)
+from ray_jobs.shard_training import train_shards
+from ray_jobs.train import publish_adapter_set, register_shards
 from ray_jobs.train import run as train_from_scratch
 
 
@@ -136,7 +146,7 @@ def run_round(config: Config, workdir: Workdir, round_: dict, verify: bool) -> l
         for shard in shards:  # checkpoints from the first touched slice on were trained on the data
             restart = round_["plan"]["shards"][str(shard)]["restart_slice"]
             for stage in range(restart, config.partition.num_slices):
-                checkpoint_path(workdir.checkpoints(shard), stage).unlink(missing_ok=True)
+                remove_checkpoint(workdir.checkpoints(shard), stage)
             shutil.rmtree(workdir.adapter(shard), ignore_errors=True)
             workdir.progress(shard).unlink(missing_ok=True)
         shutil.rmtree(workdir.path("reports", "predictions"), ignore_errors=True)  # cached per-sample scores
@@ -396,7 +406,8 @@ def main(argv: list[str] | None = None) -> int:
                 fail(f"unknown request id {args.request_id!r}")
         else:
             fail("give a --request-file, or the --request-id of a recorded request")
-    except RequestError as err:
+        connect_ray(config, workdir)
+    except (RequestError, SharedStorageError) as err:
         fail(str(err))
     for audit in process(config, workdir, verify=args.verify):
         print(f"audit: {workdir.path('audit', audit['request_id'] + '.json')}")

@@ -267,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     from ray_jobs.common import connect_ray, job_parser, load_job
 
     args, config, workdir = load_job(job_parser("ray_jobs.reconcile", "Start the forget reconciler of a work dir on this cluster."), argv)
-    connect_ray()
+    connect_ray(config, workdir)
     handle = ensure_reconciler(Path(args.config).resolve(), workdir.root)
     print(json.dumps({"actor": actor_name(workdir.root), "namespace": NAMESPACE, **ray.get(handle.status.remote())}))
     print("requests:", {r["request_id"]: r["state"] for r in all_requests(workdir)})

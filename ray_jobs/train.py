@@ -1,4 +1,4 @@
-"""Train every shard's adapter in parallel Ray actors, register them, publish an adapter set.
+"""Train every shard's adapter at once (a Ray Train run per shard), register them, publish an adapter set.
 
     python -m ray_jobs.train --config configs/tiny.yaml --workdir runs/tiny
     python -m ray_jobs.train ... --exclude-file subject.json  # as if they never existed: {"users": [...], "interactions": [...]}
@@ -11,68 +11,19 @@ import json
 import time
 
 import numpy as np
-import ray
 import torch
 
 from components.aggregate import AggregatorState
 from components.baselines import baseline_config
-from components.config import ALLOCATOR_ENV, Config
+from components.config import Config
 from components.data import read_parquet
 from components.metrics import auc, bar_figure, close, loss_curve_figure
 from components.model import load_base_model, load_tokenizer, make_deterministic
 from components.registry import Registry, RegistryConflict, keep_own_registry
 from components.store import Workdir, fit_partitioner, load_splits, prepare, remove_samples, write_json, write_shards
 from components.train import learning_rate
-from ray_jobs.common import connect_ray, delete_subject, fail, job_parser, load_job, read_subject
-from ray_jobs.shard_actor import ShardTrainer
-
-
-def actor_name(config: Config, shard: int) -> str:
-    return f"{config.experiment}/shard-{shard}"
-
-
-def _print_progress(workdir: Workdir, shards: list[int], seen: dict[int, int]) -> None:
-    for shard in shards:
-        path = workdir.progress(shard)
-        if not path.exists():
-            continue
-        lines = path.read_text().splitlines()
-        if len(lines) > seen.get(shard, 0):
-            seen[shard] = len(lines)
-            last = json.loads(lines[-1])
-            loss = f" loss {last['loss']:.4f}" if "loss" in last else ""
-            print(f"  shard {shard}: slice {last['stage']} step {last['step']}{loss}", flush=True)
-
-
-def train_shards(config: Config, workdir: Workdir, shards: list[int]) -> dict[int, dict]:
-    """One actor per shard, all in parallel; a dead actor restarts and resumes from its last
-    slice checkpoint. Returns each shard's result."""
-    for shard in shards:
-        workdir.progress(shard).unlink(missing_ok=True)
-    actors = {
-        shard: ShardTrainer.options(
-            name=actor_name(config, shard),
-            num_cpus=config.train.cpus_per_actor,
-            num_gpus=config.train.gpus_per_actor,
-            max_restarts=config.train.max_restarts,
-            max_task_retries=config.train.max_restarts,
-            runtime_env={"env_vars": ALLOCATOR_ENV},
-        ).remote(config.model_dump(mode="json"), str(workdir.root), shard)
-        for shard in shards
-    }
-    pending = {actor.train.remote(): shard for shard, actor in actors.items()}
-    results, seen = {}, {}
-    print(f"training {len(shards)} shard(s) in parallel: {shards}", flush=True)
-    while pending:
-        done, _ = ray.wait(list(pending), timeout=5.0)
-        for ref in done:
-            shard = pending.pop(ref)
-            results[shard] = ray.get(ref)
-            ray.kill(actors[shard])  # frees the actor's model memory at once
-            print(f"  shard {shard}: done in {results[shard]['seconds']:.1f}s "
-                  f"(restarted from slice {results[shard]['restarted_from']})", flush=True)
-        _print_progress(workdir, list(pending.values()), seen)
-    return results
+from ray_jobs.common import SharedStorageError, connect_ray, delete_subject, fail, job_parser, load_job, read_subject
+from ray_jobs.shard_training import train_shards
 
 
 def register_shards(config: Config, workdir: Workdir, registry: Registry, results: dict[int, dict],
@@ -132,9 +83,9 @@ def run(config: Config, workdir: Workdir, exclude_users=(), exclude_interactions
     if exclude_users or exclude_interactions:  # a reference: never the deployment's registry
         uri = keep_own_registry(workdir.root, "a reference training, as if some data never existed")
         print(f"reference training: registered in its own MLflow store {uri}, never in the deployment's", flush=True)
+    connect_ray(config, workdir)
     registry = Registry(config.experiment, workdir.root)
     registry.claim()
-    connect_ray()
     make_deterministic(max(1, int(config.train.cpus_per_actor)))
     tokenizer = load_tokenizer(config.model)
     model = load_base_model(config.model, config.seed, tokenizer)
@@ -164,7 +115,7 @@ def run(config: Config, workdir: Workdir, exclude_users=(), exclude_interactions
             str(k): {"version": versions[k], "samples": r["samples"], "manifest_sha256": r["manifest_sha256"],
                      "adapter_sha256": r["adapter_sha256"], "restarted_from": r["restarted_from"],
                      "seconds": round(r["seconds"], 2), "started_at": r["started_at"], "finished_at": r["finished_at"],
-                     "peak_rss_mb": round(r["peak_rss_mb"], 1)}
+                     "peak_rss_mb": round(r["peak_rss_mb"], 1), "workers": r["workers"], "nodes": r["nodes"]}
             for k, r in sorted(results.items())
         },
     }
@@ -190,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         delete_subject(args.exclude_file)
     try:
         report = run(config, workdir, users, interactions)
-    except RegistryConflict as err:
+    except (RegistryConflict, SharedStorageError) as err:
         fail(str(err))
     print(json.dumps({k: v for k, v in report.items() if k != "shards"}))
     if args.baseline == "retrain":

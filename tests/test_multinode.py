@@ -1,0 +1,124 @@
+"""Several Ray nodes on this machine (Ray's own harness, ray.cluster_utils.Cluster: a raylet and an
+object store each, on 127.0.0.1), driven as an operator would, through the job's command line with
+RAY_ADDRESS: a training spreads over the nodes, loses a node mid-training with nobody calling
+anything, and ends bit for bit where a one-node training ends; a node that does not see the work
+dir stops a job at start, named."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from ray.cluster_utils import Cluster
+
+from components.store import Workdir
+from tests.conftest import ROOT, TINY, free_port
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A head node and a worker node, 1 CPU each: the tiny config's four shards at 0.5 CPU fill both."""
+    cluster = Cluster(initialize_head=True, connect=False, head_node_args={"num_cpus": 1, "object_store_memory": 200 * 2**20})
+    cluster.add_node(num_cpus=1, object_store_memory=200 * 2**20)
+    cluster.wait_for_nodes()
+    try:
+        yield cluster
+    finally:
+        cluster.shutdown()
+
+
+def job(cluster, *args, **popen) -> subprocess.Popen:
+    env = {**os.environ, "RAY_ADDRESS": cluster.address}
+    return subprocess.Popen([sys.executable, "-m", *args], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **popen)
+
+
+def progress_events(workdir: Workdir) -> list[dict]:
+    events = []
+    for shard in range(4):
+        path = workdir.progress(shard)
+        lines = path.read_text().splitlines() if path.exists() else []
+        events += [json.loads(line) | {"shard": shard} for line in lines if line.strip()]
+    return events
+
+
+def test_a_training_spreads_over_two_nodes_survives_losing_one_and_matches_one_node_bit_for_bit(cluster, trained_tiny, tmp_path):
+    one_node, one_node_report = trained_tiny
+    workdir = Workdir(tmp_path / "two-nodes")
+    worker = cluster.worker_nodes.copy().pop()
+    training = job(cluster, "ray_jobs.train", "--config", str(TINY), "--workdir", str(workdir.root))
+    try:
+        # Remove the worker node as soon as a shard running there has written a slice checkpoint.
+        deadline = time.time() + 600
+        while time.time() < deadline and training.poll() is None:
+            if any(e.get("checkpoint") and e["node"] == worker.node_id for e in progress_events(workdir)):
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail(f"no shard checkpointed on the worker node: {training.communicate()[0][-3000:]}")
+        cluster.remove_node(worker, allow_graceful=False)
+        output, _ = training.communicate(timeout=600)
+    finally:
+        if training.poll() is None:
+            training.kill()
+    assert training.returncode == 0, output[-4000:]
+    started_on = {e["shard"]: e["node"] for e in reversed(progress_events(workdir))}  # each shard's first event
+    assert set(started_on.values()) == {cluster.head_node.node_id, worker.node_id}, "the shards did not spread over both nodes"
+
+    report = json.loads(workdir.path("reports", "train.json").read_text())
+    moved = [k for k, node in started_on.items() if node == worker.node_id]
+    for shard in moved:  # finished on the head node, from the checkpoint written on the lost one
+        assert report["shards"][str(shard)]["nodes"] == [cluster.head_node.node_id]
+    assert any(report["shards"][str(k)]["restarted_from"] > 0 for k in moved), report["shards"]
+    assert {k: s["adapter_sha256"] for k, s in report["shards"].items()} == \
+           {k: s["adapter_sha256"] for k, s in one_node_report["shards"].items()}
+    for shard in range(4):
+        assert (workdir.adapter(shard) / "adapter.pt").read_bytes() == (one_node.adapter(shard) / "adapter.pt").read_bytes()
+
+
+def test_a_job_stops_at_start_naming_a_node_that_does_not_see_the_work_dir(cluster, tmp_path):
+    if subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode != 0:
+        pytest.skip("needs mount namespaces (unshare -m) to give one node a different view of the file system")
+    hidden = tmp_path / "shared"
+    hidden.mkdir()
+    ports = {name: free_port() for name in ("node-manager-port", "object-manager-port", "dashboard-agent-listen-port",
+                                            "dashboard-agent-grpc-port", "runtime-env-agent-port", "metrics-export-port")}
+    ray_start = [sys.executable, "-m", "ray.scripts.scripts", "start", "--address", cluster.address, "--num-cpus", "1",
+                 "--node-ip-address", "127.0.0.1", "--object-store-memory", str(100 * 2**20), "--block",
+                 *(f"--{k}={v}" for k, v in ports.items())]
+    # This node's processes see an empty folder where the others see the work dir: a volume not mounted there.
+    blind = subprocess.Popen(["unshare", "-m", "sh", "-c", f'mount -t tmpfs tmpfs "{hidden}" && exec "$@"', "sh", *ray_start],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        known = {cluster.head_node.node_id, *(n.node_id for n in cluster.worker_nodes)}
+        deadline = time.time() + 120
+        while len(alive_nodes(cluster)) <= len(known):
+            assert time.time() < deadline and blind.poll() is None, "the third node did not join"
+            time.sleep(1)
+        [blind_id] = set(alive_nodes(cluster)) - known
+
+        workdir = hidden / "run"
+        output, _ = job(cluster, "ray_jobs.train", "--config", str(TINY), "--workdir", str(workdir)).communicate(timeout=300)
+        assert "error: node 127.0.0.1 (" + blind_id[:12] + ") does not see the work dir" in output, output[-3000:]
+        assert not any(node[:12] in output for node in known), "a node that sees the work dir was named"
+        assert not workdir.exists(), "a job stopped at start left its work dir behind"
+    finally:
+        os.killpg(blind.pid, signal.SIGTERM)
+        try:
+            blind.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(blind.pid, signal.SIGKILL)
+        shutil.rmtree(hidden, ignore_errors=True)
+
+
+def alive_nodes(cluster) -> list[str]:
+    """The node ids the cluster's GCS lists as alive (asked from a subprocess: this one holds no Ray connection)."""
+    code = "import ray, json; ray.init(); print(json.dumps([n['NodeID'] for n in ray.nodes() if n['Alive']]))"
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "RAY_ADDRESS": cluster.address},
+                         capture_output=True, text=True, timeout=120).stdout
+    return json.loads(out.strip().splitlines()[-1])
