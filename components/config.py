@@ -231,6 +231,9 @@ class ServingConfig(Section):
     max_history: int = Field(50, ge=1)
     max_body_bytes: int = Field(65536, ge=1024)
     poll_interval_s: float = Field(0.25, gt=0)  # how often the replica checks alias and masks
+    # Serve replicas of the Recommender. More than one: at most one per Ray node, so that losing a node
+    # leaves the others answering (a replica without a free node waits for one to join).
+    replicas: int = Field(1, ge=1)
     # Bearer token for POST /v1/forget; the environment variable wins over the file.
     forget_token_env: str = "UNLEARN_FORGET_TOKEN"
     forget_token: str | None = None

@@ -1,6 +1,8 @@
-"""Serve the live adapter set of a work dir over HTTP (local Ray + Ray Serve), until interrupted.
+"""Serve the live adapter set of a work dir over HTTP (Ray Serve), until interrupted.
 
     python -m serving --config configs/tiny.yaml --workdir runs/tiny [--port 8000] [--host 127.0.0.1]
+
+It joins the Ray cluster at $RAY_ADDRESS when that is set, else this machine's or a new local one.
 """
 
 from __future__ import annotations
@@ -74,8 +76,18 @@ def main(argv: list[str] | None = None) -> int:
            if k in os.environ}
     # The dashboard hosts Ray's job server: the forget reconciler submits forget work as Ray jobs.
     ray.init(ray_address(), runtime_env={"env_vars": {**ALLOCATOR_ENV, **env}}, include_dashboard=True)
+    nodes = sum(node["Alive"] for node in ray.nodes())
+    if config.serving.replicas > nodes:  # serve.run would wait forever for a node to put a replica on
+        ray.shutdown()
+        fail(f"serving.replicas is {config.serving.replicas}, at most one per Ray node, "
+             f"but the cluster has {nodes} node(s)")
     try:
-        serve.start(http_options={"host": host, "port": port})
+        # One HTTP proxy, on the head node: the address printed below (a proxy on every node would
+        # need a load balancer in front, and nodes sharing a host would fight over the port). Serve's
+        # proxy prefers replicas on its own node; with a single proxy that would leave the other
+        # nodes' replicas idle, so it spreads requests over all replicas instead.
+        serve.start(proxy_location="HeadOnly", http_options={"host": host, "port": port},
+                    controller_options={"runtime_env": {"env_vars": {"RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING": "0"}}})
         serve.run(build_app({"config": str(Path(args.config).resolve()), "workdir": str(workdir)}),
                   name="recommender", route_prefix="/", blocking=False)
         print(f"serving {config.experiment} adapter set v{version} ({config.aggregate.method}) on http://{host}:{port}"

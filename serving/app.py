@@ -367,4 +367,7 @@ def build_app(args: dict) -> Application:
     workdir = parsed.workdir or str(Path("runs") / config.experiment)
     check_inputs(config, Workdir(workdir))  # and bad data or model files here, naming file and column
     absolute = lambda p: str(Path(p).resolve()) if Path(p).exists() else p  # noqa: E731
-    return Recommender.bind(absolute(parsed.config), absolute(workdir))
+    replicas = config.serving.replicas
+    # Several replicas go to different nodes: one node lost must not take every replica with it.
+    deployment = Recommender.options(num_replicas=replicas, max_replicas_per_node=1 if replicas > 1 else None)
+    return deployment.bind(absolute(parsed.config), absolute(workdir))

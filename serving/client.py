@@ -6,17 +6,22 @@
         print(result.predictions[0].p_yes, result.adapter_set_version)
         accepted = client.forget(users=["13"], token=os.environ["UNLEARN_FORGET_TOKEN"])
 
-Every 4xx/5xx answer raises RecommenderError carrying the server's status and message.
+Every 4xx/5xx answer raises RecommenderError carrying the server's status and message. Predictions and
+reads are sent again when Ray Serve, not the application, failed them (see `_lost_by_serve`).
 """
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import httpx
 
 ItemId = int | str
+logger = logging.getLogger(__name__)
+RETRY_BACKOFF_S = 0.2  # doubled on each retry: 0.2, 0.4, 0.8 s
 
 
 class RecommenderError(Exception):
@@ -54,14 +59,28 @@ class ForgetAccepted:
     state: str
 
 
+def _lost_by_serve(response: httpx.Response) -> bool:
+    """A 5xx that the application did not write (its errors are JSON {"detail": ...}): Ray Serve's own
+    answer. Serve gives a request whose replica died under it (a lost node) a plain-text 500 and does
+    not send it to another replica itself; the request never completed, so an idempotent one may be
+    sent again."""
+    if response.status_code < 500:
+        return False
+    try:
+        body = response.json()
+    except ValueError:
+        return True
+    return not (isinstance(body, dict) and "detail" in body)
+
+
 def _shard_keys(weights: Mapping[str, float]) -> dict[int, float]:
     return {int(k): float(v) for k, v in weights.items()}
 
 
 class RecommenderClient:
     def __init__(self, base_url: str = "http://127.0.0.1:8000", timeout: float = 60.0, token: str | None = None,
-                 transport: httpx.BaseTransport | None = None):
-        self.token = token
+                 transport: httpx.BaseTransport | None = None, retries: int = 3):
+        self.token, self.retries = token, retries
         self._http = httpx.Client(base_url=base_url.rstrip("/"), timeout=timeout, transport=transport)
 
     def __enter__(self) -> "RecommenderClient":
@@ -73,9 +92,25 @@ class RecommenderClient:
     def close(self) -> None:
         self._http.close()
 
-    def _call(self, method: str, path: str, token: str | None = None, **kwargs) -> dict:
+    def _send(self, method: str, path: str, idempotent: bool, **kwargs) -> httpx.Response:
+        """One request; an idempotent one is sent again, up to `retries` times, when Serve lost it or
+        the connection failed (a proxy restarting). Forgetting is not retried: it is not idempotent."""
+        retries = self.retries if idempotent else 0
+        for attempt in range(retries):
+            try:
+                response = self._http.request(method, path, **kwargs)
+                if not _lost_by_serve(response):
+                    return response
+                reason = f"{response.status_code} {response.text[:100]!r} from Ray Serve"
+            except (httpx.ConnectError, httpx.RemoteProtocolError) as err:
+                reason = f"{type(err).__name__}: {err}"
+            logger.warning("%s %s: %s; sending it again (retry %d of %d)", method, path, reason, attempt + 1, retries)
+            time.sleep(RETRY_BACKOFF_S * 2**attempt)
+        return self._http.request(method, path, **kwargs)  # the last try: its answer or its error stands
+
+    def _call(self, method: str, path: str, token: str | None = None, idempotent: bool = True, **kwargs) -> dict:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        response = self._http.request(method, path, headers=headers, **kwargs)
+        response = self._send(method, path, idempotent, headers=headers, **kwargs)
         if response.status_code >= 400:
             try:
                 detail = response.json().get("detail", response.text)
@@ -116,7 +151,7 @@ class RecommenderClient:
         body: dict = {"users": [str(u) for u in users], "interactions": [str(i) for i in interactions]}
         if request_id is not None:
             body["request_id"] = request_id
-        raw = self._call("POST", "/v1/forget", token=token or self.token, json=body)
+        raw = self._call("POST", "/v1/forget", token=token or self.token, idempotent=False, json=body)
         return ForgetAccepted(raw["request_id"], [int(s) for s in raw["affected_shards"]], raw["status_url"], raw.get("state", ""))
 
     def forget_status(self, request_id: str, token: str | None = None) -> dict:
