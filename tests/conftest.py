@@ -70,6 +70,45 @@ def local_cluster(num_cpus: int = 2):
             address_file.write_text(recorded)
 
 
+TEST_NODE = {"num_cpus": 1, "object_store_memory": 100 * 2**20}
+
+
+@contextlib.contextmanager
+def two_node_cluster():
+    """A real multi-node Ray on this machine (ray.cluster_utils.Cluster: a raylet and an object store
+    per node on 127.0.0.1): a head and a worker node of 1 CPU each, shut down at the end. Cluster records its address as this machine's
+    current Ray (`ray.init()` with no address would join it) and its shutdown deletes that record and
+    resets this process's internal KV client: both are put back for the other Rays here."""
+    import ray
+    from ray._private.utils import get_ray_address_file
+    from ray.cluster_utils import Cluster
+    from ray.experimental.internal_kv import _initialize_internal_kv
+
+    address_file = Path(get_ray_address_file(None))
+    recorded = address_file.read_text() if address_file.exists() else None
+
+    def restore_address() -> None:
+        if recorded is None:
+            address_file.unlink(missing_ok=True)
+        else:
+            address_file.write_text(recorded)
+
+    cluster = Cluster(connect=False)
+    try:
+        # The first node added is the head. No dashboard: nothing here needs it, and its processes
+        # would slow the start on 2 cores.
+        cluster.add_node(**TEST_NODE, include_dashboard=False, dashboard_agent_listen_port=free_port())
+        restore_address()
+        worker = cluster.add_node(**TEST_NODE)
+        cluster.wait_for_nodes()
+        yield cluster, worker
+    finally:
+        cluster.shutdown()
+        restore_address()
+        if ray.is_initialized():
+            _initialize_internal_kv(ray._private.worker.global_worker.gcs_client)
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """One real Ray (2 CPUs, with the job API) for every test that needs it; started once, stopped at the end."""

@@ -24,49 +24,13 @@ import pytest
 
 from serving.client import RecommenderClient
 
-from .conftest import ROOT, TINY, free_port
+from .conftest import ROOT, TINY, free_port, two_node_cluster
 
 HISTORY = [(1, 5), (50, 4), ("100", 2), (181, 1)]
 CANDIDATES = [258, 286, 294, "300", 302]
 LOOPS = 3  # concurrent request loops: the worker's replica has requests in flight when its node goes
-NODE = {"num_cpus": 1, "object_store_memory": 100 * 2**20}  # one replica per node; small stores
 
 pytestmark = pytest.mark.timeout(600)
-
-
-@contextlib.contextmanager
-def two_node_cluster():
-    """A head and a worker node, shut down at the end. Cluster records its address as this machine's
-    current Ray (`ray.init()` with no address would join it) and its shutdown deletes that record and
-    resets this process's internal KV client: both are put back for the other Rays here."""
-    import ray
-    from ray._private.utils import get_ray_address_file
-    from ray.cluster_utils import Cluster
-    from ray.experimental.internal_kv import _initialize_internal_kv
-
-    address_file = Path(get_ray_address_file(None))
-    recorded = address_file.read_text() if address_file.exists() else None
-
-    def restore_address() -> None:
-        if recorded is None:
-            address_file.unlink(missing_ok=True)
-        else:
-            address_file.write_text(recorded)
-
-    cluster = Cluster(connect=False)
-    try:
-        # The first node added is the head. No dashboard: nothing here needs it, and its processes
-        # would slow the start on 2 cores.
-        cluster.add_node(**NODE, include_dashboard=False, dashboard_agent_listen_port=free_port())
-        restore_address()
-        worker = cluster.add_node(**NODE)
-        cluster.wait_for_nodes()
-        yield cluster, worker
-    finally:
-        cluster.shutdown()
-        restore_address()
-        if ray.is_initialized():
-            _initialize_internal_kv(ray._private.worker.global_worker.gcs_client)
 
 
 def serving(cluster, config: Path, workdir: Path, port: int) -> dict:
