@@ -216,6 +216,19 @@ class TrainConfig(Section):
     max_restarts: int = Field(3, ge=0)
 
 
+class InferenceConfig(Section):
+    """The per-sample model passes (the store's trunk states and embeddings): Ray Data batch
+    inference over a pool of actors, each holding the base model. Resources only: they are no part
+    of the training fingerprint (components.train.training_sha256), so changing them keeps checkpoints."""
+
+    # Prompts per batch, sorted by token count; a worker runs a batch's prompts of one token count
+    # together (no padding: each row sums as it does alone).
+    batch_size: int = Field(32, ge=1)
+    workers: int = Field(2, ge=1)  # actors in the pool; workers x cpus_per_worker must fit the cluster
+    cpus_per_worker: float = Field(1.0, gt=0)  # Ray's reservation; torch runs model.trunk_threads threads
+    gpus_per_worker: float = Field(0.0, ge=0)  # > 0: the worker's model runs on its GPU (CUDA required)
+
+
 class AggregateConfig(Section):
     method: Literal["attention", "decomposed", "uniform", "routing", "average"] = "attention"
     neighbours: int = Field(20, ge=1)
@@ -247,6 +260,7 @@ class Config(Section):
     partition: PartitionConfig = PartitionConfig()
     adapter: AdapterConfig = AdapterConfig()
     train: TrainConfig = TrainConfig()
+    inference: InferenceConfig = InferenceConfig()
     aggregate: AggregateConfig = AggregateConfig()
     serving: ServingConfig = ServingConfig()
 

@@ -5,9 +5,9 @@ Scoring is TALLRec's: the model reads a prompt ending in "Answer:" and P(yes) is
 the " Yes" / " No" logits at the last position. The decoder is split into a frozen trunk, run once
 per prompt, and a head that adapters change (DESIGN 4a). Embeddings are the mean-pooled hidden
 state after a layer of the trunk. Everything that is stored as system state (trunk states,
-embeddings, cached predictions) is computed one prompt at a time, so a sample's value never
-depends on which other samples shared its batch: that is what lets a forgotten sample disappear
-without a trace.
+embeddings, cached predictions) is computed one prompt at a time, or in batches of prompts of one
+token count (no padding), so a sample's value never depends on which other samples shared its
+batch: that is what lets a forgotten sample disappear without a trace.
 """
 
 from __future__ import annotations
@@ -253,6 +253,27 @@ def _trunk_pass(model, batch: dict[str, torch.Tensor], config: ModelConfig, embe
         if depth == config.trunk_layers:
             states = hidden.to(STATE_DTYPES[config.trunk_dtype]).float()
     return TrunkOutput(states, mask, pooled)
+
+
+def trunk_pass_by_length(model, tokenizer, prompts: list[str], config: ModelConfig, batch_size: int
+                         ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The trunk over many prompts, up to `batch_size` at a time among prompts of the same token
+    count: no padding, so each row's sums run as they do alone (on the CPUs measured, AVX-512 EPYC,
+    bit for bit; tests/test_ray_data_pass.py). Each prompt's (states [tokens, hidden], embedding
+    [hidden]) on the CPU, in the order given."""
+    ids = [tokenize(tokenizer, [p], config.max_length)["input_ids"][0] for p in prompts]
+    by_length: dict[int, list[int]] = {}
+    for index, row in enumerate(ids):
+        by_length.setdefault(len(row), []).append(index)
+    results: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(prompts)
+    for group in by_length.values():
+        for start in range(0, len(group), batch_size):
+            rows = group[start : start + batch_size]
+            batch = torch.stack([ids[i] for i in rows])
+            out = trunk_pass(model, {"input_ids": batch, "attention_mask": torch.ones_like(batch)}, config)
+            for row, index in enumerate(rows):
+                results[index] = (out.states[row].cpu(), out.embedding[row])
+    return results
 
 
 def pad_states(states: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

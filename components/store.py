@@ -16,7 +16,7 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,7 +37,15 @@ from components.data import (
     split_by_time,
     write_parquet,
 )
-from components.model import STATE_DTYPES, answer_token_ids, embed, load_tokenizer, tokenize, trunk_pass
+from components.model import (
+    STATE_DTYPES,
+    answer_token_ids,
+    embed,
+    load_tokenizer,
+    tokenize,
+    trunk_pass,
+    trunk_pass_by_length,
+)
 from components.partition import Partitioner, reference_prompts, shard_sizes_report, slice_of
 
 
@@ -189,41 +197,83 @@ def sample_states(config: Config, workdir: Workdir, samples: pd.DataFrame, model
             for p in samples["prompt"]]
 
 
-def prepare(config: Config, workdir: Workdir, model, tokenizer, log=print, states_from: Workdir | None = None
-            ) -> dict[str, pd.DataFrame]:
+# A per-sample pass as prepare runs it: the samples to compute (sample_id, user_id, interactions,
+# prompt) in, their states stored by the pass itself, their embeddings out (sample_id, embedding).
+Compute = Callable[[pd.DataFrame], pd.DataFrame]
+PASS_COLUMNS = ["sample_id", "user_id", "interactions", "prompt"]
+
+
+def by_token_count(rows: pd.DataFrame, tokenizer, config: Config) -> pd.DataFrame:
+    """`rows` sorted by their prompt's token count, so that batches cut from it hold few lengths."""
+    counts = [len(tokenize(tokenizer, [p], config.model.max_length)["input_ids"][0]) for p in rows["prompt"]]
+    return rows.assign(tokens=counts).sort_values(["tokens", "sample_id"], kind="stable").drop(columns="tokens")
+
+
+def store_states(config: Config, workdir: Workdir, model, tokenizer, rows: pd.DataFrame) -> list[np.ndarray]:
+    """The frozen trunk over `rows`' prompts (components.model.trunk_pass_by_length): each sample's
+    states stored atomically as soon as its batch is done (trunk_layers > 0), its embedding
+    returned, in row order. What every pass runs on a batch, in a Ray worker or in this process."""
+    outputs = trunk_pass_by_length(model, tokenizer, rows["prompt"].tolist(), config.model, config.inference.batch_size)
+    if config.model.trunk_layers:
+        dtype = STATE_DTYPES[config.model.trunk_dtype]
+        for (_, row), (states, embedding) in zip(rows.iterrows(), outputs):
+            workdir.trunk.write(row, states.to(dtype), embedding)
+    return [embedding.numpy() for _, embedding in outputs]
+
+
+def in_process(config: Config, workdir: Workdir, model, tokenizer, log=print) -> Compute:
+    """prepare's pass without Ray (benchmarks, tests): this process, a batch at a time, by token count."""
+    def compute(rows: pd.DataFrame) -> pd.DataFrame:
+        rows, size, started = by_token_count(rows, tokenizer, config), config.inference.batch_size, time.time()
+        embeddings: list[np.ndarray] = []
+        for start in range(0, len(rows), size):
+            embeddings += store_states(config, workdir, model, tokenizer, rows.iloc[start : start + size])
+            if len(embeddings) // 200 > start // 200 or len(embeddings) == len(rows):
+                rate = len(embeddings) / (time.time() - started)
+                log(f"  {len(embeddings)}/{len(rows)} prompts, {1000 / rate:.0f} ms each, {(len(rows) - len(embeddings)) / rate:.0f}s left")
+        return pd.DataFrame({"sample_id": rows["sample_id"].to_numpy(), "embedding": embeddings})
+    return compute
+
+
+def prepare(config: Config, workdir: Workdir, model, tokenizer, log=print, states_from: Workdir | None = None,
+            compute: Compute | None = None) -> dict[str, pd.DataFrame]:
     """Build the sample store once: samples, their embeddings and (trunk_layers > 0) their trunk
-    states, one prompt at a time; later runs reuse it as it is now, i.e. with every forgotten sample
-    already gone. States already stored (an interrupted run, or `states_from`, a store of the same
-    model whose files are linked) are not computed again."""
+    states, computed in one pass by `compute` (the jobs hand in Ray Data's, ray_jobs.passes;
+    without it this process runs the pass with `model`); later runs reuse the store as it is now,
+    i.e. with every forgotten sample already gone. States already stored (an interrupted run, or
+    `states_from`, a store of the same model whose files are linked; with trunk_layers 0, whose
+    embeddings are copied) are not computed again: each value is computed once, so a reference
+    built this way has the store's bits whatever the batching."""
     if all(workdir.split(name).exists() for name in SPLITS):
         return load_splits(workdir)
     inter, items = load_interactions_and_items(config.data)
     splits = split_by_time(build_samples(inter, items, config.data), config.data, config.seed)
     trunk = config.model.trunk_layers > 0
-    dtype = STATE_DTYPES[config.model.trunk_dtype]
+    reused = {} if trunk or states_from is None else split_embeddings(states_from)
+    todo = []
     for name, frame in splits.items():
         if trunk and states_from is not None:
             workdir.trunk.link_from(states_from.trunk, [s for s in frame["sample_id"] if states_from.trunk.has(s)])
-        todo = [i for i, s in enumerate(frame["sample_id"]) if not (trunk and workdir.trunk.has(s))]
-        log(f"{name}: {len(frame)} samples, {len(todo)} to run through the frozen trunk "
+        todo.append(frame[[not (workdir.trunk.has(s) if trunk else s in reused) for s in frame["sample_id"]]])
+        log(f"{name}: {len(frame)} samples, {len(todo[-1])} to run through the frozen trunk "
             f"({config.model.trunk_layers or config.model.embedding_depth or 'all'} layers)")
-        embeddings: dict[int, np.ndarray] = {}
-        started = time.time()
-        for done, i in enumerate(todo, 1):
-            row = frame.iloc[i]
-            out = trunk_pass(model, tokenize(tokenizer, [row["prompt"]], config.model.max_length), config.model)
-            if trunk:
-                workdir.trunk.write(row, out.states[0].to(dtype), out.embedding[0])
-            else:
-                embeddings[i] = out.embedding[0].numpy()
-            if done % 200 == 0 or done == len(todo):
-                rate = done / (time.time() - started)
-                log(f"  {name}: {done}/{len(todo)} prompts, {1000 / rate:.0f} ms each, {(len(todo) - done) / rate:.0f}s left")
-        if trunk:
-            embeddings = dict(enumerate(t.numpy() for t in workdir.trunk.read(frame["sample_id"], "embedding")))
-        frame["embedding"] = [embeddings[i].astype(np.float32) for i in range(len(frame))]
+    todo = pd.concat(todo, ignore_index=True)[PASS_COLUMNS]
+    embeddings = dict(reused)
+    if len(todo):
+        computed = (compute or in_process(config, workdir, model, tokenizer, log))(todo)
+        embeddings.update(zip(computed["sample_id"], computed["embedding"]))
+    for name, frame in splits.items():
+        stored = [s for s in frame["sample_id"] if s not in embeddings]  # linked, or from an interrupted run
+        embeddings.update(zip(stored, (t.numpy() for t in workdir.trunk.read(stored, "embedding"))))
+        frame["embedding"] = [np.asarray(embeddings[s], dtype=np.float32) for s in frame["sample_id"]]
         write_parquet(frame, workdir.split(name))
     return splits
+
+
+def split_embeddings(workdir: Workdir) -> dict[str, np.ndarray]:
+    """Every sample's embedding in a store's split files (those that exist)."""
+    frames = [read_parquet(workdir.split(name)) for name in SPLITS if workdir.split(name).exists()]
+    return {s: e for frame in frames for s, e in zip(frame["sample_id"], frame["embedding"])}
 
 
 def copy_store(source: Workdir, target: Workdir) -> None:

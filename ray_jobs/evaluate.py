@@ -66,6 +66,7 @@ from components.store import Workdir, copy_store, load_splits, prepare, sample_s
 from components.train import ADAPTER_FILE, learning_rate
 from components.unlearn import new_request
 from ray_jobs.common import SharedStorageError, connect_ray, fail, id_list, job_parser, load_job
+from ray_jobs.passes import StorePass
 
 METHODS = ("retrain", "sisa", "user", "apa", "apa-decomposed", "uniform", "lmeraser")
 SHARDS = "shards"  # every shard-<k> of the APA set
@@ -132,7 +133,7 @@ def ensure_main(config: Config, workdir: Workdir, train: bool, states_from: Work
     if not all(workdir.split(name).exists() for name in SPLITS):
         log(f"preparing the sample store of {workdir.root}")
         tokenizer = load_tokenizer(config.model)
-        prepare(config, workdir, load_base_model(config.model, config.seed, tokenizer), tokenizer, states_from=states_from)
+        prepare(config, workdir, None, tokenizer, states_from=states_from, compute=StorePass(config, workdir, tokenizer))
     return None
 
 

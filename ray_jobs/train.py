@@ -23,6 +23,7 @@ from components.registry import Registry, RegistryConflict, keep_own_registry
 from components.store import Workdir, fit_partitioner, load_splits, prepare, remove_samples, write_json, write_shards
 from components.train import learning_rate
 from ray_jobs.common import SharedStorageError, connect_ray, delete_subject, fail, job_parser, load_job, read_subject
+from ray_jobs.passes import StorePass
 from ray_jobs.shard_training import train_shards
 
 
@@ -89,7 +90,8 @@ def run(config: Config, workdir: Workdir, exclude_users=(), exclude_interactions
     make_deterministic(max(1, int(config.train.cpus_per_actor)))
     tokenizer = load_tokenizer(config.model)
     model = load_base_model(config.model, config.seed, tokenizer)
-    prepare(config, workdir, model, tokenizer, states_from=states_from)
+    store_pass = StorePass(config, workdir, tokenizer)
+    prepare(config, workdir, model, tokenizer, states_from=states_from, compute=store_pass)
     if exclude_users or exclude_interactions:
         removed = remove_samples(workdir, set(exclude_users), set(exclude_interactions))
         print(f"excluded {sum(map(len, removed.values()))} sample(s) of the given users/interactions", flush=True)
@@ -110,7 +112,7 @@ def run(config: Config, workdir: Workdir, exclude_users=(), exclude_interactions
     set_version = publish_adapter_set(config, workdir, registry, state, versions)
     report = {
         "experiment": config.experiment, "config_sha256": config.sha256(), "adapter_set_version": set_version,
-        "partition": config.partition.method, "seconds": round(time.time() - started, 2),
+        "partition": config.partition.method, "seconds": round(time.time() - started, 2), "store": store_pass.report(),
         "shards": {
             str(k): {"version": versions[k], "samples": r["samples"], "manifest_sha256": r["manifest_sha256"],
                      "adapter_sha256": r["adapter_sha256"], "restarted_from": r["restarted_from"],
