@@ -58,7 +58,8 @@ def test_batched_states_and_embeddings_equal_one_at_a_time_ones(stored, tiny_con
 
 
 def test_without_a_trunk_store_the_embeddings_come_back_from_the_workers(ray_session, tiny_config, model, tmp_path):
-    config = tiny_config.model_copy(update={"model": tiny_config.model.model_copy(update={"trunk_layers": 0})})
+    config = tiny_config.model_copy(update={"model": tiny_config.model.model_copy(update={"trunk_layers": 0}),
+                                            "inference": tiny_config.inference.model_copy(update={"workers": 1})})  # faster to start
     workdir = Workdir(tmp_path)
     splits, store_pass = ray_prepare(config, workdir, model[1])
     assert store_pass.samples_computed == sum(map(len, splits.values())) and not workdir.trunk.root.exists()
