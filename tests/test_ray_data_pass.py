@@ -91,3 +91,10 @@ def test_the_pass_runs_on_the_actor_pool_and_records_its_nodes(stored, ray_sessi
     assert len(store_pass.pids) <= store_pass.config.inference.workers  # the model loaded once per actor
     alive = {node["NodeID"] for node in ray_session.nodes() if node["Alive"]}
     assert store_pass.report()["nodes"] and set(store_pass.report()["nodes"]) <= alive
+
+
+def test_the_pass_settings_are_no_part_of_the_training_fingerprint(tiny_config):
+    from components.train import training_sha256
+
+    other = tiny_config.model_copy(update={"inference": tiny_config.inference.model_copy(update={"batch_size": 7, "workers": 1})})
+    assert training_sha256(other) == training_sha256(tiny_config)  # checkpoints and baselines stay valid
