@@ -98,3 +98,10 @@ def test_the_pass_settings_are_no_part_of_the_training_fingerprint(tiny_config):
 
     other = tiny_config.model_copy(update={"inference": tiny_config.inference.model_copy(update={"batch_size": 7, "workers": 1})})
     assert training_sha256(other) == training_sha256(tiny_config)  # checkpoints and baselines stay valid
+
+
+def test_the_training_report_says_where_the_store_was_computed(trained_tiny, ray_session):
+    workdir, report = trained_tiny
+    store = report["store"]
+    assert store["samples_computed"] == sum(map(len, load_splits(workdir).values())) and store["seconds"] > 0
+    assert set(store["nodes"]) <= {node["NodeID"] for node in ray_session.nodes() if node["Alive"]}
