@@ -1,7 +1,7 @@
 """`python -m benchmarks` (`make bench`): every benchmark in sequence, then one summary in which
 every figure is a ratio to its baseline measured in the same run.
 
-    python -m benchmarks                       # bench_data, bench_train, bench_serving, bench_forget, eval, bench_embedding
+    python -m benchmarks                       # bench_data, bench_pass, bench_train, bench_serving, bench_forget, eval, bench_embedding
     python -m benchmarks --only bench_forget   # a subset (names below, "eval" for the evaluation)
     python -m benchmarks --skip eval
 
@@ -38,7 +38,7 @@ from benchmarks.common import ENV, MOVIELENS, ROOT, bench_dir, figure, shared_st
 from components.config import load_config
 
 EVAL = "eval"
-ORDER = ("bench_data", "bench_train", "bench_serving", "bench_forget", EVAL, "bench_embedding")  # bench_embedding reads eval's work dir
+ORDER = ("bench_data", "bench_pass", "bench_train", "bench_serving", "bench_forget", EVAL, "bench_embedding")  # bench_embedding reads eval's work dir
 SUBSETS = {"bench_train": ["--n-train", "512"], "bench_forget": ["--n-train", "512", "--n-valid", "64"]}
 
 

@@ -61,11 +61,13 @@ class StorePass:
         inference = self.config.inference
         self._check_fits()
         rows = by_token_count(rows, self.tokenizer, self.config)
-        # One block per batch: the pool's actors each take blocks, and a batch stays one token-count run.
+        # One block per batch, and one batch at a time per actor: an actor that is ready first
+        # (loading the model takes a while) must not queue every block before the others start.
         blocks = [rows.iloc[i : i + inference.batch_size] for i in range(0, len(rows), inference.batch_size)]
+        pool = ray.data.ActorPoolStrategy(size=min(inference.workers, len(blocks)), max_tasks_in_flight_per_actor=1)
         out = ray.data.from_pandas(blocks).map_batches(
             StoreWorker, fn_constructor_args=(self.config.model_dump(mode="json"), str(self.workdir.root)),
-            batch_size=inference.batch_size, batch_format="pandas", concurrency=min(inference.workers, len(blocks)),
+            batch_size=inference.batch_size, batch_format="pandas", compute=pool,
             num_cpus=inference.cpus_per_worker, num_gpus=inference.gpus_per_worker,
             runtime_env={"env_vars": ALLOCATOR_ENV},
         ).to_pandas()

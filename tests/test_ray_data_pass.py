@@ -58,7 +58,8 @@ def test_batched_states_and_embeddings_equal_one_at_a_time_ones(stored, tiny_con
 
 
 def test_without_a_trunk_store_the_embeddings_come_back_from_the_workers(ray_session, tiny_config, model, tmp_path):
-    config = tiny_config.model_copy(update={"model": tiny_config.model.model_copy(update={"trunk_layers": 0})})
+    config = tiny_config.model_copy(update={"model": tiny_config.model.model_copy(update={"trunk_layers": 0}),
+                                            "inference": tiny_config.inference.model_copy(update={"workers": 1})})  # faster to start
     workdir = Workdir(tmp_path)
     splits, store_pass = ray_prepare(config, workdir, model[1])
     assert store_pass.samples_computed == sum(map(len, splits.values())) and not workdir.trunk.root.exists()
@@ -90,3 +91,17 @@ def test_the_pass_runs_on_the_actor_pool_and_records_its_nodes(stored, ray_sessi
     assert len(store_pass.pids) <= store_pass.config.inference.workers  # the model loaded once per actor
     alive = {node["NodeID"] for node in ray_session.nodes() if node["Alive"]}
     assert store_pass.report()["nodes"] and set(store_pass.report()["nodes"]) <= alive
+
+
+def test_the_pass_settings_are_no_part_of_the_training_fingerprint(tiny_config):
+    from components.train import training_sha256
+
+    other = tiny_config.model_copy(update={"inference": tiny_config.inference.model_copy(update={"batch_size": 7, "workers": 1})})
+    assert training_sha256(other) == training_sha256(tiny_config)  # checkpoints and baselines stay valid
+
+
+def test_the_training_report_says_where_the_store_was_computed(trained_tiny, ray_session):
+    workdir, report = trained_tiny
+    store = report["store"]
+    assert store["samples_computed"] == sum(map(len, load_splits(workdir).values())) and store["seconds"] > 0
+    assert set(store["nodes"]) <= {node["NodeID"] for node in ray_session.nodes() if node["Alive"]}
