@@ -1,6 +1,6 @@
 """Several Ray nodes on this machine (Ray's own harness, ray.cluster_utils.Cluster: a raylet and an
 object store each, on 127.0.0.1), driven as an operator would, through the job's command line with
-RAY_ADDRESS: a training spreads over the nodes, loses a node mid-training with nobody calling
+RAY_ADDRESS: a training's store pass and shards spread over the nodes, loses a node mid-training with nobody calling
 anything, and ends bit for bit where a one-node training ends; a node that does not see the work
 dir stops a job at start, named."""
 
@@ -66,6 +66,8 @@ def test_a_training_spreads_over_two_nodes_survives_losing_one_and_matches_one_n
     assert set(started_on.values()) == {cluster.head_node.node_id, worker.node_id}, "the shards did not spread over both nodes"
 
     report = json.loads(workdir.path("reports", "train.json").read_text())
+    # The store's trunk pass (Ray Data, two actors of 1 CPU) ran on both nodes too.
+    assert set(report["store"]["nodes"]) == {cluster.head_node.node_id, worker.node_id}, report["store"]
     moved = [k for k, node in started_on.items() if node == worker.node_id]
     for shard in moved:  # finished on the head node, from the checkpoint written on the lost one
         assert report["shards"][str(shard)]["nodes"] == [cluster.head_node.node_id]
