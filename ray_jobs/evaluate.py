@@ -506,7 +506,7 @@ def markdown(report: dict) -> str:
         "",
         f"- date: {report['date']}",
         f"- machine: {machine['platform']}, {machine['cpu_count']} CPU(s), torch {machine['torch']} with "
-        f"{machine['torch_threads']} thread(s), Python {machine['python']}",
+        f"{machine['torch_threads']} thread(s) per scoring worker, Python {machine['python']}",
         f"- config: {report['config_file'] or '(in-process)'}"
         + (f" (file sha256 {report['config_file_sha256']})" if report["config_file_sha256"] else "")
         + f"; resolved config sha256 {report['config_sha256']}",
