@@ -38,7 +38,6 @@ cost.png, and logs the reports and metrics (auc_<method>, ...) to an MLflow run 
 from __future__ import annotations
 
 import datetime
-import gc
 import hashlib
 import json
 import math
@@ -53,20 +52,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from components.aggregate import AggregatorState, load_mixture, predict, stored_inputs
+from components.aggregate import AggregatorState
 from components.baselines import BASELINE_AGGREGATE, BASELINES, baseline_config, baseline_sha256
 from components.config import Config
 from components.data import SPLITS, read_parquet, stable_hash
 from components.floors import FloorError, history_floor, item_floor
 from components.metrics import auc, auc_interval, bar_figure, close, grouped_bar_figure, paired_difference_interval
-from components.model import head_dtype, load_base_model, load_tokenizer
+from components.model import head_dtype, load_tokenizer
 from components.partition import Partitioner
 from components.registry import Registry, keep_own_registry
-from components.store import Workdir, copy_store, load_splits, prepare, sample_states, write_json
+from components.store import Workdir, copy_store, load_splits, prepare, write_json
 from components.train import ADAPTER_FILE, learning_rate
 from components.unlearn import new_request
 from ray_jobs.common import SharedStorageError, connect_ray, fail, id_list, job_parser, load_job
-from ray_jobs.passes import StorePass
+from ray_jobs.passes import StorePass, score_pass
 
 METHODS = ("retrain", "sisa", "user", "apa", "apa-decomposed", "uniform", "lmeraser")
 SHARDS = "shards"  # every shard-<k> of the APA set
@@ -179,19 +178,21 @@ def ensure_baseline(config: Config, workdir: Workdir, source: Workdir, label: st
 
 
 class LiveSet:
-    """The live adapter set of a work dir, downloaded to a temporary folder."""
+    """The live adapter set of a work dir, downloaded into DIR/reports/.live-set-<pid>-*/ (inside the
+    work dir, so that the scoring actors on every node see the files), removed on exit."""
 
     def __init__(self, config: Config, workdir: Workdir):
         self.registry = Registry(config.experiment, workdir.root)
-        self._tmp = tempfile.TemporaryDirectory(prefix="evaluate-")
+        workdir.path("reports").mkdir(parents=True, exist_ok=True)
+        self._tmp = tempfile.TemporaryDirectory(prefix=f".live-set-{os.getpid()}-", dir=workdir.path("reports"))
         self.masked, live, _ = self.registry.mask_and_live_set()
         self.set = self.registry.load_adapter_set(Path(self._tmp.name), live) if live else None
         if self.set is None:
             self._tmp.cleanup()
             raise EvaluationError(f"{workdir.root} has no live adapter set ({config.experiment}.adapter-set@live)")
-        aggregator = self.set.folder / "aggregator"
-        self.state = AggregatorState.load(aggregator)
-        self.partitioner = Partitioner.load(aggregator / "partitioner.npz")
+        self.aggregator = self.set.folder / "aggregator"
+        self.state = AggregatorState.load(self.aggregator)
+        self.partitioner = Partitioner.load(self.aggregator / "partitioner.npz")
         self.files = {k: Path(v["local"]) / ADAPTER_FILE for k, v in sorted(self.set.shards.items())}
 
     def __enter__(self):
@@ -202,49 +203,34 @@ class LiveSet:
 
 
 class Scorer:
-    """Scores the stored test samples with one MixtureModel at a time on one shared frozen base
-    model, running only the head over the samples' stored trunk states."""
+    """Scores DIR's stored test samples, one method at a time, as a Ray Data job
+    (ray_jobs.passes.score_pass): the head runs over the samples' stored trunk states in the pool's
+    actors; the driver puts the scores in test order, stores them and takes the AUC."""
 
     def __init__(self, config: Config, workdir: Workdir, test, out: Path, threads: int):
-        self.config, self.out, self.threads = config, out, threads
+        self.workdir, self.out, self.threads = workdir, out, threads
         self.labels = test["label"].to_numpy().astype(int)
-        self.tokenizer = load_tokenizer(self.config.model)
-        self.base = load_base_model(config.model, config.seed, self.tokenizer, head_only=True)  # same model and seed everywhere
-        self.states = sample_states(config, workdir, test, self.base, self.tokenizer)
-        self.embeddings = test["embedding"].tolist()
+        self.rows = test[["sample_id", "prompt", "embedding"]]
 
-    def batches(self, start: int = 0, stop: int | None = None):
-        stop = len(self.states) if stop is None else stop
-        for first in range(start, stop, PREDICT_BATCH):
-            last = min(first + PREDICT_BATCH, stop)
-            yield stored_inputs(self.states[first:last], self.embeddings[first:last])
-
-    def score(self, name: str, config: Config, mixture, live: LiveSet, method: str, masked=frozenset()) -> dict:
-        torch.set_num_threads(self.threads)  # training in this process may have changed it
-        predict(config, mixture, self.batches(0, PREDICT_BATCH), live.state, live.partitioner, masked,
-                method)  # warm-up, untimed: first-call allocations are not latency
-        # Batch by batch: the median batch is the latency, robust to other work on a shared
-        # machine; the mean is reported too.
-        chunks, per_sample, total = [], [], 0.0
-        for batch in self.batches():
-            started = time.perf_counter()
-            chunks.append(predict(config, mixture, [batch], live.state, live.partitioner, masked, method)[0])
-            seconds = time.perf_counter() - started
-            per_sample.append(seconds * 1000 / len(batch))
-            total += seconds
-        scores = np.concatenate(chunks)
-        latency = float(np.median(per_sample))
+    def score(self, name: str, config: Config, live: LiveSet, method: str, masked=frozenset(),
+              shards: list[int] | None = None) -> dict:
+        """`method` over the live set's adapters (only `shards`, where given). Latency: each batch's
+        compute time inside its Ray Data worker, after that worker's warm-up batch; the median batch
+        is reported, robust to other work on a shared machine, and the mean too."""
+        files = {k: v for k, v in live.files.items() if shards is None or k in shards}
+        out = score_pass(config, self.workdir, self.rows, files, live.aggregator, method, masked, self.threads,
+                         PREDICT_BATCH)
+        scores = out["score"].to_numpy()
+        per_batch = out.groupby("batch")["seconds_per_sample"].first() * 1000
+        latency = float(np.median(per_batch))
         path = self.out / f"{name}.npy"
         np.save(path, scores)
         value = auc(self.labels, scores)
-        log(f"{name:<16} AUC {value:.4f}   {latency:8.2f} ms/sample   ({method}, {len(mixture.shards)} adapter(s))")
+        log(f"{name:<16} AUC {value:.4f}   {latency:8.2f} ms/sample   ({method}, {len(files)} adapter(s))")
         return {"auc": value, "n_test": len(self.labels), "latency_ms": round(latency, 3),
-                "latency_ms_mean": round(total * 1000 / len(self.labels), 3), "aggregate": method,
-                "adapters": len(mixture.shards), "predictions": str(path.relative_to(self.out.parents[1])),
+                "latency_ms_mean": round(float(out["seconds_per_sample"].sum()) * 1000 / len(self.labels), 3),
+                "aggregate": method, "adapters": len(files), "predictions": str(path.relative_to(self.out.parents[1])),
                 "adapter_set_version": live.set.version}
-
-    def mixture(self, config: Config, files: dict[int, Path]):
-        return load_mixture(config, files, self.tokenizer, self.base)
 
 
 # --- forget cost ------------------------------------------------------------------------------------
@@ -318,7 +304,7 @@ def run(config: Config, workdir: Workdir, methods=None, forget_cost_mode: str = 
     methods = parse_methods(methods if methods is not None else list(DEFAULT_METHODS))
     if forget_cost_mode not in FORGET_COST_MODES:
         raise EvaluationError(f"forget cost mode {forget_cost_mode!r}: choose from {', '.join(FORGET_COST_MODES)}")
-    threads = threads or os.cpu_count() or 1
+    threads = threads or max(1, int(config.inference.cpus_per_worker))  # per scoring worker: its CPU reservation
     apa_family = [m for m in methods if m in APA_METHODS or m == SHARDS or SHARD_METHOD.fullmatch(m)]
     baselines = [m for m in BASELINES if m in methods]
     log(f"methods: {', '.join(methods)}; work dir {workdir.root}")
@@ -333,7 +319,8 @@ def run(config: Config, workdir: Workdir, methods=None, forget_cost_mode: str = 
     shutil.rmtree(out, ignore_errors=True)  # predictions of an earlier run may be of another split
     out.mkdir(parents=True)
     np.save(out / "labels.npy", labels)
-    log(f"test split: {len(test)} samples ({int(labels.sum())} positive); scoring at batch {PREDICT_BATCH}, {threads} torch thread(s)")
+    log(f"test split: {len(test)} samples ({int(labels.sum())} positive); scoring at batch {PREDICT_BATCH} as a Ray Data job, "
+        f"{config.inference.workers} worker(s) of {threads} torch thread(s)")
     users = forget_user_order(config, workdir)
     scorer = Scorer(config, workdir, test, out, threads)
     results: dict[str, dict] = {}
@@ -345,22 +332,15 @@ def run(config: Config, workdir: Workdir, methods=None, forget_cost_mode: str = 
             samples = {int(k): v["samples"] for k, v in (train_report or {}).get("shards", {}).items()}
             if live.masked:
                 log(f"note: shards {sorted(live.masked)} are masked (a forget is pending): mixtures leave them out")
-            if any(m in APA_METHODS for m in names):
-                mixture = scorer.mixture(config, live.files)
-                for name in (m for m in names if m in APA_METHODS):
-                    results[name] = scorer.score(name, config, mixture, live, APA_METHODS[name], live.masked)
-                    results[name]["notes"] = _apa_note(config, name, len(live.files), len(_audits(workdir)))
-                mixture = None
-                gc.collect()
+            for name in (m for m in names if m in APA_METHODS):
+                results[name] = scorer.score(name, config, live, APA_METHODS[name], live.masked)
+                results[name]["notes"] = _apa_note(config, name, len(live.files), len(_audits(workdir)))
             for name in names:
                 if match := SHARD_METHOD.fullmatch(name):
                     shard = int(match.group(1))
-                    mixture = scorer.mixture(config, {shard: live.files[shard]})
-                    results[name] = scorer.score(name, config, mixture, live, "uniform")
+                    results[name] = scorer.score(name, config, live, "uniform", shards=[shard])
                     results[name]["notes"] = (f"APA shard {shard} alone ({samples.get(shard, '?')} training samples)"
                                               + (", masked: forget pending" if shard in live.masked else ""))
-                    mixture = None
-                    gc.collect()
         if forget_cost_mode != "none":
             found = forget_cost(config, workdir, "existing", users, "", "apa")  # real requests DIR has served
             if found is None:  # else measured on a copy trained the same way: DIR itself stays as it is
@@ -387,14 +367,9 @@ def run(config: Config, workdir: Workdir, methods=None, forget_cost_mode: str = 
             if found is not None:
                 costs[name] = found
         with LiveSet(derived, folder) as live:
-            mixture = scorer.mixture(derived, live.files)
-            results[name] = scorer.score(name, derived, mixture, live, BASELINE_AGGREGATE[name], live.masked)
+            results[name] = scorer.score(name, derived, live, BASELINE_AGGREGATE[name], live.masked)
             results[name]["notes"] = _baseline_note(derived, name, len(live.files), report, len(_audits(folder)))
             results[name]["workdir"] = str(folder.root)
-            mixture = None
-            gc.collect()
-    scorer = None
-    gc.collect()
     floors, floors_skipped = score_floors(workdir, test, out)
     results.update(floors)
     paired = add_intervals(workdir, results, config.seed)
@@ -531,12 +506,13 @@ def markdown(report: dict) -> str:
         "",
         f"- date: {report['date']}",
         f"- machine: {machine['platform']}, {machine['cpu_count']} CPU(s), torch {machine['torch']} with "
-        f"{machine['torch_threads']} thread(s), Python {machine['python']}",
+        f"{machine['torch_threads']} thread(s) per scoring worker, Python {machine['python']}",
         f"- config: {report['config_file'] or '(in-process)'}"
         + (f" (file sha256 {report['config_file_sha256']})" if report["config_file_sha256"] else "")
         + f"; resolved config sha256 {report['config_sha256']}",
         f"- test split: {report['n_test']} samples, {report['n_positive']} positive; latency = wall time of "
-        f"`components.aggregate.predict` per sample, median over batches of {report['batch_size']} after one warm-up batch",
+        f"`components.aggregate.predict` per sample, measured inside the Ray Data scoring worker, median over batches "
+        f"of {report['batch_size']} after each worker's warm-up batch",
         f"- work dir: {report['workdir']}; MLflow run {report['mlflow_run_id']} (\"evaluate\")",
         f"- intervals: 95% percentile bootstrap over the test samples, {report['bootstrap']['resamples']} resamples "
         f"(seed {report['bootstrap']['seed']}), the same resamples for every method",
@@ -629,7 +605,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--forget-cost", choices=FORGET_COST_MODES, default="measure",
                         help="measure: forget one user where no audit record exists yet; existing: only read audit "
                              "records; none: skip (default: measure)")
-    parser.add_argument("--threads", type=int, help="torch threads for scoring (default: CPU count)")
+    parser.add_argument("--threads", type=int, help="torch threads of each scoring worker "
+                        "(default: inference.cpus_per_worker, rounded down, at least 1)")
     parser.add_argument("--states-from", help="a work dir of the same model and data whose stored trunk states are "
                         "linked into a new work dir's store instead of computed (make bench: runs/store/<experiment>)")
     args, config, workdir = load_job(parser, argv, builds_store=True)
