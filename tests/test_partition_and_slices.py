@@ -11,7 +11,7 @@ from components.config import DataConfig, PartitionConfig
 from components.data import build_samples, load_interactions_and_items, split_by_time
 from components.model import decoder_of, embed, load_base_model, load_tokenizer, make_deterministic, tokenize, trunk_pass
 from components.partition import Partitioner, reference_prompts, slice_of
-from components.train import checkpoint_path, train_shard
+from components.train import checkpoint_path, remove_checkpoint, train_shard
 
 
 @pytest.fixture(scope="module")
@@ -111,9 +111,10 @@ def test_resuming_from_a_slice_checkpoint_equals_training_straight_through(world
     config = tiny_config.model_copy(update={"adapter": tiny_config.adapter.model_copy(update={"kind": kind})})
     train = world["train"].head(40).assign(slice=lambda f: slice_of(f["user_id"], 4, 7))
     through = _train(world, config, train, tmp_path / "a")
-    assert through.restarted_from == 0 and len(list((tmp_path / "a").glob("slice-*.pt"))) == 4
-    for stage in (2, 3):
-        checkpoint_path(tmp_path / "a", stage).unlink()
+    assert through.restarted_from == 0 and len(list((tmp_path / "a").glob("slice-*/checkpoint.pt"))) == 4
+    remove_checkpoint(tmp_path / "a", 3)
+    cut_short = checkpoint_path(tmp_path / "a", 2)  # a copy into storage interrupted by a failure
+    cut_short.write_bytes(cut_short.read_bytes()[: cut_short.stat().st_size // 2])
     resumed = _train(world, config, train, tmp_path / "a")
     assert resumed.restarted_from == 2
     assert all(torch.equal(through.adapter[k], resumed.adapter[k]) for k in through.adapter)
@@ -127,7 +128,7 @@ def test_a_shard_asking_for_a_gpu_on_a_node_without_cuda_fails_at_start(world, t
     config = tiny_config.model_copy(update={"train": tiny_config.train.model_copy(update={"gpus_per_actor": 0.25})})
     with pytest.raises(RuntimeError, match="gpus_per_actor is 0.25 but .* sees no CUDA device"):
         _train(world, config, world["train"].head(8).assign(slice=0), tmp_path)
-    assert not list(tmp_path.glob("slice-*.pt"))
+    assert not list(tmp_path.glob("slice-*"))
 
 
 def test_a_changed_slice_invalidates_its_checkpoint_and_later_ones(world, tiny_config, tmp_path):

@@ -6,6 +6,7 @@ import signal
 import threading
 import time
 
+import pytest
 import torch
 
 from components.store import Workdir
@@ -21,6 +22,7 @@ def adapters(workdir):
     return {k: torch.load(workdir.adapter(k) / "adapter.pt", weights_only=True) for k in range(workdir.num_shards())}
 
 
+@pytest.mark.slow  # two slowed trainings; make test keeps tests/test_multinode.py's node loss, which covers the restart
 def test_shards_train_at_once_and_a_killed_worker_resumes_to_the_same_adapter(ray_session, tiny_config, tmp_path):
     config = slower(tiny_config)
     straight = Workdir(tmp_path / "straight")
@@ -57,6 +59,27 @@ def test_shards_train_at_once_and_a_killed_worker_resumes_to_the_same_adapter(ra
         assert all(torch.equal(ours[shard][k], theirs[shard][k]) for k in ours[shard]), f"shard {shard} differs"
     assert {k: v["adapter_sha256"] for k, v in report["shards"].items()} == \
            {k: v["adapter_sha256"] for k, v in outcome["report"]["shards"].items()}
+
+
+def test_two_workers_per_shard_train_data_parallel_and_twice_give_the_same_bits(trained_tiny, tiny_config, tmp_path):
+    """train.workers_per_shard 2: one Ray Train run of two workers, each taking half of every batch,
+    their gradients summed; the same bits run after run (not necessarily one worker's: sums in another order)."""
+    from components.store import copy_store
+    from ray_jobs.shard_training import train_shards
+
+    source, report = trained_tiny
+    shard = min(report["shards"], key=lambda k: report["shards"][k]["samples"])
+    config = tiny_config.model_copy(update={"train": tiny_config.train.model_copy(update={"workers_per_shard": 2})})
+    results = []
+    for run in ("first", "second"):
+        workdir = Workdir(tmp_path / run)
+        copy_store(source, workdir)
+        (workdir.shard_samples(int(shard))).parent.mkdir(parents=True)
+        workdir.shard_samples(int(shard)).write_bytes(source.shard_samples(int(shard)).read_bytes())
+        results.append(train_shards(config, workdir, [int(shard)])[int(shard)])
+    assert results[0]["workers"] == results[1]["workers"] == 2
+    assert results[0]["adapter_sha256"] == results[1]["adapter_sha256"]
+    assert results[0]["losses"] == results[1]["losses"] and len(results[0]["losses"]) > 1
 
 
 def test_jobs_start_a_local_ray_when_the_recorded_cluster_is_gone(tmp_path, monkeypatch):
