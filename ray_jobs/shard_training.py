@@ -128,7 +128,8 @@ def fit(config: Config, workdir: Workdir, shard: int, results) -> None:
         except ray.train.ControllerError as err:
             if attempt == config.train.max_restarts:
                 raise
-            print(f"  shard {shard}: its Ray Train run failed ({err}); starting it again", flush=True)
+            reason = " ".join(str(err).split())[:300]
+            print(f"  shard {shard}: its Ray Train run failed ({reason}); starting it again", flush=True)
 
 
 def train_shards(config: Config, workdir: Workdir, shards: list[int]) -> dict[int, dict]:
@@ -143,18 +144,20 @@ def train_shards(config: Config, workdir: Workdir, shards: list[int]) -> dict[in
         workdir.progress(shard).unlink(missing_ok=True)
     print(f"training {len(shards)} shard(s) at once on Ray Train: {shards}", flush=True)
     done_results, seen = {}, {}
-    with ThreadPoolExecutor(max_workers=max(1, len(shards))) as pool:
-        pending = {pool.submit(fit, config, workdir, shard, results): shard for shard in shards}
-        while pending:
-            finished, _ = wait(pending, timeout=5.0, return_when=FIRST_COMPLETED)
-            for future in finished:
-                shard = pending.pop(future)
-                future.result()  # a shard that failed past its restarts fails the job, naming its error
-                done_results[shard] = ray.get(results.take.remote(shard))
-                print(f"  shard {shard}: done in {done_results[shard]['seconds']:.1f}s "
-                      f"(restarted from slice {done_results[shard]['restarted_from']})", flush=True)
-            print_progress(workdir, list(pending.values()), seen)
-    ray.kill(results)
+    try:
+        with ThreadPoolExecutor(max_workers=max(1, len(shards))) as pool:
+            pending = {pool.submit(fit, config, workdir, shard, results): shard for shard in shards}
+            while pending:
+                finished, _ = wait(pending, timeout=5.0, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    shard = pending.pop(future)
+                    future.result()  # a shard that failed past its restarts fails the job, naming its error
+                    done_results[shard] = ray.get(results.take.remote(shard))
+                    print(f"  shard {shard}: done in {done_results[shard]['seconds']:.1f}s "
+                          f"(restarted from slice {done_results[shard]['restarted_from']})", flush=True)
+                print_progress(workdir, list(pending.values()), seen)
+    finally:
+        ray.kill(results)
     return done_results
 
 
