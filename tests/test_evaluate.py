@@ -208,6 +208,7 @@ def test_forget_cost_plots_and_the_mlflow_run(evaluated):
     assert {"evaluation/eval.json", "evaluation/eval.md", "evaluation/auc.png", "evaluation/cost.png"} <= logged
 
 
+@pytest.mark.slow  # a second whole evaluation: make test-slow
 def test_a_second_run_reuses_the_baselines_and_scores_the_same(evaluated):
     config, workdir, report = evaluated
     trained = {n: workdir.path("baselines", n, "reports", "train.json").read_text() for n in ("retrain", "sisa")}

@@ -250,6 +250,7 @@ def test_a_shard_without_data_stays_out_of_the_adapter_set_also_when_forgetting_
     assert_identical_to_scratch(config, workdir, tmp_path, [user], [])
 
 
+@pytest.mark.slow  # two trainings from scratch: make test-slow
 def test_semantic_user_shards_forget_a_user_in_one_shard_and_regroup_a_partly_forgotten_one(ray_session, tiny_config, tmp_path):
     """Issue 12: with a user's samples kept in one shard, forgetting a user retrains that shard alone;
     forgetting one interaction of another user removes its samples and moves the rest of that user's

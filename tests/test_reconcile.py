@@ -131,6 +131,7 @@ def test_the_lease_has_one_holder_and_a_dead_holder_frees_it_at_once(tmp_path):
 # --- jobs killed in every state ---------------------------------------------------------------------
 
 
+@pytest.mark.slow  # a job killed in each of seven states, then a training from scratch: make test-slow
 def test_a_job_killed_in_every_state_is_resubmitted_until_done_and_equals_training_from_scratch(ray_session, tiny_config, work):
     """One request, and its forget job SIGKILLs itself right after recording each state from
     "received" to "purged" (7 kills). Nobody calls anything: the reconciler resubmits a Ray job each

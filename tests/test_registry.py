@@ -93,6 +93,7 @@ def mlflow_server(tmp_path, monkeypatch):
     server.wait(timeout=30)
 
 
+@pytest.mark.slow  # make test keeps a real mlflow server in the Mistral CLI-forget test (test_your_model_and_data)
 def test_retrain_purge_and_lineage_against_a_real_mlflow_server(ray_session, tiny_config, tmp_path, mlflow_server):
     url, artifact_root = mlflow_server
     workdir = Workdir(tmp_path / "work")

@@ -303,6 +303,7 @@ def _wait_for(check, timeout: float, what: str):
     return result
 
 
+@pytest.mark.slow  # make test keeps the Mistral folder's whole path (CLI train, forget, scan, exactness)
 def test_qwen2_on_books_trains_serves_forgets_and_equals_training_from_scratch(ray_session, folders, books, tmp_path):
     from ray import serve
 
