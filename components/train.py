@@ -143,7 +143,7 @@ def read_checkpoint(checkpoint_dir: Path, stage: int) -> dict | None:
     path = checkpoint_path(checkpoint_dir, stage)
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
-    except (FileNotFoundError, RuntimeError, EOFError, pickle.UnpicklingError):
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError):  # missing, or cut short
         return None
 
 

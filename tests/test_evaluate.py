@@ -250,6 +250,7 @@ def test_bad_methods_exit_2_with_a_message(methods, tmp_path, capsys):
     assert not (tmp_path / "w").exists()  # rejected before anything is trained
 
 
+@pytest.mark.slow  # a forget in the work dir and in every baseline: make test-slow
 def test_a_user_forgotten_in_the_work_dir_leaves_the_baselines_too_and_a_forget_cost_is_measured(evaluated):
     """Runs last in the module: it changes the main work dir and the `user` baseline."""
     config, workdir, report = evaluated

@@ -181,6 +181,7 @@ def test_cli_exits_2_with_a_message_on_bad_input(forgetting, tmp_path, capsys):
         assert sorted(forgetting.path("requests").glob("*.json")) == before
 
 
+@pytest.mark.slow  # make test keeps the node-loss resume (test_multinode) and the reconciler-kill test
 def test_a_job_killed_during_retraining_resumes_to_the_same_result(forgetting, tiny_config, tmp_path):
     """Kill the forget process in its retraining state, run it again: it completes, and the result
     equals training from scratch without everything forgotten so far."""

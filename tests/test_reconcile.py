@@ -209,7 +209,7 @@ def _status(handle):
 # --- repeated failures: failed, visible, retried or abandoned ----------------------------------------------
 
 
-@pytest.mark.slow  # ~2 minutes of repeated jobs: make test-slow; the kill and burst tests keep the reconciler in make test
+@pytest.mark.slow  # ~2 minutes of repeated jobs: make test-slow; the reconciler-kill test keeps the reconciler in make test
 def test_a_request_failing_the_same_way_is_failed_visibly_then_abandoned_or_retried(ray_session, tiny_config, work):
     config_path, workdir = work
     owners = _users_by_shard(workdir)
@@ -262,6 +262,7 @@ def test_a_request_failing_the_same_way_is_failed_visibly_then_abandoned_or_retr
 # --- twenty requests over HTTP ------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # ~2 minutes of rounds: make test-slow; make test keeps the reconciler-kill test
 def test_twenty_requests_posted_within_a_second_all_reach_done_in_at_most_two_rounds_per_shard(ray_session, tiny_config, work):
     from ray import serve
 
