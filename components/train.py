@@ -135,6 +135,7 @@ def checkpoint_path(checkpoint_dir: Path, stage: int) -> Path:
 
 def remove_checkpoint(checkpoint_dir: Path, stage: int) -> None:
     shutil.rmtree(checkpoint_dir / f"slice-{stage}", ignore_errors=True)
+    (checkpoint_dir / f"slice-{stage}.pt").unlink(missing_ok=True)  # a work dir trained before Ray Train checkpoints
 
 
 def read_checkpoint(checkpoint_dir: Path, stage: int) -> dict | None:

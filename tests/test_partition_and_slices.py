@@ -115,8 +115,10 @@ def test_resuming_from_a_slice_checkpoint_equals_training_straight_through(world
     remove_checkpoint(tmp_path / "a", 3)
     cut_short = checkpoint_path(tmp_path / "a", 2)  # a copy into storage interrupted by a failure
     cut_short.write_bytes(cut_short.read_bytes()[: cut_short.stat().st_size // 2])
+    legacy = tmp_path / "a" / "slice-3.pt"  # a checkpoint file as work dirs kept them before Ray Train
+    legacy.write_bytes(b"trained on data since forgotten")
     resumed = _train(world, config, train, tmp_path / "a")
-    assert resumed.restarted_from == 2
+    assert resumed.restarted_from == 2 and not legacy.exists()
     assert all(torch.equal(through.adapter[k], resumed.adapter[k]) for k in through.adapter)
     assert np.array_equal(through.valid_predictions, resumed.valid_predictions)
     assert through.losses == resumed.losses
