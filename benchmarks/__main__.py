@@ -1,7 +1,7 @@
 """`python -m benchmarks` (`make bench`): every benchmark in sequence, then one summary in which
 every figure is a ratio to its baseline measured in the same run.
 
-    python -m benchmarks                       # bench_data, bench_pass, bench_train, bench_serving, bench_forget, eval, bench_embedding
+    python -m benchmarks                       # simulate, bench_data, bench_pass, bench_train, bench_serving, bench_forget, eval, bench_embedding
     python -m benchmarks --only bench_forget   # a subset (names below, "eval" for the evaluation)
     python -m benchmarks --skip eval
 
@@ -21,6 +21,8 @@ five work dirs of SmolLM2 the first time: at configs/movielens.yaml (2026-12-03,
 bfloat16 kernels) APA took 30 minutes, the one-actor retrain baseline 33, SISA 31, the user
 partition 30 and LMEraser 39; with the store and the other benchmarks the whole run takes about
 260 minutes and overruns 75 (docs/results.md). bench_embedding runs last, on the evaluation's trained work dir.
+`simulate` runs first, in under a minute: the internet-scale simulation of docs/scale.md at its
+recommended plan against SISA and full retraining (no model, no store; its figures are simulated).
 """
 
 from __future__ import annotations
@@ -38,8 +40,9 @@ from benchmarks.common import ENV, MOVIELENS, ROOT, bench_dir, figure, shared_st
 from components.config import load_config
 
 EVAL = "eval"
-ORDER = ("bench_data", "bench_pass", "bench_train", "bench_serving", "bench_forget", EVAL, "bench_embedding")  # bench_embedding reads eval's work dir
+ORDER = ("simulate", "bench_data", "bench_pass", "bench_train", "bench_serving", "bench_forget", EVAL, "bench_embedding")  # bench_embedding reads eval's work dir
 SUBSETS = {"bench_train": ["--n-train", "512"], "bench_forget": ["--n-train", "512", "--n-valid", "64"]}
+NO_CONFIG = ("simulate",)  # benchmarks that read no config: they get no --config
 
 
 def run_module(name: str, config: Path) -> tuple[int, dict | None, float]:
@@ -50,7 +53,7 @@ def run_module(name: str, config: Path) -> tuple[int, dict | None, float]:
     result_file = bench_dir() / "results" / f"{name}.json"
     result_file.parent.mkdir(parents=True, exist_ok=True)
     result_file.unlink(missing_ok=True)
-    options = ["--config", str(config), *SUBSETS.get(name, [])]
+    options = [] if name in NO_CONFIG else ["--config", str(config), *SUBSETS.get(name, [])]
     print(f"\n### {name}: python -m benchmarks.{name} {' '.join(options)}", flush=True)
     started = time.time()
     rc = subprocess.call([sys.executable, "-m", f"benchmarks.{name}", *options], cwd=ROOT,
@@ -118,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     config = Path(args.config)
     store = None
-    if set(chosen) - {"bench_serving", "bench_data"}:  # they make up their own prompts and data
+    if set(chosen) - {"bench_serving", "bench_data", *NO_CONFIG}:  # they make up their own prompts and data
         store = shared_store(load_config(config)).root
         print(f"shared sample store {store} ready ({time.time() - started:.0f}s)", flush=True)
     outcomes = {}
