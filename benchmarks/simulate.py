@@ -1,7 +1,8 @@
 """The internet-scale plan, by simulation: forgetting at millions of users and thousands of requests
 a day, driven by shard training costs measured on this machine (benchmarks/simulate_inputs.json).
 
-    python -m benchmarks.simulate                      # the recommended plan: 10M users, 10,000 requests a day, K=16384, R=1, 800 workers
+    python -m benchmarks.simulate                      # the plan of docs/scale.md: 10M users, 10,000 requests a day
+    python -m benchmarks.simulate --partition semantic-user --workers 800   # the movielens config's partition
     python -m benchmarks.simulate --shards 1024 --slices 4 --workers 500 --round-interval 3600 --days 3
     python -m benchmarks.simulate --sweep --out docs   # docs/scale.png and docs/scale-sweep.md (docs/scale.md)
 
@@ -11,8 +12,10 @@ Poisson process, each naming one user, and three ways of forgetting serve them:
   once from the earliest affected slice (incremental slices: slice r on from checkpoint r-1), and
   ends when the last shard is retrained, plus the measured round overhead (mask, delete, register,
   publish, purge). The next round starts when one ends (round interval 0: what the reconciler
-  does) or at the next multiple of the interval. A user's samples share one shard (semantic-user,
-  drawn in proportion to shard size) and one slice (a hash of the user id);
+  does) or at the next multiple of the interval. A user's samples share one shard (drawn in
+  proportion to shard size) and one slice (a hash of the user id); shards are as unequal as the
+  measured semantic-user shards (`--partition semantic-user`) or as a hash of the user id makes
+  them (`user`);
 - sisa: SISA as its paper unlearns: random shards and slices per sample (a user's samples spread
   over shards), cumulative slices with SISA's epoch rule (2e/(R+1) epochs a stage, so training from
   scratch costs what unsliced training does), one request per round; sisa-batched: the same
@@ -43,6 +46,8 @@ INPUTS = Path(__file__).with_name("simulate_inputs.json")
 DAY = 86400.0
 MAX_REQUESTS = 2_000_000  # keeps one simulation under a minute
 METHODS = ("product", "sisa", "sisa-batched", "full-retrain")
+PARTITIONS = ("user", "semantic-user")
+PARTITION_OF = {"sisa": "random per sample", "sisa-batched": "random per sample", "full-retrain": "none"}  # the baselines' own
 
 
 @dataclass(frozen=True)
@@ -54,7 +59,8 @@ class Costs:
     per_sample: float  # per training sample, all epochs
     round_overhead: float
     samples_per_user: float
-    shard_size_cv: float
+    samples_per_user_std: float
+    shard_size_cv: float  # of semantic-user shards
     valid_samples: int
 
     def shard_seconds(self, samples, redone=1.0, valid: int | None = None):
@@ -70,7 +76,8 @@ def load_costs(path: Path = INPUTS) -> Costs:
     design = np.array([[r["shards"], r["shards"] * r["valid_samples"], r["samples"]] for r in rows], float)
     fixed, per_valid, per_sample = np.linalg.lstsq(design, np.array([r["seconds"] for r in rows], float), rcond=None)[0]
     return Costs(float(fixed), float(per_valid), float(per_sample), inputs["round_overhead_seconds"]["value"],
-                 inputs["samples_per_user"]["value"], inputs["shard_size_cv"]["value"], inputs["valid_samples"]["value"])
+                 inputs["samples_per_user"]["value"], inputs["samples_per_user"]["std"], inputs["shard_size_cv"]["value"],
+                 inputs["valid_samples"]["value"])
 
 
 def fit_checks(costs: Costs, path: Path = INPUTS) -> list[tuple[str, float, float]]:
@@ -89,9 +96,10 @@ def fit_checks(costs: Costs, path: Path = INPUTS) -> list[tuple[str, float, floa
 class Scenario:
     users: int = 10_000_000
     requests_per_day: float = 10_000
+    partition: str = "user"  # the product's shards: "user" (a hash of the user id) or "semantic-user"
     shards: int = 16384  # K (the defaults are docs/scale.md's recommendation)
     slices: int = 1  # R
-    workers: int = 800  # G: shard trainings at once
+    workers: int = 600  # G: shard trainings at once
     worker_speedup: float = 1.0  # a worker's speed against the measured CPU shard actor
     days: float = 7
     round_interval: float = 0.0  # seconds; 0: a round starts when the previous one ends
@@ -100,16 +108,17 @@ class Scenario:
 
     def problem(self, costs: Costs) -> str | None:
         """The first bad argument, named as on the command line, or None."""
-        limits = [("users", self.users >= 1, "at least 1"), ("requests-per-day", self.requests_per_day > 0, "positive"),
+        limits = [("partition", self.partition in PARTITIONS, " or ".join(PARTITIONS)),
+                  ("users", self.users >= 1, "at least 1"), ("requests-per-day", self.requests_per_day > 0, "positive"),
                   ("shards", self.shards >= 1, "at least 1"), ("slices", self.slices >= 1, "at least 1"),
                   ("workers", self.workers >= 1, "at least 1"), ("worker-speedup", self.worker_speedup > 0, "positive"),
                   ("days", self.days > 0, "positive"), ("round-interval", self.round_interval >= 0, "0 or more seconds"),
                   ("mask-cap", 0 < self.mask_cap <= 1, "in (0, 1]")]
         for name, ok, rule in limits:
             if not ok:
-                return f"--{name} must be {rule} (got {getattr(self, name.replace('-', '_')):g})"
+                return f"--{name} must be {rule} (got {getattr(self, name.replace('-', '_'))})"
         if self.shards > self.users * costs.samples_per_user:
-            return f"--shards {self.shards} is more than the {self.users * costs.samples_per_user:.0f} training samples of --users {self.users}"
+            return f"--shards {self.shards} is more than the {self.users * costs.samples_per_user:.0f} samples of --users {self.users}"
         if self.requests_per_day * self.days > MAX_REQUESTS:
             return f"--requests-per-day x --days is {self.requests_per_day * self.days:.0f} requests; at most {MAX_REQUESTS}"
         return None
@@ -136,8 +145,16 @@ def shard_sizes(samples: float, shards: int, cv: float, rng: np.random.Generator
     return samples * weights / weights.sum()
 
 
+def size_cv(s: Scenario, costs: Costs) -> float:
+    """How unequal the product's shards are: semantic-user as measured at K=4; user (a hash of the
+    user id) as a sum of about users/K users' sample counts."""
+    if s.partition == "semantic-user":
+        return costs.shard_size_cv
+    return math.sqrt((1 + (costs.samples_per_user_std / costs.samples_per_user) ** 2) * s.shards / s.users)
+
+
 def product_plan(s: Scenario, costs: Costs, n: int, rng: np.random.Generator) -> Plan:
-    sizes = shard_sizes(s.users * costs.samples_per_user, s.shards, costs.shard_size_cv, rng)
+    sizes = shard_sizes(s.users * costs.samples_per_user, s.shards, size_cv(s, costs), rng)
     shard = rng.choice(s.shards, size=n, p=sizes / sizes.sum())  # a shard's users in proportion to its samples
     return Plan("product", sizes, shard, rng.integers(s.slices, size=n), np.arange(n + 1),
                 lambda r: (s.slices - r) / s.slices, None, 1)
@@ -266,19 +283,21 @@ def simulate(s: Scenario, costs: Costs, method: str, arrivals: np.ndarray | None
     quarter = n // 4
     served = served_share(plan, rounds, span)
     return {
-        "method": method, **asdict(s), "requests": n, "rounds": len(rounds),
-        "p99_masked_s": float(np.percentile(masked_at - arrivals, 99)), "p50_done_h": float(np.percentile(wait, 50)) / 3600, "p99_done_h": float(np.percentile(wait, 99)) / 3600,
+        "method": method, **asdict(s), "partition": PARTITION_OF.get(method, s.partition), "requests": n, "rounds": len(rounds),
+        "p99_masked_s": float(np.percentile(masked_at - arrivals, 99)),
+        "p50_done_h": float(np.percentile(wait, 50)) / 3600, "p99_done_h": float(np.percentile(wait, 99)) / 3600,
         "compute_per_user_h": compute / n / 3600, "cluster_share": compute / (s.workers * span),
         "shards_per_round": float(np.mean([len(r[3][0]) for r in rounds])),
-        "served_mean": served["masked"][0], "served_worst": served["masked"][1], "served_mean_clean_prefix": served["clean-prefix"][0],
+        "served_mean": served["masked"][0], "served_worst": served["masked"][1],
+        "served_mean_clean_prefix": served["clean-prefix"][0],
         # a queue that grows: the last quarter of requests waits much longer than the second
         "keeps_up": bool(quarter == 0 or np.median(wait[3 * quarter:]) <= 1.5 * np.median(wait[quarter : 2 * quarter])),
     }
 
 
-COLUMNS = [("method", "method", "{}"), ("K", "shards", "{}"), ("R", "slices", "{}"), ("workers", "workers", "{}"),
-           ("speedup", "worker_speedup", "{:g}x"), ("interval s", "round_interval", "{:g}"),
-           ("mask cap", "mask_cap", "{:.0%}"), ("rounds", "rounds", "{}"), ("shards/round", "shards_per_round", "{:.1f}"),
+COLUMNS = [("method", "method", "{}"), ("partition", "partition", "{}"), ("K", "shards", "{}"), ("R", "slices", "{}"),
+           ("workers", "workers", "{}"), ("speedup", "worker_speedup", "{:g}x"), ("interval s", "round_interval", "{:g}"),
+           ("mask cap", "mask_cap", "{:.1%}"), ("rounds", "rounds", "{}"), ("shards/round", "shards_per_round", "{:.1f}"),
            ("masked p99 s", "p99_masked_s", "{:.3g}"), ("done p50 h", "p50_done_h", "{:.2f}"), ("done p99 h", "p99_done_h", "{:.2f}"),
            ("worker-h per user", "compute_per_user_h", "{:.3g}"), ("cluster on forgetting", "cluster_share", "{:.0%}"),
            ("served (masking)", "served_mean", "{:.1%}"), ("served worst", "served_worst", "{:.1%}"),
@@ -302,8 +321,8 @@ def describe_inputs(costs: Costs) -> str:
 def parse_args(argv: list[str] | None, costs: Costs) -> tuple[argparse.Namespace, Scenario]:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.simulate", description=__doc__.splitlines()[0])
     for field in fields(Scenario):
-        parser.add_argument(f"--{field.name.replace('_', '-')}", type=int if field.type == "int" else float, default=field.default,
-                            help=f"default {field.default:g}")
+        parser.add_argument(f"--{field.name.replace('_', '-')}", type={"int": int, "float": float, "str": str}[field.type],
+                            default=field.default, help=f"default {field.default}")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {', '.join(METHODS)}")
     parser.add_argument("--sweep", action="store_true", help="the sweeps of docs/scale.md: a plot and a markdown table in --out")
     parser.add_argument("--out", default="docs", help="folder for the sweep's scale.png and scale-sweep.md (default docs)")

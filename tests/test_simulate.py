@@ -106,7 +106,7 @@ def test_makespan_takes_tasks_in_order_on_the_first_free_worker():
 
 
 @pytest.mark.parametrize("argv, named", [
-    (["--shards", "0"], "--shards"), (["--slices", "0"], "--slices"), (["--workers", "-1"], "--workers"),
+    (["--partition", "random"], "--partition"), (["--shards", "0"], "--shards"), (["--slices", "0"], "--slices"), (["--workers", "-1"], "--workers"),
     (["--mask-cap", "1.5"], "--mask-cap"), (["--round-interval", "-5"], "--round-interval"),
     (["--methods", "product,nope"], "--methods"), (["--users", "10", "--shards", "100"], "--shards"),
     (["--requests-per-day", "1e9"], "--requests-per-day"), (["--days", "abc"], "--days"),
@@ -122,3 +122,10 @@ def test_the_command_prints_a_row_per_method(capsys):
     assert main(["--users", "100000", "--requests-per-day", "100", "--shards", "64", "--workers", "8", "--days", "1"]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "method" not in line]
     assert [row.split("|")[1].strip() for row in rows] == ["product", "sisa", "sisa-batched", "full-retrain"]
+
+
+def test_shards_as_unequal_as_the_measured_semantic_user_ones_take_longer_than_user_hash_shards():
+    user = simulate(SMALL, COSTS, "product")
+    semantic = simulate(Scenario(**{**SMALL.__dict__, "partition": "semantic-user"}), COSTS, "product")
+    assert semantic["p99_done_h"] > user["p99_done_h"]
+    assert semantic["served_mean"] < user["served_mean"]
