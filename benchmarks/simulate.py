@@ -36,9 +36,9 @@ import json
 import math
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -129,7 +129,6 @@ class Plan:
     """How one method shards, slices and batches: request i's hits (its samples in one shard) are
     hit_shard / hit_slice[offsets[i]:offsets[i + 1]]."""
 
-    name: str
     sizes: np.ndarray  # samples per shard
     hit_shard: np.ndarray
     hit_slice: np.ndarray
@@ -140,7 +139,7 @@ class Plan:
 
 
 def shard_sizes(samples: float, shards: int, cv: float, rng: np.random.Generator) -> np.ndarray:
-    """Shard sizes as unbalanced as measured (lognormal with the measured coefficient of variation)."""
+    """Shard sizes summing to `samples`, lognormal with coefficient of variation `cv`."""
     weights = rng.lognormal(0.0, math.sqrt(math.log1p(cv**2)), shards) if shards > 1 else np.ones(1)
     return samples * weights / weights.sum()
 
@@ -156,7 +155,7 @@ def size_cv(s: Scenario, costs: Costs) -> float:
 def product_plan(s: Scenario, costs: Costs, n: int, rng: np.random.Generator) -> Plan:
     sizes = shard_sizes(s.users * costs.samples_per_user, s.shards, size_cv(s, costs), rng)
     shard = rng.choice(s.shards, size=n, p=sizes / sizes.sum())  # a shard's users in proportion to its samples
-    return Plan("product", sizes, shard, rng.integers(s.slices, size=n), np.arange(n + 1),
+    return Plan(sizes, shard, rng.integers(s.slices, size=n), np.arange(n + 1),
                 lambda r: (s.slices - r) / s.slices, None, 1)
 
 
@@ -167,13 +166,13 @@ def sisa_plan(s: Scenario, costs: Costs, n: int, rng: np.random.Generator, batch
     total = int(per_user.sum())
     sizes = np.full(s.shards, s.users * costs.samples_per_user / s.shards)
     R = s.slices
-    return Plan("sisa-batched" if batched else "sisa", sizes, rng.integers(s.shards, size=total), rng.integers(R, size=total),
-                np.r_[0, np.cumsum(per_user)], lambda r: 1.0 - r * (r + 1) / (R * (R + 1)), None if batched else 1, 1)
+    return Plan(sizes, rng.integers(s.shards, size=total), rng.integers(R, size=total), np.r_[0, np.cumsum(per_user)],
+                lambda r: 1.0 - r * (r + 1) / (R * (R + 1)), None if batched else 1, 1)
 
 
 def full_retrain_plan(s: Scenario, costs: Costs, n: int) -> Plan:
-    return Plan("full-retrain", np.array([s.users * costs.samples_per_user]), np.zeros(n, int), np.zeros(n, int),
-                np.arange(n + 1), lambda r: np.ones_like(r, float), None, s.workers)
+    return Plan(np.array([s.users * costs.samples_per_user]), np.zeros(n, int), np.zeros(n, int), np.arange(n + 1),
+                lambda r: np.ones_like(r, float), None, s.workers)
 
 
 def makespan(durations: np.ndarray, workers: int) -> float:
@@ -283,7 +282,8 @@ def simulate(s: Scenario, costs: Costs, method: str, arrivals: np.ndarray | None
     quarter = n // 4
     served = served_share(plan, rounds, span)
     return {
-        "method": method, **asdict(s), "partition": PARTITION_OF.get(method, s.partition), "requests": n, "rounds": len(rounds),
+        "method": method, **asdict(s), "partition": PARTITION_OF.get(method, s.partition), "shards": len(plan.sizes),
+        "slices": 1 if method == "full-retrain" else s.slices, "requests": n, "rounds": len(rounds),
         "p99_masked_s": float(np.percentile(masked_at - arrivals, 99)),
         "p50_done_h": float(np.percentile(wait, 50)) / 3600, "p99_done_h": float(np.percentile(wait, 99)) / 3600,
         "compute_per_user_h": compute / n / 3600, "cluster_share": compute / (s.workers * span),
@@ -311,9 +311,10 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def describe_inputs(costs: Costs) -> str:
-    lines = [f"shard training on one worker = {costs.fixed:.1f} s + {costs.per_valid:.4f} s x validation samples "
-             f"+ {costs.per_sample:.4f} s x training samples (2 epochs); round overhead {costs.round_overhead:.1f} s; "
-             f"{costs.samples_per_user:.2f} samples a user; shard sizes' CV {costs.shard_size_cv:.2f} (inputs: {INPUTS.name})"]
+    lines = [(f"shard training on one worker = {costs.fixed:.1f} s + {costs.per_valid:.4f} s x validation samples "
+              f"+ {costs.per_sample:.4f} s x training samples (2 epochs); round overhead {costs.round_overhead:.1f} s; "
+              f"{costs.samples_per_user:.2f} samples a user; semantic-user shard sizes' CV {costs.shard_size_cv:.2f} "
+              f"(inputs: {INPUTS.name})")]
     lines += [f"  check, {what}: predicted {predicted:.1f}, measured {measured:.1f}" for what, predicted, measured in fit_checks(costs)]
     return "\n".join(lines)
 

@@ -69,7 +69,7 @@ def plot(lines: dict, baselines: dict, workers: list[dict], caps: list[dict], sp
     axes[0][2].plot(SHARDS, [row["served_mean_clean_prefix"] * 100 for row in lines["product R=4"]], marker="x", linestyle=":",
                     label="product R=4, serving clean prefixes")
     axes[0][0].legend(fontsize=7)
-    axes[0][2].legend(fontsize=7)
+    axes[0][2].legend(fontsize=7, loc="lower right")
     _workers_panel(axes[1][0], workers)
     _cap_panel(axes[1][1], caps)
     ax = axes[1][2]

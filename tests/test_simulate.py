@@ -38,7 +38,7 @@ def test_one_request_costs_one_shard_retrain_from_its_slice():
     done, masked_at, rounds = run_rounds(plan, s, COSTS, np.array([100.0]))
     shard, slice_ = plan.hit_shard[0], plan.hit_slice[0]
     expected = COSTS.fixed + COSTS.per_valid * 500 + COSTS.per_sample * plan.sizes[shard] * (4 - slice_) / 4
-    [(start, end, compute, (touched, _, _))] = rounds
+    [(_, _, compute, (touched, _, _))] = rounds
     assert compute == pytest.approx(expected)
     assert list(touched) == [shard]
     assert done[0] == pytest.approx(100.0 + expected + COSTS.round_overhead)
