@@ -21,7 +21,7 @@ five work dirs of SmolLM2 the first time: at configs/movielens.yaml (2026-12-03,
 bfloat16 kernels) APA took 30 minutes, the one-actor retrain baseline 33, SISA 31, the user
 partition 30 and LMEraser 39; with the store and the other benchmarks the whole run takes about
 260 minutes and overruns 75 (docs/results.md). bench_embedding runs last, on the evaluation's trained work dir.
-`simulate` runs first, in under a minute: the internet-scale simulation of docs/scale.md at its
+`simulate` runs first (15 s of CPU): the internet-scale simulation of docs/scale.md at its
 recommended plan against SISA and full retraining (no model, no store; its figures are simulated).
 """
 

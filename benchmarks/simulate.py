@@ -325,7 +325,8 @@ def parse_args(argv: list[str] | None, costs: Costs) -> tuple[argparse.Namespace
         parser.add_argument(f"--{field.name.replace('_', '-')}", type={"int": int, "float": float, "str": str}[field.type],
                             default=field.default, help=f"default {field.default}")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {', '.join(METHODS)}")
-    parser.add_argument("--sweep", action="store_true", help="the sweeps of docs/scale.md: a plot and a markdown table in --out")
+    parser.add_argument("--sweep", action="store_true",
+                        help="the sweeps of docs/scale.md (their own scenarios): a plot and a markdown table in --out")
     parser.add_argument("--out", default="docs", help="folder for the sweep's scale.png and scale-sweep.md (default docs)")
     args = parser.parse_args(argv)
     scenario = Scenario(**{f.name: getattr(args, f.name) for f in fields(Scenario)})
