@@ -41,6 +41,7 @@ from components.model import (
     STATE_DTYPES,
     answer_token_ids,
     embed,
+    load_base_model,
     load_tokenizer,
     tokenize,
     trunk_pass,
@@ -343,7 +344,8 @@ def move_samples(workdir: Workdir, moves: pd.DataFrame) -> None:
 
 
 def fit_partitioner(config: Config, workdir: Workdir, model, tokenizer) -> Partitioner:
-    """The public partitioner, fitted once on catalogue prompts (no user data) and cached."""
+    """The public partitioner, fitted once on catalogue prompts (no user data) and cached. `model`
+    None: the base model is loaded only if a partitioner must be fitted on embeddings."""
     if workdir.partitioner.exists():
         return Partitioner.load(workdir.partitioner)
     reference = None
@@ -351,7 +353,7 @@ def fit_partitioner(config: Config, workdir: Workdir, model, tokenizer) -> Parti
         _, items = load_interactions_and_items(config.data)
         prompts = reference_prompts(items, config.partition.reference_size, config.data.history_len, config.seed,
                                     config.data.prompt)
-        reference = embed(model, tokenizer, prompts, config.model)
+        reference = embed(model or load_base_model(config.model, config.seed, tokenizer), tokenizer, prompts, config.model)
     partitioner = Partitioner.fit(config.partition, config.seed, reference)
     workdir.partitioner.parent.mkdir(parents=True, exist_ok=True)
     partitioner.save(workdir.partitioner)

@@ -18,7 +18,7 @@ from components.baselines import baseline_config
 from components.config import Config
 from components.data import read_parquet
 from components.metrics import auc, bar_figure, close, loss_curve_figure
-from components.model import load_base_model, load_tokenizer, make_deterministic
+from components.model import load_tokenizer, make_deterministic
 from components.registry import Registry, RegistryConflict, keep_own_registry
 from components.store import Workdir, fit_partitioner, load_splits, prepare, remove_samples, write_json, write_shards
 from components.train import learning_rate
@@ -89,16 +89,14 @@ def run(config: Config, workdir: Workdir, exclude_users=(), exclude_interactions
     registry.claim()
     make_deterministic(max(1, int(config.train.cpus_per_actor)))
     tokenizer = load_tokenizer(config.model)
-    model = load_base_model(config.model, config.seed, tokenizer)
     store_pass = StorePass(config, workdir, tokenizer)
-    prepare(config, workdir, model, tokenizer, states_from=states_from, compute=store_pass)
+    prepare(config, workdir, None, tokenizer, states_from=states_from, compute=store_pass)
     if exclude_users or exclude_interactions:
         removed = remove_samples(workdir, set(exclude_users), set(exclude_interactions))
         print(f"excluded {sum(map(len, removed.values()))} sample(s) of the given users/interactions", flush=True)
-    partitioner = fit_partitioner(config, workdir, model, tokenizer)
+    partitioner = fit_partitioner(config, workdir, None, tokenizer)  # the base model only if it fits one
     splits = load_splits(workdir)
     sizes = write_shards(config, workdir, splits["train"], partitioner)
-    del model
     print(f"{config.partition.method} partition: shard sizes {sizes}", flush=True)
 
     results = train_shards(config, workdir, sorted(sizes))
