@@ -45,7 +45,8 @@ from peft import get_peft_model  # noqa: E402
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict  # noqa: E402
 
 from benchmarks.common import MOVIELENS, figure, finish, limit  # noqa: E402
-from components.aggregate import AggregatorState, MixtureModel, ServedSet, apa_weights, predict  # noqa: E402
+from components.aggregate import AggregatorState, ServedSet, apa_weights, predict  # noqa: E402
+from components.mixture import MixtureModel  # noqa: E402
 from components.architectures import lora_targets  # noqa: E402
 from components.config import Config, load_config  # noqa: E402
 from components.model import (  # noqa: E402

@@ -126,7 +126,7 @@ def tau_rows(config: Config, workdir: Workdir, taus: list[float]) -> list[dict]:
     merged as `config.aggregate.method` says (decomposed, or else non-decomposed)."""
     import torch
 
-    from components.aggregate import AggregatorState, apa_weights, load_mixture, stored_inputs
+    from components.aggregate import AggregatorState, aggregation, apa_weights, load_mixture, stored_inputs
     from components.model import load_base_model, load_tokenizer, make_deterministic
     from ray_jobs.evaluate import LiveSet
 
@@ -148,7 +148,7 @@ def tau_rows(config: Config, workdir: Workdir, taus: list[float]) -> list[dict]:
                 weights[tau].append(apa_weights(state.embeddings[i:i + 1], others, config.aggregate.neighbours, tau)[0])
         for tau in taus:
             scores = torch.cat([mixture.p_yes(stored_inputs(states[a:a + 16], embeddings[a:a + 16]), torch.stack(weights[tau][a:a + 16]),
-                                              decomposed=config.aggregate.method == "decomposed")
+                                              decomposed=aggregation(config.aggregate.method).decomposed)
                                 for a in range(0, n, 16)]).numpy()
             labels = valid["label"].to_numpy()
             rows.append({"tau": tau, "valid_auc": auc(labels, scores), "interval": auc_interval(labels, scores, seed=0)})

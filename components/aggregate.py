@@ -1,22 +1,17 @@
-"""Aggregation of the K shard adapters: the weights (APA attention, routing, uniform) and the
-parameter-level mixture that applies them in one forward pass.
+"""Aggregation of the K shard adapters: the weights of each method (APA attention, routing,
+uniform, SISA's average) and the one entry point, `predict`, that serving, evaluation and
+verification use; the mixture that applies the weights in one forward pass is components.mixture.
 
 APA, for a request x with frozen embedding e(x) (from the trunk's pass, components.model):
     neighbours  = the n validation samples most similar to e(x) (cosine)
     error_k     = mean over neighbours of |label - P_k(yes)|   (P_k cached per adapter version)
     w           = softmax(-tau * error) over unmasked shards; a masked shard gets 0
-Mixture, in place of every adapted linear layer (W x is the frozen layer):
-    non-decomposed: W x + sum_k w_k s_k B_k (A_k x)
-    decomposed:     W x + s (sum_k w_k B_k)(sum_k w_k A_k) x
-Each row of a batch carries its own w; A and B of all adapters are stacked, so the sum is a few
-batched matmuls and no merged weight is ever built per request.
+(`apa_weights`). Each method is a small `Aggregation` object in AGGREGATIONS: the one place to add one.
 """
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterable
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from components.model import TrunkOutput, answer_token_ids, head_logits, p_yes, pad_states, tokenize, trunk_pass
+from components.mixture import MixtureModel
+from components.model import TrunkOutput, pad_states
 from components.train import save_atomic
 
 STATE_FILE = "state.pt"
@@ -106,133 +102,7 @@ def routing_weights(ranking: np.ndarray, shards: list[int], masked: set[int] = f
     return weights
 
 
-# --- the mixture layers ---------------------------------------------------------------------------
-
-
-class MixtureLoRALinear(nn.Module):
-    """A frozen linear layer plus K stacked LoRA adapters mixed per row of the batch.
-
-    Non-decomposed, the K adapters are one rank-(K r) adapter: A_cat = [A_1; ...; A_K] and
-    B_cat = [B_1 ... B_K], and a row's weights scale its K blocks of r intermediate features:
-        sum_k w_k s_k B_k (A_k x) = B_cat (diag(repeat(w s, r)) (A_cat x))
-    Two matmuls for the whole batch, whatever K; the [batch, tokens, K r] intermediate is small.
-    """
-
-    def __init__(self, base: nn.Linear, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: torch.Tensor):
-        super().__init__()
-        self.base = base
-        self.register_buffer("lora_a", lora_a)  # [K, r, in]
-        self.register_buffer("lora_b", lora_b)  # [K, out, r]
-        self.register_buffer("scaling", scaling)  # [K]
-        k, r, d_in = lora_a.shape
-        self.rank = r
-        self.register_buffer("a_cat", lora_a.reshape(k * r, d_in).contiguous(), persistent=False)  # [K r, in]
-        self.register_buffer("b_cat", lora_b.permute(1, 0, 2).reshape(lora_b.shape[1], k * r).contiguous(), persistent=False)  # [out, K r]
-        self.weights: torch.Tensor | None = None  # [batch, K]; None = frozen base only
-        self.decomposed = False
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base(x)
-        if self.weights is None:
-            return out
-        w = self.weights.to(x.dtype)
-        if w.shape[0] != x.shape[0]:
-            raise ValueError(f"mixture weights for {w.shape[0]} rows, input has {x.shape[0]}")
-        row = (w.shape[0],) + (1,) * (x.dim() - 2)  # broadcast a row's weights over its tokens
-        if self.decomposed:
-            a = torch.einsum("bk,kri->bri", w, self.lora_a)  # sum_k w_k A_k, per row: [b, r, in]
-            b = torch.einsum("bk,kor->bor", w, self.lora_b)  # sum_k w_k B_k, per row: [b, out, r]
-            x3 = x.reshape(x.shape[0], -1, x.shape[-1])
-            delta = torch.matmul(torch.matmul(x3, a.transpose(1, 2)), b.transpose(1, 2)) * self.scaling[0]
-            return out + delta.reshape(out.shape)
-        ws = (w * self.scaling.to(x.dtype)).repeat_interleave(self.rank, dim=1)  # [b, K r]
-        hidden = nn.functional.linear(x, self.a_cat) * ws.reshape(*row, -1)
-        return out + nn.functional.linear(hidden, self.b_cat)
-
-
-def _lora_layers(adapter: dict[str, torch.Tensor]) -> list[str]:
-    """Module paths (relative to the causal LM) of the layers an adapter's LoRA state adapts."""
-    suffix = ".lora_A.weight"
-    return sorted(k[len("base_model.model.") : -len(suffix)] for k in adapter if k.endswith(suffix))
-
-
-class MixtureModel:
-    """One frozen base model with all K shard adapters attached as mixture layers (LoRA) or as a
-    stack of soft prompts (prompt tuning). The trunk runs once per batch; one pass of the head
-    serves a batch of mixed requests."""
-
-    def __init__(self, base: nn.Module, tokenizer, adapters: dict[int, dict[str, torch.Tensor]], scaling: float,
-                 model_config):
-        self.model, self.tokenizer, self.model_config = base, tokenizer, model_config
-        if not adapters:
-            raise ValueError("a mixture needs at least one adapter")
-        self.shards = sorted(adapters)
-        self.yes_id, self.no_id = answer_token_ids(tokenizer, model_config)
-        # The mixture weights are set on the shared modules for the duration of a forward: one
-        # forward at a time per model (threads of a server included).
-        self.lock = threading.RLock()
-        stacked = [adapters[k] for k in self.shards]
-        self.prompts = None
-        self.layers: list[MixtureLoRALinear] = []
-        if "prompt_embeddings" in stacked[0]:
-            self.prompts = torch.stack([a["prompt_embeddings"] for a in stacked])  # [K, v, hidden]
-            return
-        for path in _lora_layers(stacked[0]):
-            parent_path, name = path.rsplit(".", 1)
-            parent = base.get_submodule(parent_path)
-            linear = getattr(parent, name)
-            linear = linear.base if isinstance(linear, MixtureLoRALinear) else linear
-            # In the base layer's dtype: a bfloat16 or float16 model mixes in its own precision.
-            a = torch.stack([ad[f"base_model.model.{path}.lora_A.weight"] for ad in stacked]).to(linear.weight.dtype)
-            b = torch.stack([ad[f"base_model.model.{path}.lora_B.weight"] for ad in stacked]).to(linear.weight.dtype)
-            layer = MixtureLoRALinear(linear, a, b, torch.full((len(stacked),), float(scaling)))
-            setattr(parent, name, layer)
-            self.layers.append(layer)
-
-    @contextmanager
-    def mixing(self, weights: torch.Tensor | None, decomposed: bool = False):
-        with self.lock:
-            for layer in self.layers:
-                layer.weights, layer.decomposed = weights, decomposed
-            try:
-                yield
-            finally:
-                for layer in self.layers:
-                    layer.weights = None
-
-    @torch.no_grad()
-    def encode(self, prompts: list[str]) -> TrunkOutput:
-        """The trunk's pass over a batch of prompts: states for the head and the embedding for
-        the weights, both from one forward."""
-        with self.lock:  # with trunk_layers 0 the trunk's layers are mixture layers: keep them unmixed
-            return trunk_pass(self.model, tokenize(self.tokenizer, prompts, self.model_config.max_length), self.model_config)
-
-    @torch.no_grad()
-    def p_yes(self, inputs: TrunkOutput, weights: torch.Tensor, decomposed: bool = False) -> torch.Tensor:
-        """P(yes) of each row under its own mixture weights [batch, K]."""
-        if self.prompts is not None:
-            if weights.shape != (len(inputs), len(self.shards)):
-                raise ValueError(f"weights of shape {tuple(weights.shape)} for {len(inputs)} rows and {len(self.shards)} shards")
-            prompt = torch.einsum("bk,kvh->bvh", weights.to(self.prompts.dtype), self.prompts)
-            return p_yes(head_logits(self.model, inputs.states, inputs.mask, self.model_config, prompt), self.yes_id, self.no_id)
-        with self.mixing(weights, decomposed):
-            return p_yes(head_logits(self.model, inputs.states, inputs.mask, self.model_config), self.yes_id, self.no_id)
-
-    @torch.no_grad()
-    def p_yes_averaged(self, inputs: TrunkOutput, masked: set[int] = frozenset()) -> torch.Tensor:
-        """SISA: K passes of the head, one per unmasked adapter, and the mean of their P(yes)."""
-        live = [i for i, k in enumerate(self.shards) if k not in masked]
-        if not live:
-            raise ValueError("every shard is masked: no adapter may serve")
-        total = torch.zeros(len(inputs))
-        for i in live:
-            one_hot = torch.zeros(len(inputs), len(self.shards))
-            one_hot[:, i] = 1.0
-            total += self.p_yes(inputs, one_hot)
-        return total / len(live)
-
-
-# --- one entry point for every method: serving, evaluation and verification use it -------------
+# --- the mixture of a set's adapters, and stored samples as its input ----------------------------
 
 
 def load_mixture(config, adapter_files: dict[int, Path], tokenizer, base: nn.Module | None = None) -> MixtureModel:
@@ -251,20 +121,102 @@ def stored_inputs(states: list[torch.Tensor], embeddings) -> TrunkOutput:
     return TrunkOutput(padded, mask, torch.as_tensor(np.stack(list(embeddings))).float())
 
 
-def mixture_weights(config, mixture: MixtureModel, inputs: TrunkOutput, state: AggregatorState | None, partitioner,
-                    masked: set[int] = frozenset(), method: str | None = None) -> torch.Tensor:
-    """The per-row shard weights [batch, K] of `method` (default config.aggregate.method)."""
-    method = method or config.aggregate.method
-    if method in ("uniform", "average"):
+# --- the methods: one object each, one registry --------------------------------------------------
+
+
+class Aggregation:
+    """One aggregation method: the per-row shard weights [batch, K] of a batch, how the mixture
+    turns them into P(yes), and what an adapter set must hold for it. Subclass and add to
+    AGGREGATIONS to add a method (and to AggregateConfig.method's choices)."""
+
+    name = ""
+    decomposed = False  # the mixture's merge: (sum_k w_k B_k)(sum_k w_k A_k) instead of sum_k w_k B_k A_k
+
+    def check(self, version: str, shards: list[int], state: AggregatorState | None, partitioner) -> None:
+        """Raise ValueError if adapter set `version` (of `shards`) lacks what the method needs."""
+
+    def weights(self, config, mixture: MixtureModel, inputs: TrunkOutput, state: AggregatorState | None, partitioner,
+                masked: set[int]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def p_yes(self, mixture: MixtureModel, inputs: TrunkOutput, weights: torch.Tensor, masked: set[int]) -> torch.Tensor:
+        return mixture.p_yes(inputs, weights, decomposed=self.decomposed)
+
+
+class Attention(Aggregation):
+    """APA: attention over the shards (apa_weights), non-decomposed parameter-level merge."""
+
+    name = "attention"
+
+    def check(self, version, shards, state, partitioner):
+        if state is None or state.shards() != shards:
+            raise ValueError(f"adapter set {version}: aggregation {self.name!r} needs the aggregator state of "
+                             f"shards {shards}, found {None if state is None else state.shards()}")
+
+    def weights(self, config, mixture, inputs, state, partitioner, masked):
+        if state is None or state.shards() != mixture.shards:
+            raise ValueError(f"the aggregator state covers shards {None if state is None else state.shards()}, "
+                             f"the adapters are {mixture.shards}")
+        return apa_weights(inputs.embedding, state, config.aggregate.neighbours, config.aggregate.tau, masked)
+
+
+class Decomposed(Attention):
+    """APA's attention with the decomposed merge: (sum_k w_k B_k)(sum_k w_k A_k)."""
+
+    name, decomposed = "decomposed", True
+
+
+class Uniform(Aggregation):
+    """Equal weights over the unmasked shards, one merged forward (parameter averaging)."""
+
+    name = "uniform"
+
+    def weights(self, config, mixture, inputs, state, partitioner, masked):
         return uniform_weights(len(inputs), mixture.shards, masked)
-    if method == "routing":
+
+
+class Average(Uniform):
+    """SISA: K head passes, one per unmasked adapter, and the mean of their P(yes)."""
+
+    name = "average"
+
+    def p_yes(self, mixture, inputs, weights, masked):
+        return mixture.p_yes_averaged(inputs, masked)
+
+
+class Routing(Aggregation):
+    """LMEraser: all weight on the shard of the nearest public prototype."""
+
+    name = "routing"
+
+    def check(self, version, shards, state, partitioner):
+        if partitioner is None or partitioner.centroids is None:
+            raise ValueError(f"adapter set {version}: routing needs the public semantic/adaptive partitioner")
+
+    def weights(self, config, mixture, inputs, state, partitioner, masked):
         if partitioner is None or partitioner.centroids is None:
             raise ValueError(f"routing needs a semantic or adaptive partitioner (this one is {getattr(partitioner, 'method', None)!r})")
         return routing_weights(partitioner.ranking(inputs.embedding.numpy()), mixture.shards, masked)
-    if state is None or state.shards() != mixture.shards:
-        raise ValueError(f"the aggregator state covers shards {None if state is None else state.shards()}, "
-                         f"the adapters are {mixture.shards}")
-    return apa_weights(inputs.embedding, state, config.aggregate.neighbours, config.aggregate.tau, masked)
+
+
+AGGREGATIONS: dict[str, Aggregation] = {m.name: m for m in (Attention(), Decomposed(), Uniform(), Average(), Routing())}
+
+
+def aggregation(name: str) -> Aggregation:
+    """The method object named `name` (config.aggregate.method's values)."""
+    try:
+        return AGGREGATIONS[name]
+    except KeyError:
+        raise ValueError(f"unknown aggregation method {name!r}: choose from {', '.join(AGGREGATIONS)}") from None
+
+
+# --- one entry point for every method: serving, evaluation and verification use it -------------
+
+
+def mixture_weights(config, mixture: MixtureModel, inputs: TrunkOutput, state: AggregatorState | None, partitioner,
+                    masked: set[int] = frozenset(), method: str | None = None) -> torch.Tensor:
+    """The per-row shard weights [batch, K] of `method` (default config.aggregate.method)."""
+    return aggregation(method or config.aggregate.method).weights(config, mixture, inputs, state, partitioner, masked)
 
 
 @torch.no_grad()
@@ -272,14 +224,11 @@ def predict(config, mixture: MixtureModel, batches: Iterable[TrunkOutput], state
             masked: set[int] = frozenset(), method: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """P(yes) and the shard weights of every row of `batches` (trunk outputs: of prompts, from
     `MixtureModel.encode`, or of stored samples, from `stored_inputs`) under an aggregation method."""
-    method = method or config.aggregate.method
+    strategy = aggregation(method or config.aggregate.method)
     scores, weights = [], []
     for inputs in batches:
-        w = mixture_weights(config, mixture, inputs, state, partitioner, masked, method)
-        if method == "average":
-            scores.append(mixture.p_yes_averaged(inputs, masked))
-        else:
-            scores.append(mixture.p_yes(inputs, w, decomposed=method == "decomposed"))
+        w = strategy.weights(config, mixture, inputs, state, partitioner, masked)
+        scores.append(strategy.p_yes(mixture, inputs, w, masked))
         weights.append(w)
     if not scores:
         return np.zeros(0), np.zeros((0, len(mixture.shards)))
@@ -336,11 +285,7 @@ def load_served_set(config, adapter_set, tokenizer=None) -> ServedSet:
     state = AggregatorState.load(state_dir) if (state_dir / STATE_FILE).exists() else None
     partitioner = Partitioner.load(state_dir / "partitioner.npz") if (state_dir / "partitioner.npz").exists() else None
     method = config.aggregate.method
-    if method in ("attention", "decomposed") and (state is None or state.shards() != sorted(adapters)):
-        raise ValueError(f"adapter set {adapter_set.version}: aggregation {method!r} needs the aggregator state of "
-                         f"shards {sorted(adapters)}, found {None if state is None else state.shards()}")
-    if method == "routing" and (partitioner is None or partitioner.centroids is None):
-        raise ValueError(f"adapter set {adapter_set.version}: routing needs the public semantic/adaptive partitioner")
+    aggregation(method).check(adapter_set.version, sorted(adapters), state, partitioner)
     from components.model import load_base_model
 
     base = load_base_model(config.model, config.seed, tokenizer)

@@ -230,6 +230,7 @@ class InferenceConfig(Section):
 
 
 class AggregateConfig(Section):
+    # The names of components.aggregate.AGGREGATIONS (tests/test_aggregate.py checks they agree).
     method: Literal["attention", "decomposed", "uniform", "routing", "average"] = "attention"
     neighbours: int = Field(20, ge=1)
     tau: float = Field(1000.0, ge=0)

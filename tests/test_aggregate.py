@@ -2,6 +2,7 @@
 adapters, checked against explicit formulas and against peft itself. Fast: no Ray, tiny model."""
 
 import copy
+from typing import get_args
 
 import numpy as np
 import pytest
@@ -12,9 +13,8 @@ from torch import nn
 from transformers import LlamaForCausalLM
 
 from components.aggregate import (
+    AGGREGATIONS,
     AggregatorState,
-    MixtureLoRALinear,
-    MixtureModel,
     apa_weights,
     candidate_prompts,
     history_split,
@@ -25,8 +25,9 @@ from components.aggregate import (
     uniform_weights,
     unknown_items,
 )
-from components.config import DEFAULT_PROMPT, load_config
+from components.config import DEFAULT_PROMPT, AggregateConfig, load_config
 from components.data import build_prompt
+from components.mixture import MixtureLoRALinear, MixtureModel
 from components.model import head_dtype, head_logits, load_base_model, load_tokenizer, p_yes, pad_states, positions, tokenize, trunk_pass
 from components.partition import Partitioner
 from components.train import lora_config
@@ -327,6 +328,8 @@ def test_mixture_weights_dispatch_every_method(tiny):
         torch.testing.assert_close(w.sum(1), torch.ones(rows))
     with pytest.raises(ValueError, match="aggregator state"):
         mixture_weights(config, mixture, batch, _state(k=2, d=hidden), partitioner, method="attention")
+    # one registry of methods, and the config offers exactly those
+    assert set(AGGREGATIONS) == set(get_args(AggregateConfig.model_fields["method"].annotation))
 
 
 # --- serving helpers -----------------------------------------------------------------------------------
