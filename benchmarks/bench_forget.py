@@ -95,7 +95,7 @@ def forget_one(config, config_file, workdir: Workdir, user: str, request_id: str
 
 def run(config_path: str, workdir: str | None = None, sizes: dict | None = None, n_users: int = 12, states_from=None) -> dict:
     from ray_jobs import forget as forget_job
-    from ray_jobs.train import run as train_job
+    from ray_jobs.orchestration import train_workdir as train_job
 
     offline()
     started = time.time()

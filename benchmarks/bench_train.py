@@ -68,7 +68,7 @@ def train_actors(config: Config, workdirs: list[Workdir], shard: int) -> list[di
 
 def run(config_path: str, workdir: str | None = None, sizes: dict | None = None, states_from=None) -> dict:
     from components.baselines import baseline_config
-    from ray_jobs.train import run as train_job
+    from ray_jobs.orchestration import train_workdir as train_job
 
     offline()
     started = time.time()

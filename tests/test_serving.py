@@ -333,7 +333,7 @@ def test_every_shard_masked_is_503_not_500(served):
 
 
 def test_switching_the_live_set_while_requests_run_fails_none(served, tmp_path):
-    from ray_jobs.train import publish_adapter_set
+    from ray_jobs.orchestration import publish_adapter_set
 
     old = served.client.adapters()["adapter_set_version"]
     body = {"history": HISTORY, "candidates": CANDIDATES[:3]}
