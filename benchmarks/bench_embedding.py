@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     args = p.parse_args(argv)
     offline()
-    from ray_jobs.evaluate import LiveSet  # the live adapter set, as the evaluation loads it
+    from ray_jobs.evaluation.scoring import LiveSet  # the live adapter set, as the evaluation loads it
 
     started = time.time()
     config = load_config(args.config)

@@ -128,7 +128,7 @@ def tau_rows(config: Config, workdir: Workdir, taus: list[float]) -> list[dict]:
 
     from components.aggregate import AggregatorState, aggregation, apa_weights, load_mixture, stored_inputs
     from components.model import load_base_model, load_tokenizer, make_deterministic
-    from ray_jobs.evaluate import LiveSet
+    from ray_jobs.evaluation.scoring import LiveSet  # the live adapter set, as the evaluation loads it
 
     make_deterministic(2)
     with LiveSet(config, workdir) as live:

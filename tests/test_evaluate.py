@@ -15,6 +15,7 @@ from sklearn.metrics import roc_auc_score
 
 from components.aggregate import AggregatorState, load_mixture, predict, stored_inputs
 from components.data import SPLITS, interaction_id, load_interactions_and_items, read_parquet, write_parquet
+from components.eval_report import floor_verdict
 from components.metrics import auc, paired_difference_interval
 from components.model import load_base_model, load_tokenizer
 from components.partition import Partitioner
@@ -237,7 +238,7 @@ def test_a_store_without_the_history_counts_is_evaluated_without_the_history_flo
     assert np.load(workdir.path(rows["floor-item"]["predictions"])).tolist() == [1.0, 0.0, 0.75, 1.0]
     assert rows["floor-item"]["auc"] == 1.0
     report = {"methods": {"retrain": {"auc": 0.6}, **rows}, "floors_skipped": skipped, "paired": {}}
-    assert evaluate_job.floor_verdict(report) == f"Retrain against the no-model floors: only floor-item 1.0000 could be computed ({skipped})."
+    assert floor_verdict(report) == f"Retrain against the no-model floors: only floor-item 1.0000 could be computed ({skipped})."
 
 
 @pytest.mark.parametrize("methods", ["apa,bogus", "shard-x", ","])
