@@ -140,7 +140,7 @@ def measure_replicas(args, config: Config) -> dict[int, float]:
         ray.shutdown()
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None):
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_serving", description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(MOVIELENS), help="model, trunk and adapter (default configs/movielens.yaml)")
     parser.add_argument("--shards", type=int, default=4, help="K")
@@ -150,13 +150,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--throughput-rounds", type=int, default=4)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    started = time.time()
+    return parser.parse_args(argv)
 
-    config = load_config(args.config)
-    mc, trunk = config.model, config.model.trunk_layers
-    tokenizer = load_tokenizer(config.model)
+
+BASE_NAME = "single adapter (peft)"
+
+
+def candidates_of(config: Config, args) -> tuple[dict, AggregatorState, MixtureModel, list[str], list[int]]:
+    """The methods to time (name -> a function of a batch of prompts, the baseline first), built on
+    one frozen model; and the index, the K-mixture, the prompts and their token counts."""
+    mc = config.model
+    tokenizer = load_tokenizer(mc)
     base = load_base_model(mc, config.seed, tokenizer)
     adapters = random_adapters(config, base, args.shards, args.seed)
     scaling = config.adapter.alpha / config.adapter.r
@@ -171,11 +175,10 @@ def main(argv: list[str] | None = None) -> int:
     state = synthetic_index(args.index, base.config.hidden_size, args.shards, args.seed)
     prompts = catalogue_prompts(max(args.batch, args.latency_rounds), config.data.history_len, args.seed)
     tokens = [len(tokenize(tokenizer, [p], mc.max_length)["input_ids"][0]) for p in prompts]
-    layers = len(decoder_of(base).layers)
-    print(f"{mc.label} ({sum(p.numel() for p in base.parameters()) / 1e6:.1f}M params), trunk {trunk} of {layers} layers "
-          f"(states as {mc.trunk_dtype}), embedding after layer {mc.embedding_depth}, K={args.shards}, "
-          f"LoRA r={config.adapter.r} on {','.join(lora_targets(config.adapter, base))} in the head, index {args.index}, "
-          f"prompts {min(tokens)}-{max(tokens)} tokens, torch threads {torch.get_num_threads()}", flush=True)
+    print(f"{mc.label} ({sum(p.numel() for p in base.parameters()) / 1e6:.1f}M params), trunk {mc.trunk_layers} of "
+          f"{len(decoder_of(base).layers)} layers (states as {mc.trunk_dtype}), embedding after layer {mc.embedding_depth}, "
+          f"K={args.shards}, LoRA r={config.adapter.r} on {','.join(lora_targets(config.adapter, base))} in the head, "
+          f"index {args.index}, prompts {min(tokens)}-{max(tokens)} tokens, torch threads {torch.get_num_threads()}", flush=True)
 
     @torch.no_grad()
     def run_single(batch_prompts):
@@ -188,14 +191,65 @@ def main(argv: list[str] | None = None) -> int:
     def method(name: str):
         return lambda batch_prompts: predict(config, mixture, [mixture.encode(batch_prompts)], state, None, method=name)[0]
 
-    base_name = "single adapter (peft)"
-    candidates = {base_name: run_single, "single adapter (MixtureModel K=1)": run_mixture1,
+    candidates = {BASE_NAME: run_single, "single adapter (MixtureModel K=1)": run_mixture1,
                   f"APA mixture K={args.shards}, embedding included": method("attention"),
                   f"APA decomposed K={args.shards}": method("decomposed"),
                   f"SISA averaging K={args.shards} (K head passes)": method("average")}
+    return candidates, state, mixture, prompts, tokens
+
+
+def timed(fn, batch_prompts) -> tuple[float, float]:
+    """Wall seconds and this process's CPU seconds (all threads) of one call."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn(batch_prompts)
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def best_of(candidates: dict, rounds: int, batch_of) -> tuple[dict, dict]:
+    """Best wall and CPU seconds per method; the order rotates every round."""
+    inf, names = float("inf"), list(candidates)
+    wall, cpu = dict.fromkeys(names, inf), dict.fromkeys(names, inf)
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            w, c = timed(candidates[name], batch_of(r))
+            wall[name], cpu[name] = min(wall[name], w), min(cpu[name], c)
+    return wall, cpu
+
+
+def print_table(candidates: dict, latency: tuple[dict, dict], throughput: tuple[dict, dict], batch: int) -> None:
+    """Latency and throughput of every method against the baseline."""
+    (wall, cpu), (tp_wall, tp_cpu) = latency, throughput
+    print()
+    print("wall clock (best of the rounds); in brackets the same ratio in process CPU time, which a")
+    print("shared machine disturbs less")
+    print(f"{'method':<48} {'latency b=1':>11} {'ratio':>15} {'throughput b=' + str(batch):>17} {'ratio':>15}")
+    for name in candidates:
+        ratio = f"{wall[name] / wall[BASE_NAME]:5.2f}x [{cpu[name] / cpu[BASE_NAME]:5.2f}x]"
+        tp = (f"{tp_wall[name]:11.2f} req/s "
+              f"{tp_wall[name] / tp_wall[BASE_NAME]:5.2f}x [{tp_cpu[name] / tp_cpu[BASE_NAME]:5.2f}x]")
+        print(f"{name:<48} {wall[name] * 1000:8.0f} ms {ratio} {tp}")
+
+
+def print_targets(apa: str, latency: tuple[dict, dict], throughput: tuple[dict, dict]) -> None:
+    """Issue 12's targets: APA at most 1.05x the baseline's latency, at least 0.95x its throughput."""
+    (wall, cpu), (tp_wall, tp_cpu) = latency, throughput
+    lat, lat_cpu = wall[apa] / wall[BASE_NAME], cpu[apa] / cpu[BASE_NAME]
+    tp, tp_c = tp_wall[apa] / tp_wall[BASE_NAME], tp_cpu[apa] / tp_cpu[BASE_NAME]
+    verdict = lambda ok, ok_cpu: "met" if ok else "met in CPU time only" if ok_cpu else "NOT met"  # noqa: E731
+    print(f"\ntarget: APA latency {lat:.3f}x [{lat_cpu:.3f}x] (<= 1.05x: {verdict(lat <= 1.05, lat_cpu <= 1.05)}), "
+          f"throughput {tp:.3f}x [{tp_c:.3f}x] (>= 0.95x: {verdict(tp >= 0.95, tp_c >= 0.95)})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    started = time.time()
+    config = load_config(args.config)
+    candidates, state, mixture, prompts, tokens = candidates_of(config, args)
     apa = f"APA mixture K={args.shards}, embedding included"
 
     # the baseline and the mixture with K=1 are the same model: a check that like is compared with like
+    run_single, run_mixture1 = list(candidates.values())[:2]
     same = (torch.as_tensor(run_single(prompts[:4])) - torch.as_tensor(run_mixture1(prompts[:4]))).abs().max().item()
     if same > 1e-4:
         raise SystemExit(f"peft's adapter and the K=1 mixture disagree by {same:.2g} in P(yes): not the same model")
@@ -205,25 +259,9 @@ def main(argv: list[str] | None = None) -> int:
         fn(prompts[: args.batch])
     print(f"warm-up done ({time.time() - started:.0f}s); peft vs K=1 mixture: max |dP(yes)| {same:.1e}", flush=True)
 
-    def timed(fn, batch_prompts) -> tuple[float, float]:
-        """Wall seconds and this process's CPU seconds (all threads) of one call."""
-        wall, cpu = time.perf_counter(), time.process_time()
-        fn(batch_prompts)
-        return time.perf_counter() - wall, time.process_time() - cpu
-
-    def best_of(rounds: int, batch_of) -> tuple[dict, dict]:
-        """Best wall and CPU seconds per method; the order rotates every round."""
-        inf, names = float("inf"), list(candidates)
-        wall, cpu = dict.fromkeys(names, inf), dict.fromkeys(names, inf)
-        for r in range(rounds):
-            for name in names[r % len(names):] + names[: r % len(names)]:
-                w, c = timed(candidates[name], batch_of(r))
-                wall[name], cpu[name] = min(wall[name], w), min(cpu[name], c)
-        return wall, cpu
-
-    latency, latency_cpu = best_of(args.latency_rounds, lambda r: [prompts[r % len(prompts)]])
+    latency, latency_cpu = best_of(candidates, args.latency_rounds, lambda r: [prompts[r % len(prompts)]])
     print(f"latency at batch 1 done ({time.time() - started:.0f}s)", flush=True)
-    best, best_cpu = best_of(args.throughput_rounds, lambda r: prompts[: args.batch])
+    best, best_cpu = best_of(candidates, args.throughput_rounds, lambda r: prompts[: args.batch])
     throughput = {name: args.batch / t for name, t in best.items()}
     throughput_cpu = {name: args.batch / t for name, t in best_cpu.items()}
     print(f"throughput at batch {args.batch} done ({time.time() - started:.0f}s)", flush=True)
@@ -234,46 +272,39 @@ def main(argv: list[str] | None = None) -> int:
         apa_weights(query, state, config.aggregate.neighbours, config.aggregate.tau)
     weights_ms = (time.perf_counter() - t) * 10
 
-    print()
-    print("wall clock (best of the rounds); in brackets the same ratio in process CPU time, which a")
-    print("shared machine disturbs less")
-    print(f"{'method':<48} {'latency b=1':>11} {'ratio':>15} {'throughput b=' + str(args.batch):>17} {'ratio':>15}")
-    for name in candidates:
-        ratio = f"{latency[name] / latency[base_name]:5.2f}x [{latency_cpu[name] / latency_cpu[base_name]:5.2f}x]"
-        tp = (f"{throughput[name]:11.2f} req/s "
-              f"{throughput[name] / throughput[base_name]:5.2f}x [{throughput_cpu[name] / throughput_cpu[base_name]:5.2f}x]")
-        print(f"{name:<48} {latency[name] * 1000:8.0f} ms {ratio} {tp}")
+    print_table(candidates, (latency, latency_cpu), (throughput, throughput_cpu), args.batch)
     print(f"APA weights alone (index of {args.index}, n={config.aggregate.neighbours}): {weights_ms:.2f} ms per request")
-    lat, lat_cpu = latency[apa] / latency[base_name], latency_cpu[apa] / latency_cpu[base_name]
-    tp, tp_cpu = throughput[apa] / throughput[base_name], throughput_cpu[apa] / throughput_cpu[base_name]
-    verdict = lambda ok, ok_cpu: "met" if ok else "met in CPU time only" if ok_cpu else "NOT met"  # noqa: E731
-    print(f"\ntarget: APA latency {lat:.3f}x [{lat_cpu:.3f}x] (<= 1.05x: {verdict(lat <= 1.05, lat_cpu <= 1.05)}), "
-          f"throughput {tp:.3f}x [{tp_cpu:.3f}x] (>= 0.95x: {verdict(tp >= 0.95, tp_cpu >= 0.95)})")
+    print_targets(apa, (latency, latency_cpu), (throughput, throughput_cpu))
     replica = measure_replicas(args, config)
     print(f"peak RSS of a replica (a Ray actor holding the model, the adapters and the index): {replica[args.shards]:.0f} MB "
           f"with K={args.shards} adapters, {replica[1]:.0f} MB with one; this benchmark process {peak_rss_mb():.0f} MB; "
           f"total {time.time() - started:.0f}s")
+    finish("bench_serving", {"figures": figures_of(candidates, apa, latency, throughput, replica, args),
+                             "seconds": time.time() - started, "config": args.config,
+                             "model": config.model.label, "trunk_layers": config.model.trunk_layers, "shards": args.shards,
+                             "prompt_tokens": tokens,
+                             "cpu_time_ratios": {
+                                 "latency": {n: latency_cpu[n] / latency_cpu[BASE_NAME] for n in candidates},
+                                 "throughput": {n: throughput_cpu[n] / throughput_cpu[BASE_NAME] for n in candidates}}})
+    return 0
 
-    # the figures for `python -m benchmarks` (benchmarks/common.py): ratios oriented bigger = better
+
+def figures_of(candidates: dict, apa: str, latency: dict, throughput: dict, replica: dict, args) -> list[dict]:
+    """The figures for `python -m benchmarks` (benchmarks/common.py): ratios oriented bigger = better."""
     figures = []
     for name in candidates:
-        if name != base_name:
-            figures.append(figure(f"latency b=1, {name}", latency[name] * 1000, "ms", f"latency b=1, {base_name}",
-                                  latency[base_name] * 1000, target=1 / 1.05 if name == apa else None,
+        if name != BASE_NAME:
+            figures.append(figure(f"latency b=1, {name}", latency[name] * 1000, "ms", f"latency b=1, {BASE_NAME}",
+                                  latency[BASE_NAME] * 1000, target=1 / 1.05 if name == apa else None,
                                   higher_is_better=False))
     for name in candidates:
-        if name != base_name:
+        if name != BASE_NAME:
             figures.append(figure(f"throughput b={args.batch}, {name}", throughput[name], "req/s",
-                                  f"throughput b={args.batch}, {base_name}", throughput[base_name],
+                                  f"throughput b={args.batch}, {BASE_NAME}", throughput[BASE_NAME],
                                   target=0.95 if name == apa else None))
     figures.append(limit(f"peak RSS of a replica serving K={args.shards} adapters", replica[args.shards], "MB", 1500,
                          "a replica serving one adapter", replica[1]))
-    finish("bench_serving", {"figures": figures, "seconds": time.time() - started, "config": args.config,
-                             "model": mc.label, "trunk_layers": trunk, "shards": args.shards, "prompt_tokens": tokens,
-                             "cpu_time_ratios": {
-                                 "latency": {n: latency_cpu[n] / latency_cpu[base_name] for n in candidates},
-                                 "throughput": {n: throughput_cpu[n] / throughput_cpu[base_name] for n in candidates}}})
-    return 0
+    return figures
 
 
 if __name__ == "__main__":
