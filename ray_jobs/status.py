@@ -1,6 +1,6 @@
 """What a work dir holds, read-only: the sample store, the trained adapter set, the live set and
 masked shards in its registry, forget requests by state, a round in progress, audits, baselines and
-the last evaluation. Starts no Ray and writes nothing.
+the last evaluation. Starts no Ray; asks the registry only where the work dir has one.
 
     python -m ray_jobs.status --config configs/tiny.yaml --workdir runs/tiny     (or: unlearn status ...)
 """
