@@ -1,5 +1,6 @@
 # make demo  : set up a fresh machine and run the whole story on MovieLens-100K with SmolLM2-135M
 # make test  : set up the same way and run the test suite (real Ray, MLflow, Serve; tiny model)
+# make lint  : ruff, configured in pyproject.toml
 SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -16,7 +17,7 @@ export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
 export TOKENIZERS_PARALLELISM := false
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup demo test test-slow bench recipe serve clean
+.PHONY: setup demo test test-slow lint bench recipe serve clean
 
 setup: $(STAMP) $(MODEL_DIR)/config.json
 
@@ -41,6 +42,9 @@ test: setup
 
 test-slow: setup
 	$(PY) -m pytest -m slow -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
 
 bench: setup
 	$(PY) -m benchmarks

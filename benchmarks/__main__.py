@@ -1,7 +1,8 @@
 """`python -m benchmarks` (`make bench`): every benchmark in sequence, then one summary in which
 every figure is a ratio to its baseline measured in the same run.
 
-    python -m benchmarks                       # simulate, bench_data, bench_pass, bench_train, bench_serving, bench_forget, eval, bench_embedding
+    python -m benchmarks                       # simulate, bench_data, bench_pass, bench_train, bench_serving,
+                                               # bench_forget, eval, bench_embedding
     python -m benchmarks --only bench_forget   # a subset (names below, "eval" for the evaluation)
     python -m benchmarks --skip eval
 
@@ -40,7 +41,8 @@ from benchmarks.common import ENV, MOVIELENS, ROOT, bench_dir, figure, shared_st
 from components.config import load_config
 
 EVAL = "eval"
-ORDER = ("simulate", "bench_data", "bench_pass", "bench_train", "bench_serving", "bench_forget", EVAL, "bench_embedding")  # bench_embedding reads eval's work dir
+# bench_embedding reads eval's work dir
+ORDER = ("simulate", "bench_data", "bench_pass", "bench_train", "bench_serving", "bench_forget", EVAL, "bench_embedding")
 SUBSETS = {"bench_train": ["--n-train", "512"], "bench_forget": ["--n-train", "512", "--n-valid", "64"]}
 NO_CONFIG = ("simulate",)  # benchmarks that read no config: they get no --config
 
@@ -103,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     names = ORDER
     parser.add_argument("--only", help=f"comma-separated subset of {','.join(names)}")
     parser.add_argument("--skip", help="comma-separated benchmarks to leave out")
-    parser.add_argument("--config", default=str(MOVIELENS), help="config of every benchmark and the evaluation (default configs/movielens.yaml)")
+    parser.add_argument("--config", default=str(MOVIELENS),
+                        help="config of every benchmark and the evaluation (default configs/movielens.yaml)")
     parser.add_argument("--eval-methods", help="--methods for the evaluation (default: all)")
     parser.add_argument("--eval-forget-cost", default="none", choices=("measure", "existing", "none"),
                         help="--forget-cost of the evaluation (default none: bench_forget measures forgetting; "

@@ -46,9 +46,9 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict  # n
 
 from benchmarks.common import MOVIELENS, figure, finish, limit  # noqa: E402
 from components.aggregate import AggregatorState, ServedSet, apa_weights, predict  # noqa: E402
-from components.mixture import MixtureModel  # noqa: E402
 from components.architectures import lora_targets  # noqa: E402
 from components.config import Config, load_config  # noqa: E402
+from components.mixture import MixtureModel  # noqa: E402
 from components.model import (  # noqa: E402
     decoder_of,
     head_logits,

@@ -38,6 +38,7 @@ from components.data import read_parquet, stable_hash
 from components.metrics import auc, auc_interval
 from components.store import Workdir, sample_states
 
+
 class Recipe(NamedTuple):
     loss: str
     learning_rate: float
@@ -72,7 +73,8 @@ def recipe_config(config: Config, recipe: Recipe, epochs: int, slices: int = 1) 
         "model": config.model.model_copy(update={"head_dtype": recipe.head_dtype}),
         "partition": config.partition.model_copy(update={"num_slices": slices}),
         "adapter": config.adapter.model_copy(update={"kind": "prompt"} if recipe.adapter == "prompt" else
-                                             {"kind": "lora", "r": recipe.rank, "alpha": 2 * recipe.rank, "target_modules": recipe.targets}),
+                                             {"kind": "lora", "r": recipe.rank, "alpha": 2 * recipe.rank,
+                                              "target_modules": recipe.targets}),
         "train": config.train.model_copy(update={"loss": recipe.loss, "learning_rate": recipe.learning_rate,
                                                  "prompt_learning_rate": None, "epochs": epochs}),
     })
@@ -88,8 +90,8 @@ def adapter_text(config: Config) -> str:
 def try_recipe(config_json: dict, store: str, train_ids: list[str]) -> list[dict]:
     """Train one adapter with the recipe in `config_json`, its samples in the config's slices as
     a shard's are; validation AUC after every epoch of the last slice (the adapter a shard serves)."""
-    from components.partition import slice_of
     from components.model import answer_token_ids, load_base_model, load_tokenizer, make_deterministic
+    from components.partition import slice_of
     from components.train import predict_states, train_shard
 
     config = Config.model_validate(config_json)

@@ -78,7 +78,8 @@ def plot(lines: dict, baselines: dict, workers: list[dict], caps: list[dict], sp
     ax.set(xscale="log", xlabel="shards K", title="% served (time average), product R=1, by worker speed")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
-    fig.suptitle("10M users, 10,000 forget requests a day (simulated; shard costs measured on a 2-core AVX-512 EPYC, 1x = one of its cores)")
+    fig.suptitle("10M users, 10,000 forget requests a day "
+                 "(simulated; shard costs measured on a 2-core AVX-512 EPYC, 1x = one of its cores)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 

@@ -45,11 +45,11 @@ class AggregatorState:
         return folder
 
     @classmethod
-    def load(cls, folder: Path) -> "AggregatorState":
+    def load(cls, folder: Path) -> AggregatorState:
         raw = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=False)
         return cls(raw["sample_ids"], raw["labels"], raw["embeddings"], {int(k): v for k, v in raw["predictions"].items()})
 
-    def without(self, sample_ids: set[str]) -> "AggregatorState":
+    def without(self, sample_ids: set[str]) -> AggregatorState:
         keep = torch.tensor([s not in sample_ids for s in self.sample_ids], dtype=torch.bool)
         return AggregatorState(
             [s for s in self.sample_ids if s not in sample_ids], self.labels[keep], self.embeddings[keep],

@@ -40,7 +40,8 @@ def baseline_note(config: Config, name: str, shards: int, report: dict, forgets:
     if name == "retrain":
         note = f"1 {config.adapter.kind} adapter on all {samples} training samples"
     elif name == "lmeraser":
-        note = f"K={shards} adaptive clusters, prompt tuning ({config.adapter.num_virtual_tokens} tokens, lr {learning_rate(config):g}), routing to the nearest prototype"
+        note = (f"K={shards} adaptive clusters, prompt tuning ({config.adapter.num_virtual_tokens} tokens, "
+                f"lr {learning_rate(config):g}), routing to the nearest prototype")
     else:
         note = f"K={shards} {config.partition.method}-based shards, average of the K models' P(yes)"
     return note + (f"; after {forgets} forget request(s) in its work dir" if forgets else "")

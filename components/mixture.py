@@ -20,7 +20,6 @@ from torch import nn
 
 from components.model import TrunkOutput, answer_token_ids, head_logits, p_yes, tokenize, trunk_pass
 
-
 # --- the mixture layers ---------------------------------------------------------------------------
 
 

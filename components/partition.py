@@ -104,7 +104,7 @@ class Partitioner:
     centroids: np.ndarray | None = None
 
     @classmethod
-    def fit(cls, config: PartitionConfig, seed: int, reference_embeddings: np.ndarray | None) -> "Partitioner":
+    def fit(cls, config: PartitionConfig, seed: int, reference_embeddings: np.ndarray | None) -> Partitioner:
         if config.method in ("random", "user"):
             return cls(config.method, config.num_shards, seed)
         center = reference_embeddings.mean(0)
@@ -139,7 +139,7 @@ class Partitioner:
         np.savez(path, meta=json.dumps({"method": self.method, "num_shards": self.num_shards, "seed": self.seed}), **arrays)
 
     @classmethod
-    def load(cls, path: Path) -> "Partitioner":
+    def load(cls, path: Path) -> Partitioner:
         with np.load(path) as f:
             meta = json.loads(str(f["meta"]))
             return cls(meta["method"], meta["num_shards"], meta["seed"], f.get("center"), f.get("centroids"))

@@ -83,7 +83,7 @@ class Workdir:
         return self.root.joinpath(*parts)
 
     @property
-    def trunk(self) -> "TrunkStore":
+    def trunk(self) -> TrunkStore:
         return TrunkStore(self.root / "trunk")
 
     def num_shards(self) -> int:
@@ -160,7 +160,7 @@ class TrunkStore:
             with safe_open(path, framework="pt") as f:
                 yield path, json.loads(f.metadata()["sample"])
 
-    def link_from(self, source: "TrunkStore", sample_ids: Iterable[str]) -> None:
+    def link_from(self, source: TrunkStore, sample_ids: Iterable[str]) -> None:
         """Share another store's files (hard links: unlinking one copy never touches the other)."""
         for sample_id in sample_ids:
             target = self.path(sample_id)

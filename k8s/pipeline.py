@@ -124,7 +124,8 @@ def _step(step: str, namespace, config, workdir, request_file="", verify=False):
 
 @dsl.pipeline(
     name="exact-unlearning",
-    description="Train K shard adapters then evaluate, or forget a request file's users/interactions exactly then evaluate; each step a KubeRay RayJob.",
+    description="Train K shard adapters then evaluate, or forget a request file's users/interactions exactly then evaluate; "
+                "each step a KubeRay RayJob.",
 )
 def unlearning_pipeline(
     action: str = "train",

@@ -209,7 +209,7 @@ def _report(config: Config, workdir: Workdir, test, results: dict[str, dict], th
     shards = sorted((m for m in results if m.startswith("shard-")), key=lambda m: int(m[6:]))
     order = [m for m in (*METHODS, *shards, *FLOORS) if m in results]
     return {
-        "experiment": config.experiment, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "experiment": config.experiment, "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch_threads": threads,
                     "python": platform.python_version(), "torch": torch.__version__,
                     "head_dtype": str(head_dtype(config.model, torch.device("cpu"))).removeprefix("torch.")},

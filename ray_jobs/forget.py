@@ -64,9 +64,9 @@ from ray_jobs.common import (
     load_job,
     read_subject,
 )
-from ray_jobs.shard_training import train_shards
 from ray_jobs.orchestration import publish_adapter_set, register_shards
 from ray_jobs.orchestration import train_workdir as train_from_scratch
+from ray_jobs.shard_training import train_shards
 
 
 def _round_path(workdir: Workdir) -> Path:

@@ -139,7 +139,8 @@ class Reconciler:
         for request_id in late:
             jobs = load_job_record(self.workdir, request_id)
             jobs.update(attempts=jobs["attempts"] + 1, note=None,
-                        job={"submission_id": current["submission_id"], "status": current["status"], "submitted_at": current["submitted_at"]})
+                        job={"submission_id": current["submission_id"], "status": current["status"],
+                             "submitted_at": current["submitted_at"]})
             save_job_record(self.workdir, jobs)
         if late:
             current["request_ids"] += late

@@ -9,35 +9,31 @@ that view for all its rows; a background task polls the registry, loads a new se
 loop and swaps it in with a single assignment, and applies mask changes the same way. Each
 candidate of a request is one prompt row; rows of all concurrent requests are batched by
 `@serve.batch` into one forward pass, every row mixed with its own shard weights.
+
+The offline environment (components.config.OFFLINE_ENV: nothing goes to a hub) is the replicas'
+runtime_env: `python -m serving` passes it to Ray, serve_config.yaml sets it, and the RayService's pods carry it.
 """
 
-import os
+import asyncio
+import hmac
+import logging
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
-from components.config import OFFLINE_ENV
+import numpy as np
+import torch
+from fastapi import HTTPException, Request
+from fastapi import Path as PathParam
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, ValidationError
+from ray import serve
+from ray.serve import Application
 
-for _key, _value in OFFLINE_ENV.items():
-    os.environ.setdefault(_key, _value)  # before transformers / mlflow are imported: nothing goes to a hub
-
-import asyncio  # noqa: E402
-import hmac  # noqa: E402
-import logging  # noqa: E402
-import shutil  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from fastapi import HTTPException, Request  # noqa: E402
-from fastapi import Path as PathParam  # noqa: E402
-from fastapi.responses import JSONResponse  # noqa: E402
-from pydantic import BaseModel, ConfigDict, ValidationError  # noqa: E402
-from ray import serve  # noqa: E402
-from ray.serve import Application  # noqa: E402
-
-from components.aggregate import (  # noqa: E402
+from components.aggregate import (
     ServedSet,
     candidate_prompts,
     history_split,
@@ -45,11 +41,11 @@ from components.aggregate import (  # noqa: E402
     served_mask,
     unknown_items,
 )
-from components.config import Config, ServingConfig, load_config  # noqa: E402
-from components.data import load_interactions_and_items  # noqa: E402
-from components.registry import Registry  # noqa: E402
-from components.store import Workdir, check_inputs  # noqa: E402
-from serving.http import (  # noqa: E402
+from components.config import Config, ServingConfig, load_config
+from components.data import load_interactions_and_items
+from components.registry import Registry
+from components.store import Workdir, check_inputs
+from serving.http import (
     REQUEST_ID,
     ForgetAccepted,
     ForgetBody,

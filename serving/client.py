@@ -83,7 +83,7 @@ class RecommenderClient:
         self.token, self.retries = token, retries
         self._http = httpx.Client(base_url=base_url.rstrip("/"), timeout=timeout, transport=transport)
 
-    def __enter__(self) -> "RecommenderClient":
+    def __enter__(self) -> RecommenderClient:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -105,7 +105,8 @@ class ForgetBody(Body):
         {"required": ["interactions"], "properties": {"interactions": {"minItems": 1}}}]})
 
     users: list[Annotated[str, Field(strict=True, min_length=1, max_length=128, pattern=r"\S")]] = []
-    interactions: list[Annotated[str, Field(strict=True, min_length=3, max_length=257, pattern=r"^[^:]*[^:\s][^:]*:[^:]*[^:\s][^:]*$")]] = Field(
+    interactions: list[Annotated[str, Field(strict=True, min_length=3, max_length=257,
+                                            pattern=r"^[^:]*[^:\s][^:]*:[^:]*[^:\s][^:]*$")]] = Field(
         [], description="USER:ITEM pairs")
     request_id: RequestId = None
 

@@ -119,7 +119,8 @@ def ray_session():
         return
     with local_cluster() as (address, dashboard):
         ray.init(address=address, log_to_driver=False,
-                 runtime_env={"env_vars": {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")}})
+                 runtime_env={"env_vars": {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
+                                                                      "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")}})
         ray.dashboard_url = dashboard  # for tests that list jobs
         try:
             yield ray

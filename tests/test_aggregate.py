@@ -67,7 +67,8 @@ def test_mixture_layer_equals_the_explicit_sum_for_random_per_row_weights():
     for row in range(5):
         out = x64[row] @ layer.base.weight.double().T + layer.base.bias.double()
         for k in range(K):
-            out = out + w[row, k].double() * layer.scaling[k].double() * (x64[row] @ layer.lora_a[k].double().T) @ layer.lora_b[k].double().T
+            delta = (x64[row] @ layer.lora_a[k].double().T) @ layer.lora_b[k].double().T
+            out = out + w[row, k].double() * layer.scaling[k].double() * delta
         expected.append(out)
     torch.testing.assert_close(got.double(), torch.stack(expected), rtol=1e-5, atol=1e-4)
 
@@ -225,7 +226,8 @@ def test_trunk_then_head_is_the_models_own_forward(layers, key_value_heads):
                      position_ids=positions(batch["attention_mask"]), logits_to_keep=1).logits[:, -1]
         trunk = trunk_pass(base, batch, config.model)
         split = head_logits(base, trunk.states, trunk.mask, config.model)
-        alone = head_logits(base, *pad_states([trunk_pass(base, tokenize(tokenizer, prompts[:1], 512), config.model).states[0]]), config.model)
+        first = trunk_pass(base, tokenize(tokenizer, prompts[:1], 512), config.model).states[0]
+        alone = head_logits(base, *pad_states([first]), config.model)
     torch.testing.assert_close(split, whole, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(split[0], alone[0], rtol=1e-5, atol=1e-5)
 

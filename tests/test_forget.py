@@ -79,7 +79,8 @@ def test_forgetting_equals_training_without_the_data(forgetting, tiny_config, tm
 
     # 1. a user in one shard
     single = sorted(u for u, s in owners.items() if len(s) == 1)[0]
-    kept = {path: path.read_bytes() for path in map(workdir.trunk.path, load_splits(workdir)["train"].query("user_id == @single")["sample_id"])}
+    theirs = load_splits(workdir)["train"].query("user_id == @single")["sample_id"]
+    kept = {path: path.read_bytes() for path in map(workdir.trunk.path, theirs)}
     new_request(workdir, [single], [], "one-shard")
     [audit] = forget_job.process(config, workdir)
     assert audit["affected_shards"] == sorted(owners[single]) and audit["scan"]["clean"], audit
@@ -134,11 +135,12 @@ def test_same_request_id_twice_does_no_extra_work(forgetting, tiny_config):
     user = sorted(owners)[-1]
     first = new_request(forgetting, [user], [], "twice")
     forget_job.process(tiny_config, forgetting)
-    versions = {s: len(Registry(tiny_config.experiment, forgetting.root).versions(f"{tiny_config.experiment}.shard-{s}")) for s in first.affected_shards}
+    registry = Registry(tiny_config.experiment, forgetting.root)
+    versions = {s: len(registry.versions(registry.shard_model(s))) for s in first.affected_shards}
     again = new_request(forgetting, [user], [], "twice")
     assert again.state == "done" and forget_job.process(tiny_config, forgetting) == []
     FORGOTTEN["users"].append(user)
-    assert versions == {s: len(Registry(tiny_config.experiment, forgetting.root).versions(f"{tiny_config.experiment}.shard-{s}")) for s in first.affected_shards}
+    assert versions == {s: len(registry.versions(registry.shard_model(s))) for s in first.affected_shards}
 
 
 def test_unknown_users_are_reported_and_the_rest_goes_on(forgetting, tiny_config):

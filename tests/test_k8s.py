@@ -568,7 +568,8 @@ def _walk(node, key: str):
 def test_references_resolve(name):
     objects = rendered(name)
     names = lambda kind: {o["metadata"]["name"] for o in objects if o["kind"] == kind}  # noqa: E731
-    secrets = {n: set((o.get("data") or {}) | (o.get("stringData") or {})) for o in objects if o["kind"] == "Secret" for n in [o["metadata"]["name"]]}
+    secrets = {o["metadata"]["name"]: set((o.get("data") or {}) | (o.get("stringData") or {}))
+               for o in objects if o["kind"] == "Secret"}
     secrets.update({k: v for k, v in OPERATOR_SECRETS.items() if k not in secrets})
     for ref in _walk(list(objects), "secretKeyRef"):
         assert ref["name"] in secrets and ref["key"] in secrets[ref["name"]], ref
@@ -875,7 +876,8 @@ def test_pipeline_compiles(tmp_path):
     text = out.read_text()
     assert "kubernetes==30.1.0" in text and "create_namespaced_custom_object" in text
     # The CLI writes the same thing.
-    subprocess.run([sys.executable, str(K8S / "pipeline.py"), "--output", str(tmp_path / "cli.yaml")], check=True, capture_output=True, timeout=60)
+    subprocess.run([sys.executable, str(K8S / "pipeline.py"), "--output", str(tmp_path / "cli.yaml")],
+                   check=True, capture_output=True, timeout=60)
     assert _yaml_load((tmp_path / "cli.yaml").read_text())["root"] == compiled["root"]
 
 
@@ -961,7 +963,8 @@ def test_dockerfile_and_dockerignore():
                    "python -m components.model --convert", "WORKDIR /app", "COPY configs ./configs", "wget", "HF_HUB_OFFLINE=1"):
         assert needed in dockerfile, needed
     runs = [line for line in dockerfile.splitlines() if line.startswith(("RUN", "    &&"))]
-    order = [next(i for i, line in enumerate(runs) if needle in line) for needle in ("pip install torch", "pip install .", "components.model --convert")]
+    order = [next(i for i, line in enumerate(runs) if needle in line)
+             for needle in ("pip install torch", "pip install .", "components.model --convert")]
     assert order == sorted(order), "torch first, then the project, then the model conversion"
     ignored = set((ROOT / ".dockerignore").read_text().split())
     assert {".venv", "runs", ".cache", "mlruns", "*.db"} <= ignored

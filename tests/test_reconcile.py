@@ -21,9 +21,9 @@ import yaml
 
 from components.data import read_parquet
 from components.lease import Lease
+from components.reconcile import request_status, summary
 from components.registry import Registry
 from components.store import Workdir
-from components.reconcile import request_status, summary
 from components.unlearn import STATES, all_requests, load_request, new_request
 
 from .conftest import ROOT, TINY, free_port
@@ -107,8 +107,8 @@ def test_the_lease_has_one_holder_and_a_dead_holder_frees_it_at_once(tmp_path):
     assert b.acquire() and not a.acquire() and not a.held()
     b.release()
     # A process that takes the lease and is SIGKILLed: on this host its lease is free at once.
-    code = ("import sys,time; sys.path.insert(0, %r); from components.lease import Lease; "
-            "assert Lease(%r, ttl_s=3600).acquire(); print('held', flush=True); time.sleep(600)") % (str(ROOT), str(tmp_path))
+    code = (f"import sys,time; sys.path.insert(0, {str(ROOT)!r}); from components.lease import Lease; "
+            f"assert Lease({str(tmp_path)!r}, ttl_s=3600).acquire(); print('held', flush=True); time.sleep(600)")
     holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
     assert not a.acquire() and a.holder()["pid"] == holder.pid

@@ -11,8 +11,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from components.data import read_parquet
 from benchmarks.common import fresh_workdir
+from components.data import read_parquet
 from components.registry import Registry, RegistryConflict
 from components.store import Workdir
 from ray_jobs import evaluate as evaluate_job
@@ -139,7 +139,8 @@ def test_retrain_purge_and_lineage_against_a_real_mlflow_server(ray_session, tin
     bench = fresh_workdir(str(tmp_path / "bench"), "bench-x")
     train_job.run(tiny_config, Workdir(bench.path("sharded")))
     for other in ("reference", "evaluation", "bench/sharded"):
-        assert Registry(tiny_config.experiment, tmp_path / other).tracking_uri == f"sqlite:///{tmp_path / other.split('/')[0] / 'mlflow.db'}"
+        expected = f"sqlite:///{tmp_path / other.split('/')[0] / 'mlflow.db'}"
+        assert Registry(tiny_config.experiment, tmp_path / other).tracking_uri == expected
     with pytest.raises(RegistryConflict, match=rf"belongs to the work dir {workdir.root}"):
         train_job.run(tiny_config, Workdir(tmp_path / "another"))
     assert {name: registry.live_version(name).version for name in live} == live

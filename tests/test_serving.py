@@ -134,7 +134,8 @@ def direct(config, workdir: Workdir, body: dict, tmp_path: Path, version: str | 
                                     config.data.liked_above, config.data.history_len)
     prompts = candidate_prompts(liked, disliked, body["candidates"], titles, config.data.prompt)
     adapter_set = Registry(config.experiment, workdir.root).load_adapter_set(tmp_path / f"direct-{time.time_ns()}", version)
-    mixture = load_mixture(config, {k: Path(v["local"]) / ADAPTER_FILE for k, v in adapter_set.shards.items()}, load_tokenizer(config.model))
+    files = {k: Path(v["local"]) / ADAPTER_FILE for k, v in adapter_set.shards.items()}
+    mixture = load_mixture(config, files, load_tokenizer(config.model))
     state = AggregatorState.load(adapter_set.folder / "aggregator")
     partitioner = Partitioner.load(adapter_set.folder / "aggregator" / "partitioner.npz")
     scores, weights = predict(config, mixture, [mixture.encode(prompts)], state, partitioner, set(masked))
@@ -176,7 +177,8 @@ def test_a_served_p_yes_is_the_evaluations_for_the_same_prompt(served, tmp_path)
     base = load_base_model(config.model, config.seed, tokenizer, head_only=True)
     mixture = load_mixture(config, {k: Path(v["local"]) / ADAPTER_FILE for k, v in adapter_set.shards.items()}, tokenizer, base)
     state = AggregatorState.load(adapter_set.folder / "aggregator")
-    ratings = {f"{u}:{i}": r for u, i, r in load_interactions_and_items(config.data)[0][["user_id", "item_id", "rating"]].itertuples(index=False)}
+    inter = load_interactions_and_items(config.data)[0]
+    ratings = {f"{u}:{i}": r for u, i, r in inter[["user_id", "item_id", "rating"]].itertuples(index=False)}
     titles = {str(i): t for i, t in catalogue(config).items()}
     longest = max(titles, key=lambda i: len(tokenizer.encode(titles[i])))
     shortest = min(titles, key=lambda i: len(tokenizer.encode(titles[i])))
@@ -221,8 +223,10 @@ BIG = json.dumps({"history": [], "candidates": [1], "user_id": "x" * 70_000}).en
 BAD_INPUTS = [
     ("empty candidates", {"json": {"history": [], "candidates": []}}, 422, "candidates: the list is empty"),
     ("too many candidates", {"json": {"history": [], "candidates": list(range(1, 102))}}, 422, "serving.max_candidates"),
-    ("unknown candidate", {"json": {"history": [], "candidates": [1, 999999, "nope"]}}, 422, "candidates: unknown item id(s) 999999, 'nope'"),
-    ("unknown history item", {"json": {"history": [{"item_id": 424242, "rating": 4}], "candidates": [1]}}, 422, "history: unknown item id(s) 424242"),
+    ("unknown candidate", {"json": {"history": [], "candidates": [1, 999999, "nope"]}}, 422,
+     "candidates: unknown item id(s) 999999, 'nope'"),
+    ("unknown history item", {"json": {"history": [{"item_id": 424242, "rating": 4}], "candidates": [1]}}, 422,
+     "history: unknown item id(s) 424242"),
     ("history too long", {"json": {"history": [{"item_id": 1, "rating": 4}] * 51, "candidates": [1]}}, 422, "serving.max_history"),
     ("too many titles", {"json": {"liked": ["a"] * 30, "disliked": ["b"] * 30, "candidates": [1]}}, 422, "liked + disliked: 60 items"),
     ("rating of the wrong type", {"json": {"history": [{"item_id": 1, "rating": "five"}], "candidates": [1]}}, 422, "history.0.rating"),
@@ -232,7 +236,8 @@ BAD_INPUTS = [
     ("item id an object", {"json": {"history": [], "candidates": [{"id": 1}]}}, 422, "candidates.0"),
     ("candidates missing", {"json": {"history": []}}, 422, "candidates: Field required"),
     ("unknown field", {"json": {"history": [], "candidates": [1], "top_k": 3}}, 422, "top_k: unknown field"),
-    ("history entry with an unknown field", {"json": {"history": [{"item_id": 1, "rating": 4, "ts": 0}], "candidates": [1]}}, 422, "ts: unknown field"),
+    ("history entry with an unknown field", {"json": {"history": [{"item_id": 1, "rating": 4, "ts": 0}], "candidates": [1]}}, 422,
+     "ts: unknown field"),
     ("neither form", {"json": {"candidates": [1]}}, 422, "give a history"),
     ("both forms", {"json": {"history": [], "liked": ["x"], "candidates": [1]}}, 422, "not both"),
     ("user id of the wrong type", {"json": {"user_id": {"a": 1}, "history": [], "candidates": [1]}}, 422, "user_id"),
@@ -240,7 +245,8 @@ BAD_INPUTS = [
     ("JSON but not an object", {"json": [1, 2]}, 422, "body"),
     ("no JSON content type", {"content": b'{"history": [], "candidates": [1]}'}, 422, "Content-Type: application/json"),
     ("Content-Length over the limit", {"content": BIG, "headers": {"content-type": "application/json"}}, 413, "serving.max_body_bytes"),
-    ("chunked body over the limit", {"content": _chunks(BIG), "headers": {"content-type": "application/json"}}, 413, "serving.max_body_bytes"),
+    ("chunked body over the limit", {"content": _chunks(BIG), "headers": {"content-type": "application/json"}}, 413,
+     "serving.max_body_bytes"),
 ]
 
 
@@ -400,7 +406,8 @@ def test_forget_needs_the_bearer_token(served):
     assert err.value.status_code == 401
     auth = {"Authorization": f"Bearer {TOKEN}"}
     for bad, message in (({}, "at least one user"), ({"users": [1]}, "users.0"), ({"interactions": ["x"]}, "interactions"),
-                         ({"users": ["1"], "request_id": "../etc"}, "request_id: String should match pattern"), ({"users": ["1"], "why": 1}, "unknown field")):
+                         ({"users": ["1"], "request_id": "../etc"}, "request_id: String should match pattern"),
+                         ({"users": ["1"], "why": 1}, "unknown field")):
         response = served.http.post("/v1/forget", json=bad, headers=auth)
         assert response.status_code == 422 and message in response.json()["detail"], (bad, response.text)
     assert served.http.get("/v1/forget/never-made", headers=auth).status_code == 404

@@ -106,7 +106,8 @@ def test_makespan_takes_tasks_in_order_on_the_first_free_worker():
 
 
 @pytest.mark.parametrize("argv, named", [
-    (["--partition", "random"], "--partition"), (["--shards", "0"], "--shards"), (["--slices", "0"], "--slices"), (["--workers", "-1"], "--workers"),
+    (["--partition", "random"], "--partition"), (["--shards", "0"], "--shards"), (["--slices", "0"], "--slices"),
+    (["--workers", "-1"], "--workers"),
     (["--mask-cap", "1.5"], "--mask-cap"), (["--round-interval", "-5"], "--round-interval"),
     (["--methods", "product,nope"], "--methods"), (["--users", "10", "--shards", "100"], "--shards"),
     (["--requests-per-day", "1e9"], "--requests-per-day"), (["--days", "abc"], "--days"),
