@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,9 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException, RestException
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+from mlflow.store.db.utils import _initialize_tables, create_sqlalchemy_engine_with_retry
+
+from components.model import cache_dir
 
 LIVE = "live"
 MASK_TAG = "masked_shards"  # on the adapter-set model: shards serving must not use right now
@@ -66,11 +70,41 @@ class AdapterSet:
     folder: Path  # downloaded: adapter_set.json, aggregator/ (state + partitioner), shards/
 
 
+def start_sqlite_store(uri: str) -> None:
+    """A new sqlite store starts as a copy of an empty one already migrated (cached per MLflow
+    version): MLflow otherwise runs every schema migration on each new file, seconds each time, and
+    every work dir, baseline and reference has one. The copy is linked into place, so a store
+    another process created first is never replaced."""
+    path = Path(uri.removeprefix("sqlite:///"))
+    if not uri.startswith("sqlite:///") or path.exists():
+        return
+    template = cache_dir() / f"mlflow-{mlflow.__version__}-empty.db"
+    if not template.exists():
+        template.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=template.parent, prefix=f".{template.name}.", suffix=".tmp")
+        os.close(fd)
+        os.unlink(tmp)
+        engine = create_sqlalchemy_engine_with_retry(f"sqlite:///{tmp}")
+        _initialize_tables(engine)  # what MLflow does to a new file: the tables, then every migration
+        engine.dispose()
+        os.replace(tmp, template)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    shutil.copyfile(template, tmp)
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        pass
+    finally:
+        os.unlink(tmp)
+
+
 class Registry:
     def __init__(self, experiment: str, workdir: Path, tracking_uri: str | None = None):
         self.experiment = experiment
         self.workdir = Path(workdir).resolve()
         self.tracking_uri = tracking_uri or default_tracking_uri(self.workdir)
+        start_sqlite_store(self.tracking_uri)
         self.client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
         self.experiment_id = self._experiment_id()
         self._owned: set[str] = set()  # registered models checked to be this work dir's

@@ -41,12 +41,13 @@ def small(config):
 
 
 @pytest.fixture(scope="module")
-def evaluated(ray_session, tiny_config, tmp_path_factory):
+def evaluated(trained_tiny, tiny_config, tmp_path_factory):
     """A trained work dir that has forgotten one user (its audit gives APA's forget cost), then
-    evaluated: every baseline trained on its store."""
+    evaluated: every baseline trained on its store. Its samples are among the session's, whose trunk
+    states it links."""
     config = small(tiny_config)
     workdir = Workdir(tmp_path_factory.mktemp("evaluate"))
-    train_job.run(config, workdir)
+    train_job.run(config, workdir, states_from=trained_tiny[0])
     new_request(workdir, [training_users(workdir)[0]], [], "forgotten-before-evaluation")
     forget_job.process(config, workdir)
     report = evaluate_job.run(config, workdir, forget_cost_mode="existing")

@@ -69,7 +69,7 @@ def _request_to_forget(config, workdir: Workdir, user: str, request_id: str):
 
 
 @pytest.fixture(scope="module")
-def work(ray_session, tiny_config, tmp_path_factory):
+def work(trained_tiny, tiny_config, tmp_path_factory):
     """A trained tiny work dir and a config file of its own (the failure test moves it away)."""
     from ray_jobs.reconcile import stop_reconciler
     from ray_jobs.train import run as train
@@ -80,7 +80,7 @@ def work(ray_session, tiny_config, tmp_path_factory):
     raw["serving"] = {**raw.get("serving", {}), "forget_token": TOKEN}
     config_path.write_text(yaml.safe_dump(raw))
     workdir = Workdir(root / "work")
-    train(tiny_config, workdir)
+    train(tiny_config, workdir, states_from=trained_tiny[0])  # the session's trunk states, linked
     yield config_path, workdir
     stop_reconciler(workdir.root)
 

@@ -9,11 +9,12 @@ import time
 from pathlib import Path
 
 import httpx
+import mlflow
 import pytest
 
 from benchmarks.common import fresh_workdir
 from components.data import read_parquet
-from components.registry import Registry, RegistryConflict
+from components.registry import Registry, RegistryConflict, start_sqlite_store
 from components.store import Workdir
 from ray_jobs import evaluate as evaluate_job
 from ray_jobs import forget as forget_job
@@ -60,6 +61,21 @@ def test_train_registers_every_shard_with_lineage_and_an_adapter_set(trained_tin
     assert sorted(loaded.shards) == [0, 1, 2, 3]
     assert (loaded.folder / "aggregator" / "state.pt").exists() and (loaded.folder / "aggregator" / "partitioner.npz").exists()
     assert all((Path(info["local"]) / "adapter.pt").exists() for info in loaded.shards.values())
+
+
+def test_a_new_sqlite_store_starts_from_the_migrated_template_and_an_existing_one_is_kept(tmp_path, monkeypatch):
+    from mlflow.store.db.utils import _get_latest_schema_revision, _get_schema_version, create_sqlalchemy_engine
+
+    monkeypatch.setenv("UNLEARN_CACHE", str(tmp_path / "cache"))
+    first = Registry("template-a", tmp_path / "a")
+    template = tmp_path / "cache" / f"mlflow-{mlflow.__version__}-empty.db"
+    assert template.exists() and (tmp_path / "a" / "mlflow.db").exists()
+    assert _get_schema_version(create_sqlalchemy_engine(f"sqlite:///{template}")) == _get_latest_schema_revision()
+    first.client.create_registered_model("kept")
+    start_sqlite_store(first.tracking_uri)  # a store that exists is never replaced
+    second = Registry("template-b", tmp_path / "b")  # from the cached template
+    assert [m.name for m in Registry("template-a", tmp_path / "a").client.search_registered_models()] == ["kept"]
+    assert second.client.search_registered_models() == [] and second.experiment_id != "0"
 
 
 def free_port() -> int:

@@ -92,7 +92,7 @@ def _stop_forget_jobs(workdir: Workdir) -> None:
 
 
 @pytest.fixture(scope="module")
-def served(ray_session, tmp_path_factory):
+def served(trained_tiny, tmp_path_factory):
     from ray import serve
 
     from ray_jobs.train import run as train
@@ -105,7 +105,7 @@ def served(ray_session, tmp_path_factory):
     config_path.write_text(yaml.safe_dump(raw))
     config = load_config(config_path)
     workdir = Workdir(root / "work")
-    train(config, workdir)
+    train(config, workdir, states_from=trained_tiny[0])  # the session's trunk states, linked
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
