@@ -108,6 +108,8 @@ def replicas_config(tmp_path: Path, replicas: int) -> Path:
     return config
 
 
+@pytest.mark.slow  # a second two-node cluster and a minute of requests: make test-slow; make test keeps
+# the two-node training (tests/test_multinode.py)
 def test_a_node_removed_under_a_request_loop_loses_no_request(trained_tiny, tmp_path, caplog):
     workdir, _ = trained_tiny
     caplog.set_level(logging.WARNING, logger="serving.client")

@@ -61,6 +61,7 @@ def test_shards_train_at_once_and_a_killed_worker_resumes_to_the_same_adapter(ra
            {k: v["adapter_sha256"] for k, v in outcome["report"]["shards"].items()}
 
 
+@pytest.mark.slow  # two trainings of two workers: make test-slow; make test trains one worker per shard
 def test_two_workers_per_shard_train_data_parallel_and_twice_give_the_same_bits(trained_tiny, tiny_config, tmp_path):
     """train.workers_per_shard 2: one Ray Train run of two workers, each taking half of every batch,
     their gradients summed; the same bits run after run (not necessarily one worker's: sums in another order)."""
