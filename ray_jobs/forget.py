@@ -130,22 +130,7 @@ def run_round(config: Config, workdir: Workdir, round_: dict, verify: bool) -> l
     print(f"[{round_['round_id']}] forgetting for request(s) {', '.join(round_['request_ids'])} (state {round_['state']})", flush=True)
 
     if round_["state"] == "received":
-        t = time.time()
-        plan = plan_round(workdir, users, interactions)
-        shards = sorted(int(k) for k in plan["shards"])
-        old = {str(k): registry.live_version(registry.shard_model(k)).version for k in shards}
-        valid = read_parquet(workdir.split("valid"))
-        removed_valid = valid.loc[samples_touching(valid, users, interactions), "sample_id"].tolist()
-        others = masked_by_pending(workdir, exclude=round_["request_ids"])
-        deferred = deferred_shards(shard_sizes(workdir), plan["shards"], others, config.forget.max_masked_share)
-        for request_id in round_["request_ids"] if deferred else ():  # its status says which shards still serve
-            save_request(workdir, {**load_request(workdir, request_id), "deferred_shards": deferred})
-        # Serving stops using the shards now, before any data is touched (within the bound).
-        registry.set_masked_shards(others | (set(shards) - set(deferred)))
-        _set_state(workdir, round_, "masked", t, plan=plan, old_versions=old, old_set=registry.live_set_version(),
-                   removed_valid=removed_valid, deferred=deferred)
-        if not any(plan["samples_removed"].values()):  # nothing of the subject is here: nothing to redo
-            _set_state(workdir, round_, "purged", t, new_versions={}, new_set=round_["old_set"], purged=[], interim_versions={})
+        mask_round(config, workdir, registry, round_, users, interactions)
 
     shards = sorted(int(k) for k in round_["plan"]["shards"])
     if round_["state"] == "masked":
@@ -231,6 +216,27 @@ def run_round(config: Config, workdir: Workdir, round_: dict, verify: bool) -> l
     print(f"[{round_['round_id']}] done in {sum(round_['seconds'].values()) + time.time() - t:.1f}s; "
           f"scan {'clean' if not findings else findings}", flush=True)
     return audits
+
+
+def mask_round(config: Config, workdir: Workdir, registry: Registry, round_: dict, users: set[str], interactions: set[str]) -> None:
+    """Plan the round and mask its shards, within forget.max_masked_share: where its oldest request
+    alone passes the bound, some shards keep serving until their clean versions are live."""
+    t = time.time()
+    plan = plan_round(workdir, users, interactions)
+    shards = sorted(int(k) for k in plan["shards"])
+    old = {str(k): registry.live_version(registry.shard_model(k)).version for k in shards}
+    valid = read_parquet(workdir.split("valid"))
+    removed_valid = valid.loc[samples_touching(valid, users, interactions), "sample_id"].tolist()
+    others = masked_by_pending(workdir, exclude=round_["request_ids"])
+    deferred = deferred_shards(shard_sizes(workdir), plan["shards"], others, config.forget.max_masked_share)
+    for request_id in round_["request_ids"] if deferred else ():  # its status says which shards still serve
+        save_request(workdir, {**load_request(workdir, request_id), "deferred_shards": deferred})
+    # Serving stops using the shards now, before any data is touched.
+    registry.set_masked_shards(others | (set(shards) - set(deferred)))
+    _set_state(workdir, round_, "masked", t, plan=plan, old_versions=old, old_set=registry.live_set_version(),
+               removed_valid=removed_valid, deferred=deferred)
+    if not any(plan["samples_removed"].values()):  # nothing of the subject is here: nothing to redo
+        _set_state(workdir, round_, "purged", t, new_versions={}, new_set=round_["old_set"], purged=[], interim_versions={})
 
 
 def serve_interim(config: Config, workdir: Workdir, registry: Registry, round_: dict) -> tuple[dict[int, str], str | None]:

@@ -9,17 +9,30 @@ import time
 import uuid
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 from safetensors import safe_open
 
 from components.aggregate import AggregatorState
+from components.config import ConfigError, load_config
 from components.data import read_parquet
 from components.model import answer_token_ids, load_base_model, load_tokenizer
 from components.registry import Registry
 from components.store import Workdir, load_splits, sample_states, user_moves
 from components.train import ADAPTER_FILE, AdaptedHead, predict_states, read_checkpoint
-from components.unlearn import RequestError, compare_tensors, new_request, pending_requests, scan_workdir
+from components.unlearn import (
+    RequestError,
+    admit_round,
+    compare_tensors,
+    deferred_shards,
+    hold_new_requests,
+    masked_by_pending,
+    new_request,
+    pending_requests,
+    save_request,
+    scan_workdir,
+)
 from ray_jobs import forget as forget_job
 from ray_jobs import train as train_job
 
@@ -200,6 +213,38 @@ def test_unknown_users_are_reported_and_the_rest_goes_on(forgetting, tiny_config
     [audit] = forget_job.process(tiny_config, forgetting)
     assert audit["unknown_users"] == 1 and audit["affected_shards"] and audit["scan"]["clean"]
     FORGOTTEN["users"].append(user)
+
+
+def test_the_masked_share_is_bounded_and_requests_past_it_wait_in_order(tmp_path):
+    """forget.max_masked_share (no Ray): a request is masked at once only within the bound, later
+    ones wait behind a waiting one, a round admits in order while the bound holds (always the
+    oldest), and a round whose oldest request alone passes it leaves shards serving."""
+    workdir = Workdir(tmp_path)
+    for shard, rows in enumerate([40, 30, 20, 10]):  # shares 40%, 30%, 20%, 10%
+        workdir.shard_samples(shard).parent.mkdir(parents=True)
+        pd.DataFrame({"sample_id": [f"{shard}-{i}" for i in range(rows)]}).to_parquet(workdir.shard_samples(shard))
+
+    def recorded(request_id, shards, masked):
+        why = hold_new_requests(workdir, masked, 0.5)(shards)
+        save_request(workdir, {"request_id": request_id, "created": time.time(), "state": "received", "affected_shards": shards,
+                               "history": [], **({"waiting": why} if why else {})})
+        return why
+
+    assert recorded("a", [0], set()) is None  # 40%: masked at once
+    assert "70% of the training data, over forget.max_masked_share 50%" in recorded("b", [1], {0})
+    assert "behind older requests" in recorded("c", [3], {0})  # 50% would fit, but b came first
+    assert masked_by_pending(workdir) == {0}  # waiting requests mask nothing
+    assert [r["request_id"] for r in admit_round(workdir, 0.5)] == ["a"]
+    assert "next round" in json.loads(workdir.path("requests", "b.json").read_text())["waiting"]
+    save_request(workdir, {**json.loads(workdir.path("requests", "a.json").read_text()), "state": "done"})
+    assert [r["request_id"] for r in admit_round(workdir, 0.5)] == ["b", "c"]  # the next round: 40%
+    assert masked_by_pending(workdir) == {1, 3}
+    plan = {"0": {"restart_slice": 0}, "1": {"restart_slice": 2}, "2": {"restart_slice": 0}, "3": {"restart_slice": 1}}
+    assert deferred_shards({0: 40, 1: 30, 2: 20, 3: 10}, plan, set(), 0.5) == [1, 2]  # 0 and 3 masked: 50%
+    assert deferred_shards({0: 40, 1: 30, 2: 20, 3: 10}, plan, set(), 1.0) == []
+    for bad in ({"max_masked_share": 0}, {"max_masked_share": 1.5}, {"max_share": 0.5}):
+        with pytest.raises(ConfigError, match="forget.max_"):
+            load_config(TINY, forget=bad)
 
 
 def test_bad_requests_are_refused_with_a_reason(forgetting):
