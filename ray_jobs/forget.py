@@ -127,6 +127,7 @@ def _fault_injection(state: str) -> None:
 def run_round(config: Config, workdir: Workdir, round_: dict, verify: bool) -> list[dict]:
     registry = Registry(config.experiment, workdir.root)
     users, interactions = set(round_["users"]), set(round_["interactions"])
+    round_.setdefault("deferred", [])  # a round recorded before forget.max_masked_share existed
     print(f"[{round_['round_id']}] forgetting for request(s) {', '.join(round_['request_ids'])} (state {round_['state']})", flush=True)
 
     if round_["state"] == "received":
@@ -203,7 +204,7 @@ def run_round(config: Config, workdir: Workdir, round_: dict, verify: bool) -> l
             "old_versions": round_["old_versions"], "new_versions": round_["new_versions"],
             "old_adapter_set": round_["old_set"], "new_adapter_set": round_["new_set"],
             "interim_versions": round_.get("interim_versions", {}), "interim_adapter_set": round_.get("interim_set"),
-            "deferred_shards": round_.get("deferred", []),
+            "deferred_shards": round_["deferred"],
             "purged": round_["purged"], "seconds": round_["seconds"], "forwarded_to_baselines": forwarded,
             "scan": {"clean": not findings, "findings": findings}, "verification": verification,
         }
