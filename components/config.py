@@ -253,6 +253,14 @@ class ServingConfig(Section):
     forget_token: str | None = None
 
 
+class ForgetConfig(Section):
+    # The largest share of the training samples that forget requests may mask at once (a masked
+    # shard serves nothing: it has no clean slice checkpoint to serve from while it retrains).
+    # Requests past it wait, unmasked, for the next round. Below 1 some shard always serves; 1
+    # masks every request at once, and predict answers 503 while every shard is masked.
+    max_masked_share: float = Field(0.5, gt=0, le=1)
+
+
 class Config(Section):
     experiment: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     seed: int = 0
@@ -264,6 +272,7 @@ class Config(Section):
     inference: InferenceConfig = InferenceConfig()
     aggregate: AggregateConfig = AggregateConfig()
     serving: ServingConfig = ServingConfig()
+    forget: ForgetConfig = ForgetConfig()
 
     def sha256(self) -> str:
         return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()

@@ -338,6 +338,27 @@ def predict_states(model: AdaptedHead, states: list[torch.Tensor], yes_id: int, 
         return np.array([float(p_yes(model.logits(*pad_states([s])), yes_id, no_id)[0]) for s in states], dtype=np.float32)
 
 
+def checkpoint_result(config: Config, shard: int, samples: pd.DataFrame, valid_states: list[torch.Tensor],
+                      checkpoint_dir: Path, base: nn.Module, tokenizer) -> ShardResult | None:
+    """The shard as its last clean slice checkpoint left it, with that adapter's validation
+    predictions (the pass training ends with); None where no checkpoint is clean. Clean means its
+    manifest names exactly the current slices 0..c: in either slice mode it has seen those and
+    nothing else, so a sample deleted from the store is in none of them. `base` is wrapped by the
+    adapter: give each shard its own."""
+    samples = samples.sort_values("sample_id")
+    slices = [samples.loc[samples["slice"] == r, "sample_id"].tolist() for r in range(config.partition.num_slices)]
+    stage = last_clean_stage(checkpoint_dir, slices, config)
+    if stage < 0:
+        return None
+    saved = read_checkpoint(checkpoint_dir, stage)
+    model = AdaptedHead(config, shard, base)
+    model.load_adapter_state(saved["adapter"])
+    seen = sum(slices[: stage + 1], [])
+    return ShardResult(shard=shard, adapter=saved["adapter"], samples=len(seen), manifest_sha256=manifest_sha256(seen),
+                       valid_predictions=predict_states(model, valid_states, *answer_token_ids(tokenizer, config.model)),
+                       adapter_sha256=tensors_sha256(saved["adapter"]), restarted_from=stage + 1, losses=list(saved["losses"]))
+
+
 def save_shard_result(result: ShardResult, folder: Path, config: Config) -> Path:
     """The adapter folder that the registry versions. Per-sample validation predictions are not in
     it: they belong to the aggregator state, which forgetting rewrites."""

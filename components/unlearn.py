@@ -3,7 +3,12 @@ and the bit-for-bit comparison with a from-scratch model.
 
 A request moves through recorded states; a process killed in any state resumes from it:
 
-    received -> masked -> deleted -> retrained -> registered -> unmasked -> purged -> done
+    received -> masked -> deleted -> interim -> retrained -> registered -> unmasked -> purged -> done
+
+While a round retrains, an affected shard serves from its last clean slice checkpoint (`interim`:
+trained only on slices before the subject's first one) and is masked only where it has none. The
+share of the training data masked at once is bounded (forget.max_masked_share): a request that
+would pass the bound waits, unmasked, for a round that admits it.
 
 A request whose round fails the same way again and again is `failed` (its shards stay masked)
 until an operator retries it, or abandons it if nothing was deleted yet (`abandoned`).
@@ -25,8 +30,10 @@ import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import pandas as pd
+import pyarrow.parquet as pq
 import torch
 
 from components.aggregate import AggregatorState
@@ -35,7 +42,7 @@ from components.lease import Heartbeat, Lease
 from components.store import Workdir, user_moves, write_json
 from components.train import last_clean_stage
 
-STATES = ("received", "masked", "deleted", "retrained", "registered", "unmasked", "purged", "done")
+STATES = ("received", "masked", "deleted", "interim", "retrained", "registered", "unmasked", "purged", "done")
 
 
 def state_index(state: str) -> int:
@@ -47,6 +54,7 @@ class ForgetRequest:
     request_id: str
     affected_shards: list[int]
     state: str
+    waiting: str | None = None  # why it waits, unmasked, for a round to admit it
 
 
 class RequestError(ValueError):
@@ -108,24 +116,27 @@ def shard_hits(workdir: Workdir, users: set[str], interactions: set[str]) -> dic
 
 
 def new_request(workdir: Workdir, users: list[str], interactions: list[str], request_id: str | None = None,
-                source: str = "cli") -> ForgetRequest:
+                source: str = "cli", hold: Callable[[list[int]], str | None] | None = None) -> ForgetRequest:
     """Record a request durably (state `received`) with the shards it affects. The same request id
-    twice returns the existing record and does no extra work."""
+    twice returns the existing record and does no extra work. `hold(affected)` says why the request
+    must wait unmasked for a round to admit it (see `hold_past_bound`), or None: masked at once."""
     users = sorted({str(u).strip() for u in users if str(u).strip()})
     interactions = sorted({str(i).strip() for i in interactions if str(i).strip()})
     validate_ids(users, interactions)
     request_id = request_id or uuid.uuid4().hex[:16]
     existing = load_request(workdir, request_id)
     if existing is not None:
-        return ForgetRequest(request_id, existing["affected_shards"], existing["state"])
+        return ForgetRequest(request_id, existing["affected_shards"], existing["state"], existing.get("waiting"))
     affected = sorted(shard_hits(workdir, set(users), set(interactions)))
     record = {
         "request_id": request_id, "created": time.time(), "source": source, "state": "received",
         "users": users, "interactions": interactions, "affected_shards": affected,
         "subject_hash": subject_hash(workdir, users, interactions), "history": [["received", time.time()]],
     }
+    if hold is not None and (why := hold(affected)):
+        record["waiting"] = why  # decided before the record exists: a round never sees it masked by mistake
     save_request(workdir, record)
-    return ForgetRequest(request_id, affected, "received")
+    return ForgetRequest(request_id, affected, "received", record.get("waiting"))
 
 
 def advance(workdir: Workdir, record: dict, state: str, **fields) -> dict:
@@ -140,12 +151,87 @@ def scrub(record: dict) -> dict:
     return {k: v for k, v in record.items() if k not in ("users", "interactions")}
 
 
-def masked_by_pending(workdir: Workdir) -> set[int]:
+def masked_by_pending(workdir: Workdir, exclude: Iterable[str] = ()) -> set[int]:
     """Shards that must stay masked: those of every request not yet past `registered`, failed
-    requests included (their shards stay masked until the request is retried to the end)."""
+    requests included (their shards stay masked until the request is retried to the end), except
+    requests waiting for a round past the bound and those in `exclude` (a round masks its own)."""
+    exclude = set(exclude)
     return {s for r in all_requests(workdir) if r["state"] != "abandoned" and r["state"] != "done"
+            and "waiting" not in r and r["request_id"] not in exclude
             and state_index(r.get("failed_at", r["state"]) if r["state"] == "failed" else r["state"]) < state_index("unmasked")
             for s in r["affected_shards"]}
+
+
+# --- the bound on the share of the training data masked at once -------------------------------------
+
+
+def shard_sizes(workdir: Workdir) -> dict[int, int]:
+    """Training samples per shard, from the Parquet footers (no data read)."""
+    return {k: pq.read_metadata(workdir.shard_samples(k)).num_rows for k in range(workdir.num_shards())}
+
+
+def masked_share(sizes: dict[int, int], shards: Iterable[int]) -> float:
+    return sum(sizes.get(k, 0) for k in set(shards)) / max(1, sum(sizes.values()))
+
+
+def hold_past_bound(sizes: dict[int, int], masked: set[int], shards: Iterable[int], bound: float) -> str | None:
+    """Why a request over `shards` must wait unmasked while `masked` are masked, or None if masking
+    it now keeps the masked share of the training data within `bound`."""
+    share = masked_share(sizes, masked | set(shards))
+    if share <= bound + 1e-12:
+        return None
+    return (f"waiting for the next round: masking shard(s) {sorted(set(shards) - masked)} now would mask {share:.0%} of the "
+            f"training data, over forget.max_masked_share {bound:.0%}; they keep serving until a round admits this "
+            f"request and masks them, at the start of the next round (after the running one publishes its clean versions)")
+
+
+def hold_new_requests(workdir: Workdir, masked: set[int], bound: float) -> Callable[[list[int]], str | None]:
+    """`new_request`'s `hold` while `masked` are masked: a new request waits behind any waiting one
+    (first come, first masked: a large request is never overtaken for ever), or where masking its
+    shards now would pass `bound`."""
+
+    def hold(affected: list[int]) -> str | None:
+        if any("waiting" in r for r in pending_requests(workdir)):
+            return ("waiting for the next round behind older requests that wait for it (first come, first masked); "
+                    "its shards keep serving until that round admits it and masks them")
+        return hold_past_bound(shard_sizes(workdir), masked, affected, bound)
+
+    return hold
+
+
+def admit_round(workdir: Workdir, bound: float) -> list[dict]:
+    """The requests the next round carries out, oldest first: every pending request already masked,
+    then waiting ones in order while the masked share stays within `bound`, and at least the oldest
+    (none waits for ever). The others stay waiting, with the reason."""
+    pending = pending_requests(workdir)
+    sizes = shard_sizes(workdir) if pending else {}
+    admitted = [r for r in pending if "waiting" not in r]
+    shards = {s for r in admitted for s in r["affected_shards"]}
+    for record in [r for r in pending if "waiting" in r]:
+        why = hold_past_bound(sizes, shards, record["affected_shards"], bound)
+        if why is not None and admitted:
+            record["waiting"] = why  # the ones after it keep waiting behind it: none overtakes it
+            save_request(workdir, record)
+            break
+        record.pop("waiting")
+        save_request(workdir, record)
+        admitted.append(record)
+        shards |= set(record["affected_shards"])
+    return sorted(admitted, key=lambda r: r["created"])
+
+
+def deferred_shards(sizes: dict[int, int], plan: dict, masked: set[int], bound: float) -> list[int]:
+    """A round's shards left unmasked so that the masked share stays within `bound` (only when its
+    oldest request alone passes it): those with a clean checkpoint go last, as they serve again
+    from it soon; shards without one are masked first."""
+    order = sorted(plan, key=lambda k: (plan[k]["restart_slice"] > 0, int(k)))
+    deferred = []
+    for shard in map(int, order):
+        if shard not in masked and masked_share(sizes, masked | {shard}) > bound + 1e-12:
+            deferred.append(shard)
+        else:
+            masked = masked | {shard}
+    return sorted(deferred)
 
 
 def fail_request(workdir: Workdir, record: dict, error: str) -> dict:

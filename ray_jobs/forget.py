@@ -31,27 +31,31 @@ from components.aggregate import AggregatorState, load_mixture, predict, stored_
 from components.baselines import baseline_config
 from components.config import Config
 from components.data import SPLITS, read_parquet, samples_touching
-from components.model import load_base_model, load_tokenizer
+from components.model import load_base_model, load_tokenizer, make_deterministic
 from components.partition import Partitioner
 from components.registry import Registry, default_tracking_uri, keep_own_registry
 from components.store import Workdir, copy_store, load_splits, remove_samples, sample_states, write_json
-from components.train import ADAPTER_FILE, remove_checkpoint
+from components.train import ADAPTER_FILE, ShardResult, checkpoint_result, remove_checkpoint, save_shard_result
 from components.unlearn import (
     RequestError,
     abandon_request,
+    admit_round,
     advance,
     compare_states,
     compare_tensors,
+    deferred_shards,
     files_holding,
+    hold_new_requests,
     load_request,
     masked_by_pending,
     new_request,
-    pending_requests,
     plan_round,
     retry_request,
     round_lock,
+    save_request,
     scan_workdir,
     scrub,
+    shard_sizes,
     state_index,
 )
 from ray_jobs.common import (
@@ -88,7 +92,7 @@ def process(config: Config, workdir: Workdir, verify: bool = False) -> list[dict
                       f"or abandons {', '.join(round_['request_ids'])}", flush=True)
                 return audits
             if round_ is None:
-                batch = pending_requests(workdir)
+                batch = admit_round(workdir, config.forget.max_masked_share)
                 if not batch:
                     return audits
                 round_ = {"round_id": uuid.uuid4().hex[:12], "request_ids": [r["request_id"] for r in batch],
@@ -123,21 +127,11 @@ def _fault_injection(state: str) -> None:
 def run_round(config: Config, workdir: Workdir, round_: dict, verify: bool) -> list[dict]:
     registry = Registry(config.experiment, workdir.root)
     users, interactions = set(round_["users"]), set(round_["interactions"])
+    round_.setdefault("deferred", [])  # a round recorded before forget.max_masked_share existed
     print(f"[{round_['round_id']}] forgetting for request(s) {', '.join(round_['request_ids'])} (state {round_['state']})", flush=True)
 
     if round_["state"] == "received":
-        t = time.time()
-        plan = plan_round(workdir, users, interactions)
-        shards = sorted(int(k) for k in plan["shards"])
-        old = {str(k): registry.live_version(registry.shard_model(k)).version for k in shards}
-        valid = read_parquet(workdir.split("valid"))
-        removed_valid = valid.loc[samples_touching(valid, users, interactions), "sample_id"].tolist()
-        # Serving stops using the shards now, before any data is touched.
-        registry.set_masked_shards(registry.masked_shards() | set(shards) | masked_by_pending(workdir))
-        _set_state(workdir, round_, "masked", t, plan=plan, old_versions=old, old_set=registry.live_set_version(),
-                   removed_valid=removed_valid)
-        if not any(plan["samples_removed"].values()):  # nothing of the subject is here: nothing to redo
-            _set_state(workdir, round_, "purged", t, new_versions={}, new_set=round_["old_set"], purged=[])
+        mask_round(config, workdir, registry, round_, users, interactions)
 
     shards = sorted(int(k) for k in round_["plan"]["shards"])
     if round_["state"] == "masked":
@@ -151,6 +145,14 @@ def run_round(config: Config, workdir: Workdir, round_: dict, verify: bool) -> l
             workdir.progress(shard).unlink(missing_ok=True)
         shutil.rmtree(workdir.path("reports", "predictions"), ignore_errors=True)  # cached per-sample scores
         _set_state(workdir, round_, "deleted", t)
+
+    if round_["state"] == "deleted":
+        t = time.time()
+        interim, interim_set = serve_interim(config, workdir, registry, round_)
+        # The alias moved first: a replica keeps a shard masked until it has loaded its interim version.
+        registry.set_masked_shards(masked_by_pending(workdir, exclude=round_["request_ids"])
+                                   | (set(shards) - set(round_["deferred"]) - set(interim)))
+        _set_state(workdir, round_, "interim", t, interim_versions={str(k): v for k, v in interim.items()}, interim_set=interim_set)
 
     if state_index(round_["state"]) < state_index("registered"):
         t = time.time()
@@ -173,7 +175,7 @@ def run_round(config: Config, workdir: Workdir, round_: dict, verify: bool) -> l
 
     if round_["state"] == "registered":
         t = time.time()
-        registry.set_masked_shards(masked_by_pending(workdir) - set(shards))
+        registry.set_masked_shards(masked_by_pending(workdir, exclude=round_["request_ids"]))
         _set_state(workdir, round_, "unmasked", t)
 
     if round_["state"] == "unmasked":
@@ -201,6 +203,8 @@ def run_round(config: Config, workdir: Workdir, round_: dict, verify: bool) -> l
             "samples_removed": round_["plan"]["samples_removed"], "unknown_users": round_["plan"]["unknown_users"],
             "old_versions": round_["old_versions"], "new_versions": round_["new_versions"],
             "old_adapter_set": round_["old_set"], "new_adapter_set": round_["new_set"],
+            "interim_versions": round_.get("interim_versions", {}), "interim_adapter_set": round_.get("interim_set"),
+            "deferred_shards": round_["deferred"],
             "purged": round_["purged"], "seconds": round_["seconds"], "forwarded_to_baselines": forwarded,
             "scan": {"clean": not findings, "findings": findings}, "verification": verification,
         }
@@ -213,6 +217,74 @@ def run_round(config: Config, workdir: Workdir, round_: dict, verify: bool) -> l
     print(f"[{round_['round_id']}] done in {sum(round_['seconds'].values()) + time.time() - t:.1f}s; "
           f"scan {'clean' if not findings else findings}", flush=True)
     return audits
+
+
+def mask_round(config: Config, workdir: Workdir, registry: Registry, round_: dict, users: set[str], interactions: set[str]) -> None:
+    """Plan the round and mask its shards, within forget.max_masked_share: where its oldest request
+    alone passes the bound, some shards keep serving until their clean versions are live."""
+    t = time.time()
+    plan = plan_round(workdir, users, interactions)
+    shards = sorted(int(k) for k in plan["shards"])
+    old = {str(k): registry.live_version(registry.shard_model(k)).version for k in shards}
+    valid = read_parquet(workdir.split("valid"))
+    removed_valid = valid.loc[samples_touching(valid, users, interactions), "sample_id"].tolist()
+    others = masked_by_pending(workdir, exclude=round_["request_ids"])
+    deferred = deferred_shards(shard_sizes(workdir), plan["shards"], others, config.forget.max_masked_share)
+    for request_id in round_["request_ids"] if deferred else ():  # its status says which shards still serve
+        save_request(workdir, {**load_request(workdir, request_id), "deferred_shards": deferred})
+    # Serving stops using the shards now, before any data is touched.
+    registry.set_masked_shards(others | (set(shards) - set(deferred)))
+    _set_state(workdir, round_, "masked", t, plan=plan, old_versions=old, old_set=registry.live_set_version(),
+               removed_valid=removed_valid, deferred=deferred)
+    if not any(plan["samples_removed"].values()):  # nothing of the subject is here: nothing to redo
+        _set_state(workdir, round_, "purged", t, new_versions={}, new_set=round_["old_set"], purged=[], interim_versions={})
+
+
+def serve_interim(config: Config, workdir: Workdir, registry: Registry, round_: dict) -> tuple[dict[int, str], str | None]:
+    """While the round's shards retrain, each serves from its last clean slice checkpoint (trained
+    only on slices before the subject's first one: it never saw the data), registered as a version
+    of its shard with its lineage; a shard without one stays masked, out of the interim adapter set.
+    Returns the interim versions and the set's version (None: no shard has one, nothing changes)."""
+    results = checkpoint_results(config, workdir, [int(k) for k, v in round_["plan"]["shards"].items() if v["restart_slice"] > 0])
+    versions = {}
+    for shard, result in results.items():
+        save_shard_result(result, workdir.adapter(shard), config)  # training overwrites it with the retrained adapter
+        tags = {"forget_request": round_["round_id"], "interim": "true", "from_checkpoint": f"slice-{result.restarted_from - 1}",
+                "restarted_from": ""}
+        versions.update(register_shards(config, workdir, registry, {shard: vars(result)}, tags))
+    if not versions:
+        return {}, None
+    with tempfile.TemporaryDirectory() as tmp:
+        live = registry.load_adapter_set(Path(tmp), round_["old_set"])
+        # The tainted versions' predictions go with them; the forgotten validation samples' rows too.
+        state = AggregatorState.load(live.folder / "aggregator").without(set(round_["removed_valid"]))
+        pinned = {k: str(v["version"]) for k, v in live.shards.items()}
+    for shard in set(map(int, round_["plan"]["shards"])) - set(round_["deferred"]):
+        pinned.pop(shard, None)
+        state.predictions.pop(shard, None)
+    for shard, result in results.items():
+        pinned[shard] = versions[shard]
+        state.predictions[shard] = torch.tensor(result.valid_predictions)
+    return versions, publish_adapter_set(config, workdir, registry, state, pinned,
+                                         {"forget_request": round_["round_id"], "interim": "true"})
+
+
+def checkpoint_results(config: Config, workdir: Workdir, shards: list[int]) -> dict[int, ShardResult]:
+    """Each shard's last clean slice checkpoint with its predictions of the validation samples left
+    after deletion (components.train.checkpoint_result); shards without one are left out."""
+    make_deterministic(max(1, int(config.train.cpus_per_actor)))
+    tokenizer = load_tokenizer(config.model)
+    valid = read_parquet(workdir.split("valid"))
+    results, valid_states = {}, None
+    for shard in shards:
+        base = load_base_model(config.model, config.seed, tokenizer, head_only=True)
+        if valid_states is None:
+            valid_states = sample_states(config, workdir, valid, base, tokenizer)
+        result = checkpoint_result(config, shard, read_parquet(workdir.shard_samples(shard)), valid_states,
+                                   workdir.checkpoints(shard), base, tokenizer)
+        if result is not None:
+            results[shard] = result
+    return results
 
 
 def forward_to_baselines(config: Config, workdir: Workdir, users: set[str], interactions: set[str], round_id: str) -> dict:
@@ -395,11 +467,12 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
             retry(workdir, args.request_id)
         elif args.request_file:
-            request = new_request(workdir, users, interactions, args.request_id)
+            registry = Registry(config.experiment, workdir.root)
+            hold = hold_new_requests(workdir, registry.masked_shards(), config.forget.max_masked_share)
+            request = new_request(workdir, users, interactions, args.request_id, hold=hold)
             delete_subject(args.request_file)  # the request log holds the ids until done, then only their hash
             print(f"request {request.request_id}: affects shard(s) {request.affected_shards} (state {request.state})")
-            # Mask at once, even if another job's round is running and this request has to wait.
-            registry = Registry(config.experiment, workdir.root)
+            # Mask at once (within forget.max_masked_share), even if another job's round is running.
             registry.set_masked_shards(registry.masked_shards() | masked_by_pending(workdir))
         elif args.request_id:
             if load_request(workdir, args.request_id) is None:

@@ -282,10 +282,11 @@ class Recommender:
         responses={200: {"model": ForgetAccepted, "description": "this request id is known and finished (done, failed or abandoned)"},
                    **errors(401, 413, 422, 503)})
     async def forget(self, request: Request) -> JSONResponse:
-        """Forget users and/or USER:ITEM interactions: the affected shards are masked at once; the
-        reconciler runs the exact forget job (retrain from the last clean slice, swap, purge, audit) as
+        """Forget users and/or USER:ITEM interactions: the affected shards are masked at once (unless
+        that would mask more than forget.max_masked_share of the training data: then the request
+        waits for the next round, and `waiting` says so); the reconciler runs the exact forget job (retrain from the last clean slice, swap, purge, audit) as
         a Ray job, and again after a failure, until the request is done."""
-        from components.unlearn import STATES, RequestError, new_request, state_index
+        from components.unlearn import STATES, RequestError, state_index
 
         self._authorize(request)  # before the body is even parsed
         try:
@@ -293,13 +294,12 @@ class Recommender:
         except ValidationError as err:
             raise HTTPException(422, validation_message(err.errors(include_url=False))) from None
         try:
-            record = await asyncio.to_thread(new_request, self.workdir, body.users, body.interactions,
-                                             request_id=body.request_id, source="http")
+            record = await asyncio.to_thread(self._record, body)
         except RequestError as err:
             raise HTTPException(422, str(err)) from None
         affected = {int(s) for s in record.affected_shards}
         pending = record.state in STATES[:-1]  # a repeated request id may be done, failed or abandoned
-        if pending and state_index(record.state) < state_index("unmasked"):
+        if pending and not record.waiting and state_index(record.state) < state_index("unmasked"):
             async with self._mask_lock:  # the poller cannot undo this with a stale read
                 view = self.view
                 self.view = View(view.served, view.masked | affected)  # this replica: at once
@@ -310,8 +310,15 @@ class Recommender:
             except Exception:  # noqa: BLE001 - the request is recorded: the poller's next check starts it
                 logger.exception("could not reach the forget reconciler")
         payload = ForgetAccepted(request_id=record.request_id, affected_shards=sorted(affected),
-                                 status_url=f"/v1/forget/{record.request_id}", state=record.state)
+                                 status_url=f"/v1/forget/{record.request_id}", state=record.state, waiting=record.waiting)
         return JSONResponse(payload.model_dump(), status_code=202 if pending else 200)
+
+    def _record(self, body: ForgetBody):
+        """Record the request; it waits unmasked where masking it now would pass forget.max_masked_share."""
+        from components.unlearn import hold_new_requests, new_request
+
+        hold = hold_new_requests(self.workdir, self.registry.masked_shards(), self.config.forget.max_masked_share)
+        return new_request(self.workdir, body.users, body.interactions, request_id=body.request_id, source="http", hold=hold)
 
     def _mask_in_registry(self, shards: set[int]) -> None:
         if shards and not shards <= (masked := self.registry.masked_shards()):  # a burst of requests: one write per shard

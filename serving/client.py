@@ -57,6 +57,7 @@ class ForgetAccepted:
     affected_shards: list[int]
     status_url: str
     state: str
+    waiting: str | None = None  # why its shards are not masked yet (forget.max_masked_share), and when they will be
 
 
 def _lost_by_serve(response: httpx.Response) -> bool:
@@ -152,7 +153,8 @@ class RecommenderClient:
         if request_id is not None:
             body["request_id"] = request_id
         raw = self._call("POST", "/v1/forget", token=token or self.token, idempotent=False, json=body)
-        return ForgetAccepted(raw["request_id"], [int(s) for s in raw["affected_shards"]], raw["status_url"], raw.get("state", ""))
+        return ForgetAccepted(raw["request_id"], [int(s) for s in raw["affected_shards"]], raw["status_url"], raw.get("state", ""),
+                              raw.get("waiting"))
 
     def forget_status(self, request_id: str, token: str | None = None) -> dict:
         """A request's state and history, attempts, its Ray job (submission_id, status), last_error,

@@ -111,7 +111,7 @@ class ForgetBody(Body):
     request_id: RequestId = None
 
 
-State = Literal["received", "masked", "deleted", "retrained", "registered", "unmasked", "purged", "done", "failed", "abandoned"]
+State = Literal["received", "masked", "deleted", "interim", "retrained", "registered", "unmasked", "purged", "done", "failed", "abandoned"]
 
 
 class ForgetAccepted(BaseModel):
@@ -119,6 +119,7 @@ class ForgetAccepted(BaseModel):
     affected_shards: list[int]
     status_url: str
     state: State
+    waiting: str | None = Field(None, description="why its shards are not masked yet and when they will be, if they are not")
 
 
 class ForgetJob(BaseModel):
@@ -139,6 +140,10 @@ class ForgetStatus(BaseModel):
     last_error: str | None
     next_retry_at: float | None = Field(description="unix time of the next job submission after a failure, if one is due")
     note: str | None = Field(description="why the request is waiting, if it is")
+    waiting: str | None = Field(None, description="why its shards are not masked yet and when they will be: it waits for "
+                                                  "the next round (forget.max_masked_share)")
+    deferred_shards: list[int] | None = Field(None, description="its round's shards left serving until their clean versions are "
+                                                                "live, where masking them too would pass forget.max_masked_share")
     failed_at: str | None = Field(None, description="for a failed request: the state it failed in")
     error: str | None = Field(None, description="for a failed request: why")
 

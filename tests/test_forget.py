@@ -7,15 +7,32 @@ import subprocess
 import sys
 import time
 import uuid
+from pathlib import Path
 
+import pandas as pd
 import pytest
+import torch
 from safetensors import safe_open
 
 from components.aggregate import AggregatorState
+from components.config import ConfigError, load_config
 from components.data import read_parquet
+from components.model import answer_token_ids, load_base_model, load_tokenizer
 from components.registry import Registry
-from components.store import Workdir, load_splits, user_moves
-from components.unlearn import RequestError, new_request, pending_requests, scan_workdir
+from components.store import Workdir, load_splits, sample_states, user_moves
+from components.train import ADAPTER_FILE, AdaptedHead, predict_states, read_checkpoint
+from components.unlearn import (
+    RequestError,
+    admit_round,
+    compare_tensors,
+    deferred_shards,
+    hold_new_requests,
+    masked_by_pending,
+    new_request,
+    pending_requests,
+    save_request,
+    scan_workdir,
+)
 from ray_jobs import forget as forget_job
 from ray_jobs import train as train_job
 
@@ -61,6 +78,49 @@ def assert_no_stored_state_of(workdir, users, interactions):
         assert interactions.isdisjoint(header["interactions"]), path
 
 
+@pytest.fixture
+def while_retraining(monkeypatch, tmp_path):
+    """Checks what serving has while each forget round retrains (when it calls train_shards);
+    yields the interim versions of each round."""
+    seen, train_shards = [], forget_job.train_shards
+
+    def watching(config, workdir, shards):
+        seen.append(assert_interim_set(config, workdir, shards, tmp_path / uuid.uuid4().hex))
+        return train_shards(config, workdir, shards)
+
+    monkeypatch.setattr(forget_job, "train_shards", watching)
+    return seen
+
+
+def assert_interim_set(config, workdir, shards, download):
+    """Every retraining shard with a clean slice checkpoint serves that checkpoint's adapter, bit for
+    bit, registered with its lineage, with validation predictions recomputed on the validation
+    samples left; only the others are masked (and out of the set)."""
+    round_ = json.loads(workdir.path("rounds", "current.json").read_text())
+    registry = Registry(config.experiment, workdir.root)
+    interim = {int(k): v for k, v in round_["interim_versions"].items()}
+    assert registry.masked_shards() == set(shards) - set(interim) - set(round_["deferred"])
+    live = registry.load_adapter_set(download)
+    assert live.version == (round_["interim_set"] or round_["old_set"])
+    assert set(shards) - set(interim) - set(round_["deferred"]) - set(live.shards) == set()
+    state = AggregatorState.load(live.folder / "aggregator")
+    valid = load_splits(workdir)["valid"]
+    assert state.sample_ids == valid["sample_id"].tolist()  # the forgotten validation samples are gone
+    tokenizer = load_tokenizer(config.model)
+    for shard, version in interim.items():
+        stage = round_["plan"]["shards"][str(shard)]["restart_slice"] - 1
+        adapter = read_checkpoint(workdir.checkpoints(shard), stage)["adapter"]
+        assert compare_tensors(torch.load(Path(live.shards[shard]["local"]) / ADAPTER_FILE, weights_only=True), adapter) == []
+        tags = registry.client.get_model_version(registry.shard_model(shard), version).tags
+        assert (tags["interim"], tags["from_checkpoint"], tags["forget_request"]) == ("true", f"slice-{stage}", round_["round_id"])
+        base = load_base_model(config.model, config.seed, tokenizer, head_only=True)
+        model = AdaptedHead(config, shard, base)
+        model.load_adapter_state(adapter)
+        expected = predict_states(model, sample_states(config, workdir, valid, base, tokenizer), *answer_token_ids(tokenizer, config.model))
+        assert torch.equal(state.predictions[shard], torch.tensor(expected))
+    return interim
+
+
 FORGOTTEN = {"users": [], "interactions": []}  # everything the module's work dir has forgotten so far
 
 
@@ -71,7 +131,9 @@ def forgetting(trained_tiny, tiny_config, tmp_path_factory):
     return workdir
 
 
-def test_forgetting_equals_training_without_the_data(forgetting, tiny_config, tmp_path):
+def test_forgetting_equals_training_without_the_data(forgetting, tiny_config, tmp_path, while_retraining):
+    """Three rounds, each compared with training from scratch; while each retrains, its shards serve
+    from their last clean slice checkpoints (interim versions) and only shards without one are masked."""
     workdir, config = forgetting, tiny_config
     registry = Registry(config.experiment, workdir.root)
     owners = shard_of_users(workdir)
@@ -128,6 +190,10 @@ def test_forgetting_equals_training_without_the_data(forgetting, tiny_config, tm
         record = json.loads(path.read_text())
         assert "users" not in record and "interactions" not in record and len(record["subject_hash"]) == 64
     assert pending_requests(workdir) == []
+    print(f"interim versions per round: {while_retraining}")
+    assert len(while_retraining) == 3 and any(while_retraining)
+    for shard in range(workdir.num_shards()):  # purged with the old versions once the final set is live
+        assert not any(v.tags.get("interim") for v in registry.versions(registry.shard_model(shard)))
 
 
 def test_same_request_id_twice_does_no_extra_work(forgetting, tiny_config):
@@ -149,6 +215,38 @@ def test_unknown_users_are_reported_and_the_rest_goes_on(forgetting, tiny_config
     [audit] = forget_job.process(tiny_config, forgetting)
     assert audit["unknown_users"] == 1 and audit["affected_shards"] and audit["scan"]["clean"]
     FORGOTTEN["users"].append(user)
+
+
+def test_the_masked_share_is_bounded_and_requests_past_it_wait_in_order(tmp_path):
+    """forget.max_masked_share (no Ray): a request is masked at once only within the bound, later
+    ones wait behind a waiting one, a round admits in order while the bound holds (always the
+    oldest), and a round whose oldest request alone passes it leaves shards serving."""
+    workdir = Workdir(tmp_path)
+    for shard, rows in enumerate([40, 30, 20, 10]):  # shares 40%, 30%, 20%, 10%
+        workdir.shard_samples(shard).parent.mkdir(parents=True)
+        pd.DataFrame({"sample_id": [f"{shard}-{i}" for i in range(rows)]}).to_parquet(workdir.shard_samples(shard))
+
+    def recorded(request_id, shards, masked):
+        why = hold_new_requests(workdir, masked, 0.5)(shards)
+        save_request(workdir, {"request_id": request_id, "created": time.time(), "state": "received", "affected_shards": shards,
+                               "history": [], **({"waiting": why} if why else {})})
+        return why
+
+    assert recorded("a", [0], set()) is None  # 40%: masked at once
+    assert "70% of the training data, over forget.max_masked_share 50%" in recorded("b", [1], {0})
+    assert "behind older requests" in recorded("c", [3], {0})  # 50% would fit, but b came first
+    assert masked_by_pending(workdir) == {0}  # waiting requests mask nothing
+    assert [r["request_id"] for r in admit_round(workdir, 0.5)] == ["a"]
+    assert "next round" in json.loads(workdir.path("requests", "b.json").read_text())["waiting"]
+    save_request(workdir, {**json.loads(workdir.path("requests", "a.json").read_text()), "state": "done"})
+    assert [r["request_id"] for r in admit_round(workdir, 0.5)] == ["b", "c"]  # the next round: 40%
+    assert masked_by_pending(workdir) == {1, 3}
+    plan = {"0": {"restart_slice": 0}, "1": {"restart_slice": 2}, "2": {"restart_slice": 0}, "3": {"restart_slice": 1}}
+    assert deferred_shards({0: 40, 1: 30, 2: 20, 3: 10}, plan, set(), 0.5) == [1, 2]  # 0 and 3 masked: 50%
+    assert deferred_shards({0: 40, 1: 30, 2: 20, 3: 10}, plan, set(), 1.0) == []
+    for bad in ({"max_masked_share": 0}, {"max_masked_share": 1.5}, {"max_share": 0.5}):
+        with pytest.raises(ConfigError, match="forget.max_"):
+            load_config(TINY, forget=bad)
 
 
 def test_bad_requests_are_refused_with_a_reason(forgetting):

@@ -437,7 +437,9 @@ def test_without_a_configured_token_forgetting_is_503(served, monkeypatch):
 
 def test_forget_masks_at_once_and_the_clean_set_is_served_when_the_job_is_done(served):
     shard = 1
-    user = read_parquet(served.workdir.shard_samples(shard))["user_id"].iloc[0]
+    users_of = {k: set(read_parquet(served.workdir.shard_samples(k))["user_id"]) for k in range(4)}
+    # A user of this shard alone: masking it stays within forget.max_masked_share, so it is masked at once.
+    user = next(u for u in sorted(users_of[shard]) if not any(u in users_of[k] for k in range(4) if k != shard))
     auth = {"Authorization": f"Bearer {TOKEN}"}
     body = {"history": HISTORY, "candidates": CANDIDATES[:2]}
     before = served.client.adapters()
@@ -483,6 +485,56 @@ def test_forget_masks_at_once_and_the_clean_set_is_served_when_the_job_is_done(s
     assert again.status_code == 200 and again.json()["state"] == "done", again.text
     assert served.predict(body)["masked_shards"] == [] and served.registry.masked_shards() == set()
     assert len(_forget_jobs(served.workdir)) == jobs
+
+
+def test_forget_rounds_mask_within_the_bound_and_predict_answers_200_throughout(served):
+    """Issue 30: requests that together touch every shard. The first alone touches more than
+    forget.max_masked_share of the training data: it waits at POST, and its round masks within the
+    bound (its other shards serve until their clean versions are live); the later ones wait behind
+    it, say so, and are done in the next round. Predict answers 200 the whole time."""
+    workdir, auth = served.workdir, {"Authorization": f"Bearer {TOKEN}"}
+    owners = {}
+    for shard in range(workdir.num_shards()):
+        for user in read_parquet(workdir.shard_samples(shard))["user_id"]:
+            owners.setdefault(user, set()).add(shard)
+    first, covered = [], set()
+    for user, shards in sorted(owners.items(), key=lambda item: (-len(item[1]), item[0])):
+        if not shards <= covered:
+            first, covered = first + [user], covered | shards
+    by_shard = {}
+    for user, shards in sorted(owners.items()):
+        if len(shards) == 1 and user not in first:
+            by_shard.setdefault(min(shards), []).append(user)
+    later = next(users[:2] for _, users in sorted(by_shard.items()) if len(users) > 1)  # one shard: one round
+    codes, masked, stop = [], [], threading.Event()
+
+    def predicting():
+        with httpx.Client(base_url=served.base_url, timeout=60) as http:
+            while not stop.is_set():
+                response = http.post("/v1/predict", json={"history": HISTORY, "candidates": CANDIDATES[:1]})
+                codes.append(response.status_code)
+                masked.append(response.json().get("masked_shards", []))
+
+    thread = threading.Thread(target=predicting)
+    thread.start()
+    try:
+        ids = ["bound-1", "bound-2", "bound-3"]
+        accepted = [served.client.forget(users=users, token=TOKEN, request_id=rid) for rid, users in zip(ids, [first] + [[u] for u in later])]
+        assert all(a.waiting and "next round" in a.waiting for a in accepted), accepted
+        assert "next round" in served.http.get("/v1/forget/bound-2", headers=auth).json()["waiting"]
+        done = _wait_until(lambda: all(served.http.get(f"/v1/forget/{rid}", headers=auth).json()["state"] == "done" for rid in ids),
+                           timeout=480, interval=1)
+        assert done, [served.http.get(f"/v1/forget/{rid}", headers=auth).json() for rid in ids]
+    finally:
+        stop.set()
+        thread.join()
+    assert codes and set(codes) == {200}
+    assert max(map(len, masked)) < 4, "every shard was masked at once"
+    audits = {rid: json.loads(workdir.path("audit", f"{rid}.json").read_text()) for rid in ids}
+    assert audits["bound-1"]["deferred_shards"] and audits["bound-1"]["affected_shards"] == [0, 1, 2, 3]
+    assert audits["bound-1"]["round_id"] != audits["bound-2"]["round_id"] == audits["bound-3"]["round_id"]
+    assert all(a["scan"]["clean"] for a in audits.values())
+    print(f"{len(codes)} predictions, all 200; masked at most {max(map(len, masked))} of 4 shards at once")
 
 
 # --- the command line and the application builder --------------------------------------------------------
