@@ -284,8 +284,9 @@ class Recommender:
     async def forget(self, request: Request) -> JSONResponse:
         """Forget users and/or USER:ITEM interactions: the affected shards are masked at once (unless
         that would mask more than forget.max_masked_share of the training data: then the request
-        waits for the next round, and `waiting` says so); the reconciler runs the exact forget job (retrain from the last clean slice, swap, purge, audit) as
-        a Ray job, and again after a failure, until the request is done."""
+        waits for the next round, and `waiting` says so); the reconciler runs the exact forget job
+        (retrain from the last clean slice, swap, purge, audit) as a Ray job, and again after a
+        failure, until the request is done."""
         from components.unlearn import STATES, RequestError, state_index
 
         self._authorize(request)  # before the body is even parsed

@@ -519,7 +519,8 @@ def test_forget_rounds_mask_within_the_bound_and_predict_answers_200_throughout(
     thread.start()
     try:
         ids = ["bound-1", "bound-2", "bound-3"]
-        accepted = [served.client.forget(users=users, token=TOKEN, request_id=rid) for rid, users in zip(ids, [first] + [[u] for u in later])]
+        accepted = [served.client.forget(users=users, token=TOKEN, request_id=rid)
+                    for rid, users in zip(ids, [first] + [[u] for u in later])]
         assert all(a.waiting and "next round" in a.waiting for a in accepted), accepted
         assert "next round" in served.http.get("/v1/forget/bound-2", headers=auth).json()["waiting"]
         done = _wait_until(lambda: all(served.http.get(f"/v1/forget/{rid}", headers=auth).json()["state"] == "done" for rid in ids),
