@@ -25,11 +25,11 @@ baseline that still holds samples DIR has since forgotten forgets them first); i
 present.
 
 Forget cost, per partitioning: the seconds of forgetting one user against the full train job of
-the same work dir. Read from audit records where there are some (DIR/audit for APA); otherwise
-measured by forgetting one training user (the same one everywhere) in the baseline's own work dir
-before its AUC is taken, so every run scores the same state, and for APA in a dedicated
-DIR/baselines/forget-cost (DIR itself is never changed here). For `retrain`, forgetting is
-retraining from scratch.
+the same work dir, read from audit records (DIR/audit for APA). Only when asked (`--forget-cost
+measure`), a partitioning without one is measured by forgetting one training user (the same one
+everywhere) in the baseline's own work dir before its AUC is taken, so every run scores the same
+state, and for APA in a dedicated DIR/baselines/forget-cost, an extra APA training (DIR itself is
+never changed here). For `retrain`, forgetting is retraining from scratch.
 
 Writes DIR/reports/eval.json, eval.md, predictions/<method>.npy (+ labels.npy), auc.png and
 cost.png, and logs the reports and metrics (auc_<method>, ...) to an MLflow run named "evaluate".
@@ -107,7 +107,7 @@ def _expand_shards(methods: list[str], shards: list[int]) -> list[str]:
 # --- the run ------------------------------------------------------------------------------------------
 
 
-def run(config: Config, workdir: Workdir, methods=None, forget_cost_mode: str = "measure",
+def run(config: Config, workdir: Workdir, methods=None, forget_cost_mode: str = "existing",
         config_file: str | None = None, threads: int | None = None, states_from: Workdir | None = None) -> dict:
     """Evaluate `methods` (default: all) and write, plot and log the reports; returns eval.json."""
     log = Log()
@@ -226,9 +226,9 @@ def _report(config: Config, workdir: Workdir, test, results: dict[str, dict], th
 def main(argv: list[str] | None = None) -> int:
     parser = job_parser("ray_jobs.evaluate", "Evaluate APA, its variants and the baselines on the test split.")
     parser.add_argument("--methods", help=f"comma-separated subset of {','.join(DEFAULT_METHODS)} or shard-<k> (default: all)")
-    parser.add_argument("--forget-cost", choices=FORGET_COST_MODES, default="measure",
-                        help="measure: forget one user where no audit record exists yet; existing: only read audit "
-                             "records; none: skip (default: measure)")
+    parser.add_argument("--forget-cost", choices=FORGET_COST_MODES, default="existing",
+                        help="existing: read audit records (default); measure: also forget one user where no audit "
+                             "record exists yet (for APA an extra training of DIR's config); none: skip")
     parser.add_argument("--threads", type=int, help="torch threads of each scoring worker "
                         "(default: inference.cpus_per_worker, rounded down, at least 1)")
     parser.add_argument("--states-from", help="a work dir of the same model and data whose stored trunk states are "

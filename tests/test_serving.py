@@ -487,6 +487,8 @@ def test_forget_masks_at_once_and_the_clean_set_is_served_when_the_job_is_done(s
     assert len(_forget_jobs(served.workdir)) == jobs
 
 
+@pytest.mark.slow  # two rounds over HTTP (100-150 s idle): make test-slow; make test keeps the bound's
+# admission (tests/test_forget.py, no Ray) and the interim sets checked in every round of the main forget test
 def test_forget_rounds_mask_within_the_bound_and_predict_answers_200_throughout(served):
     """Issue 30: requests that together touch every shard. The first alone touches more than
     forget.max_masked_share of the training data: it waits at POST, and its round masks within the
