@@ -54,7 +54,8 @@ def status(config: Config, workdir: Workdir) -> dict:
         "round_held_by": round_holder(workdir) if round_ else None,
         "audits": len(list(workdir.path("audit").glob("*.json"))),
         "baselines": sorted(p.name for p in workdir.path("baselines").glob("*") if p.joinpath("reports", "train.json").exists()),
-        "evaluation": evaluation and {m: round(r["auc"], 4) for m, r in evaluation["methods"].items()},
+        "evaluation": evaluation and {m: {"auc": round(r["auc"], 4), "ci95": r.get("auc_ci95")}  # floors are rows too
+                                      for m, r in evaluation["methods"].items()},
     }
 
 
