@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import matplotlib
-
-matplotlib.use("Agg")  # no display on clusters or in CI
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from sklearn.metrics import roc_auc_score  # noqa: E402
+import numpy as np
+from matplotlib.figure import Figure  # not pyplot: no global figure state, so threads may plot at once, and no display
+from sklearn.metrics import roc_auc_score
 
 
 def auc(labels, scores) -> float:
@@ -64,7 +61,8 @@ def paired_difference_interval(labels, scores_a, scores_b, seed: int, resamples:
 
 
 def loss_curve_figure(losses: list[float], title: str):
-    fig, ax = plt.subplots(figsize=(5, 3))
+    fig = Figure(figsize=(5, 3))
+    ax = fig.subplots()
     ax.plot(range(len(losses)), losses, lw=1)
     ax.set(xlabel="step", ylabel="loss", title=title)
     fig.tight_layout()
@@ -73,7 +71,8 @@ def loss_curve_figure(losses: list[float], title: str):
 
 def bar_figure(values: dict[str, float], ylabel: str, title: str, intervals: dict[str, tuple | None] | None = None):
     """Bars, with error bars where `intervals` gives a (low, high) for the bar."""
-    fig, ax = plt.subplots(figsize=(max(4, 0.7 * len(values) + 2), 3.2))
+    fig = Figure(figsize=(max(4, 0.7 * len(values) + 2), 3.2))
+    ax = fig.subplots()
     ax.bar(list(values), list(values.values()), color="#4c72b0")
     if intervals:
         bounds = [intervals.get(m) or (v, v) for m, v in values.items()]
@@ -87,14 +86,11 @@ def bar_figure(values: dict[str, float], ylabel: str, title: str, intervals: dic
     return fig
 
 
-def close(fig) -> None:
-    plt.close(fig)
-
-
 def grouped_bar_figure(groups: dict[str, dict[str, float]], ylabel: str, title: str, log: bool = False):
     """Bars side by side per group: {group: {series: value}} (series in the order first seen)."""
     series = list(dict.fromkeys(s for values in groups.values() for s in values))
-    fig, ax = plt.subplots(figsize=(max(4, 1.1 * len(groups) + 2), 3.4))
+    fig = Figure(figsize=(max(4, 1.1 * len(groups) + 2), 3.4))
+    ax = fig.subplots()
     width = 0.8 / max(1, len(series))
     positions = np.arange(len(groups))
     for i, name in enumerate(series):

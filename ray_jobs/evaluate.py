@@ -37,6 +37,7 @@ cost.png, and logs the reports and metrics (auc_<method>, ...) to an MLflow run 
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import json
@@ -44,6 +45,7 @@ import os
 import platform
 import re
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -131,18 +133,22 @@ def run(config: Config, workdir: Workdir, methods=None, forget_cost_mode: str = 
     log(f"test split: {len(test)} samples ({int(labels.sum())} positive); scoring at batch {PREDICT_BATCH} as a Ray Data job, "
         f"{config.inference.workers} worker(s) of {threads} torch thread(s)")
     users = forget_user_order(config, workdir)
-    scorer = Scorer(workdir, test, out, threads, log)
-    results: dict[str, dict] = {}
+    scorer = Scorer(config, workdir, test, out, threads, log)
     costs: dict[str, dict] = {}
-    if apa_family:
-        results.update(_score_apa(config, workdir, methods, scorer, train_report, log))
-        found = apa_forget_cost(config, workdir, forget_cost_mode, users, log) if forget_cost_mode != "none" else None
-        if found is not None:
-            costs["apa"] = found
-    for name in (m for m in BASELINES if m in methods):
-        results[name], found = _score_baseline(config, workdir, name, scorer, forget_cost_mode, users, log)
-        if found is not None:
-            costs[name] = found
+    with contextlib.ExitStack() as open_sets:  # every live set stays downloaded until the one scoring job is done
+        if apa_family:
+            _add_apa(config, workdir, methods, scorer, train_report, open_sets, log)
+            found = apa_forget_cost(config, workdir, forget_cost_mode, users, log) if forget_cost_mode != "none" else None
+            if found is not None:
+                costs["apa"] = found
+        baselines = _ensure_baselines(config, workdir, [m for m in BASELINES if m in methods], forget_cost_mode, users, log)
+        for name, (derived, folder, report, cost) in baselines.items():
+            if cost is not None:
+                costs[name] = cost
+            live = open_sets.enter_context(LiveSet(derived, folder))
+            scorer.add(name, derived, live, BASELINE_AGGREGATE[name], live.masked, workdir=str(folder.root),
+                       notes=baseline_note(derived, name, len(live.files), report, len(audits(folder))))
+        results = scorer.run()
     floors, floors_skipped = score_floors(workdir, test, out)
     if floors_skipped:
         log(floors_skipped)
@@ -159,44 +165,42 @@ def run(config: Config, workdir: Workdir, methods=None, forget_cost_mode: str = 
     return publish(config, workdir, report, log)
 
 
-def _score_apa(config: Config, workdir: Workdir, methods: list[str], scorer: Scorer, train_report: dict | None,
-               log: Log) -> dict[str, dict]:
+def _add_apa(config: Config, workdir: Workdir, methods: list[str], scorer: Scorer, train_report: dict | None,
+             open_sets: contextlib.ExitStack, log: Log) -> None:
     """The rows of APA's own adapter set: its mixtures, and shards alone."""
-    results = {}
-    with LiveSet(config, workdir) as live:
-        names = _expand_shards(methods, list(live.files))
-        samples = {int(k): v["samples"] for k, v in (train_report or {}).get("shards", {}).items()}
-        if live.masked:
-            log(f"note: shards {sorted(live.masked)} are masked (a forget is pending): mixtures leave them out")
-        for name in (m for m in names if m in APA_METHODS):
-            results[name] = scorer.score(name, config, live, APA_METHODS[name], live.masked)
-            results[name]["notes"] = apa_note(config, name, len(live.files), len(audits(workdir)))
-        for name in names:
-            if match := SHARD_METHOD.fullmatch(name):
-                shard = int(match.group(1))
-                results[name] = scorer.score(name, config, live, "uniform", shards=[shard])
-                results[name]["notes"] = (f"APA shard {shard} alone ({samples.get(shard, '?')} training samples)"
-                                          + (", masked: forget pending" if shard in live.masked else ""))
-    return results
+    live = open_sets.enter_context(LiveSet(config, workdir))
+    samples = {int(k): v["samples"] for k, v in (train_report or {}).get("shards", {}).items()}
+    if live.masked:
+        log(f"note: shards {sorted(live.masked)} are masked (a forget is pending): mixtures leave them out")
+    for name in _expand_shards(methods, list(live.files)):
+        if name in APA_METHODS:
+            scorer.add(name, config, live, APA_METHODS[name], live.masked,
+                       notes=apa_note(config, name, len(live.files), len(audits(workdir))))
+        elif match := SHARD_METHOD.fullmatch(name):
+            shard = int(match.group(1))
+            scorer.add(name, config, live, "uniform", shards=[shard],
+                       notes=(f"APA shard {shard} alone ({samples.get(shard, '?')} training samples)"
+                              + (", masked: forget pending" if shard in live.masked else "")))
 
 
-def _score_baseline(config: Config, workdir: Workdir, name: str, scorer: Scorer, forget_cost_mode: str,
-                    users: list[str], log: Log) -> tuple[dict, dict | None]:
-    """A baseline's row, and its forget cost (measured before scoring, so that the AUC is that of
-    the same state on every run)."""
-    derived = baseline_config(config, name)
-    folder = Workdir(workdir.path("baselines", name))
-    report = ensure_baseline(derived, folder, workdir, name, log)
-    cost = None
-    if name == "retrain":
-        cost = retrain_cost(report, folder)
-    elif forget_cost_mode != "none":
-        cost = forget_cost(derived, folder, forget_cost_mode, users, FORGET_COST_REQUEST, name, log)
-    with LiveSet(derived, folder) as live:
-        row = scorer.score(name, derived, live, BASELINE_AGGREGATE[name], live.masked)
-        row["notes"] = baseline_note(derived, name, len(live.files), report, len(audits(folder)))
-        row["workdir"] = str(folder.root)
-    return row, cost
+def _ensure_baselines(config: Config, workdir: Workdir, names: list[str], forget_cost_mode: str, users: list[str],
+                      log: Log) -> dict[str, tuple]:
+    """Each baseline's (config, work dir, train report, forget cost), trained or reused, all at
+    once: their Ray Train runs share the cluster. A baseline's forget cost is measured before it
+    is scored, so every run scores the same state."""
+
+    def ensure(name: str) -> tuple:
+        derived, folder = baseline_config(config, name), Workdir(workdir.path("baselines", name))
+        report = ensure_baseline(derived, folder, workdir, name, log)
+        if name == "retrain":
+            return derived, folder, report, retrain_cost(report, folder)
+        if forget_cost_mode == "none":
+            return derived, folder, report, None
+        return derived, folder, report, forget_cost(derived, folder, forget_cost_mode, users, FORGET_COST_REQUEST, name, log)
+
+    with ThreadPoolExecutor(max_workers=max(1, len(names)), thread_name_prefix="baseline") as pool:
+        futures = {name: pool.submit(ensure, name) for name in names}
+    return {name: future.result() for name, future in futures.items()}
 
 
 def _sha256_file(path) -> str | None:

@@ -12,7 +12,7 @@ import torch
 from components.aggregate import AggregatorState
 from components.config import Config
 from components.data import read_parquet
-from components.metrics import auc, bar_figure, close, loss_curve_figure
+from components.metrics import auc, bar_figure, loss_curve_figure
 from components.model import load_tokenizer, make_deterministic
 from components.registry import Registry, keep_own_registry
 from components.store import Workdir, fit_partitioner, load_splits, prepare, remove_samples, write_json, write_shards
@@ -29,22 +29,19 @@ def register_shards(config: Config, workdir: Workdir, registry: Registry, result
     versions = {}
     for shard, result in sorted(results.items()):
         figure = loss_curve_figure(result["losses"], f"{config.experiment} shard {shard}")
-        try:
-            versions[shard] = registry.log_shard_version(
-                shard, workdir.adapter(shard), workdir.checkpoints(shard),
-                params={"shard": shard, "seed": config.seed, "adapter": config.adapter.kind,
-                        "partition": config.partition.method, "num_slices": config.partition.num_slices,
-                        "epochs": config.train.epochs, "slice_mode": config.train.slice_mode,
-                        "batch_size": config.train.batch_size, "learning_rate": learning_rate(config)},
-                losses=result["losses"],
-                tags={"samples": str(result["samples"]), "manifest_sha256": result["manifest_sha256"],
-                      "adapter_sha256": result["adapter_sha256"], "config_sha256": config.sha256(),
-                      "seed": str(config.seed), "restarted_from": str(result["restarted_from"]),
-                      "valid_auc": f"{auc(labels, result['valid_predictions']):.4f}", **(extra_tags or {})},
-                figures={"loss_curve.png": figure},
-            )
-        finally:
-            close(figure)
+        versions[shard] = registry.log_shard_version(
+            shard, workdir.adapter(shard), workdir.checkpoints(shard),
+            params={"shard": shard, "seed": config.seed, "adapter": config.adapter.kind,
+                    "partition": config.partition.method, "num_slices": config.partition.num_slices,
+                    "epochs": config.train.epochs, "slice_mode": config.train.slice_mode,
+                    "batch_size": config.train.batch_size, "learning_rate": learning_rate(config)},
+            losses=result["losses"],
+            tags={"samples": str(result["samples"]), "manifest_sha256": result["manifest_sha256"],
+                  "adapter_sha256": result["adapter_sha256"], "config_sha256": config.sha256(),
+                  "seed": str(config.seed), "restarted_from": str(result["restarted_from"]),
+                  "valid_auc": f"{auc(labels, result['valid_predictions']):.4f}", **(extra_tags or {})},
+            figures={"loss_curve.png": figure},
+        )
     return versions
 
 
@@ -63,11 +60,8 @@ def publish_adapter_set(config: Config, workdir: Workdir, registry: Registry, st
     state.save(folder)
     (folder / "partitioner.npz").write_bytes(workdir.partitioner.read_bytes())
     figure = bar_figure({f"shard {k}": n for k, n in sizes.items()}, "training samples", f"{config.experiment}: shard sizes")
-    try:
-        version = registry.register_adapter_set(served, folder, {"config_sha256": config.sha256(), **(tags or {})},
-                                                figures={"shard_sizes.png": figure})
-    finally:
-        close(figure)
+    version = registry.register_adapter_set(served, folder, {"config_sha256": config.sha256(), **(tags or {})},
+                                            figures={"shard_sizes.png": figure})
     registry.set_live(registry.set_model, version)
     return version
 

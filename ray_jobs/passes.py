@@ -7,17 +7,20 @@ trunk (components.store.store_states) and write every sample's states into the s
 (atomic files: an interrupted pass resumes with the samples still missing). Only the embeddings
 come back to the driver, with the Ray node and process that computed them.
 
-`score_pass` is the evaluation's scoring of one method: the test samples, in the driver's order,
-cut into batches of a fixed size and mapped over actors that each load the head-only base model
-and the method's adapter mixture once, read each batch's stored trunk states and run
-components.aggregate.predict on it, timing every batch themselves.
+`score_pass` is the evaluation's scoring of every method in one job: the test samples, in the
+driver's order, cut into batches of a fixed size and mapped over actors that each load the
+head-only base model and every method's adapter mixture once, read each batch's stored trunk
+states once and run components.aggregate.predict on it per method, timing every batch themselves.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -101,60 +104,96 @@ def check_fits(config: Config, gpus: bool = True) -> None:
                              f"{total.get(resource, 0):g}: lower them in the config")
 
 
-class ScoreWorker:
-    """One actor of a scoring pool: the head-only base model and one method's mixture, loaded once.
-    Adapter files and the aggregator folder are paths every node sees (under the work dir)."""
+@dataclass(frozen=True)
+class Scoring:
+    """One row of an evaluation: `method` over the adapters at `adapter_files` (paths every node
+    sees), with its aggregator folder; `config` is the one the adapters were trained with."""
 
-    def __init__(self, config: dict, workdir: str, adapter_files: dict[int, str], aggregator: str, method: str,
-                 masked: list[int], threads: int):
-        self.config = Config.model_validate(config)
+    name: str
+    config: Config
+    adapter_files: dict[int, Path]
+    aggregator: Path
+    method: str
+    masked: frozenset[int] = frozenset()
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "config": self.config.model_dump(mode="json"), "method": self.method,
+                "adapter_files": {k: str(v) for k, v in self.adapter_files.items()}, "aggregator": str(self.aggregator),
+                "masked": sorted(self.masked)}
+
+
+class ScoreWorker:
+    """One actor of a scoring pool: the head-only base model loaded once per (model, seed), and
+    every scoring's mixture on a copy of it that shares the base's weights (a mixture replaces the
+    adapted layers of the module tree it is given, so each needs a tree of its own)."""
+
+    def __init__(self, workdir: str, scorings: list[dict], threads: int):
         self.workdir = Workdir(workdir)
-        self.method, self.masked = method, set(masked)
         make_deterministic(threads)  # the scores' bits can depend on the thread count
-        self.tokenizer = load_tokenizer(self.config.model)  # trunk_layers 0: the states come from the prompt
-        self.base = load_base_model(self.config.model, self.config.seed, self.tokenizer, head_only=True)
-        self.mixture = load_mixture(self.config, {int(k): Path(v) for k, v in adapter_files.items()}, self.tokenizer,
-                                    self.base)
-        self.state = AggregatorState.load(Path(aggregator))
-        self.partitioner = Partitioner.load(Path(aggregator) / "partitioner.npz")
+        self.scorings, bases = [], {}
+        for scoring in scorings:
+            config = Config.model_validate(scoring["config"])
+            key = (config.model.model_dump_json(), config.seed)
+            if key not in bases:
+                tokenizer = load_tokenizer(config.model)  # trunk_layers 0: the states come from the prompt
+                bases[key] = (load_base_model(config.model, config.seed, tokenizer, head_only=True), tokenizer)
+            base, tokenizer = bases[key]
+            tree = copy.deepcopy(base, memo={id(p): p for p in base.parameters()})
+            files = {int(k): Path(v) for k, v in scoring["adapter_files"].items()}
+            aggregator = Path(scoring["aggregator"])
+            self.scorings.append(SimpleNamespace(
+                name=scoring["name"], config=config, method=scoring["method"], masked=set(scoring["masked"]),
+                base=tree, tokenizer=tokenizer, mixture=load_mixture(config, files, tokenizer, tree),
+                state=AggregatorState.load(aggregator), partitioner=Partitioner.load(aggregator / "partitioner.npz")))
         self.warm = False
 
-    def _predict(self, inputs) -> np.ndarray:
-        return predict(self.config, self.mixture, [inputs], self.state, self.partitioner, self.masked, self.method)[0]
+    @staticmethod
+    def _predict(scoring, inputs) -> np.ndarray:
+        return predict(scoring.config, scoring.mixture, [inputs], scoring.state, scoring.partitioner, scoring.masked,
+                       scoring.method)[0]
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        states = sample_states(self.config, self.workdir, batch, self.base, self.tokenizer)
-        inputs = stored_inputs(states, batch["embedding"])
-        if not self.warm:  # untimed: an actor's first-call allocations are not latency
-            self._predict(inputs)
-            self.warm = True
-        started = time.perf_counter()
-        scores = self._predict(inputs)
-        seconds = time.perf_counter() - started
-        return pd.DataFrame({"sample_id": batch["sample_id"].to_numpy(), "score": scores,
-                             "seconds_per_sample": seconds / len(batch), "batch": batch["batch"].to_numpy()})
+        first = self.scorings[0]
+        inputs = stored_inputs(sample_states(first.config, self.workdir, batch, first.base, first.tokenizer), batch["embedding"])
+        frames = []
+        for scoring in self.scorings:
+            if not self.warm:  # untimed: an actor's first-call allocations are not latency
+                self._predict(scoring, inputs)
+            started = time.perf_counter()
+            scores = self._predict(scoring, inputs)
+            seconds = time.perf_counter() - started
+            frames.append(pd.DataFrame({"name": scoring.name, "sample_id": batch["sample_id"].to_numpy(), "score": scores,
+                                        "seconds_per_sample": seconds / len(batch), "batch": batch["batch"].to_numpy()}))
+        self.warm = True
+        return pd.concat(frames, ignore_index=True)
 
 
-def score_pass(config: Config, workdir: Workdir, rows: pd.DataFrame, adapter_files: dict[int, Path], aggregator: Path,
-               method: str, masked, threads: int, batch_size: int) -> pd.DataFrame:
-    """P(yes) of `rows` (sample_id, prompt, embedding) under one method, as a Ray Data job over
-    `inference.workers` ScoreWorkers; back in `rows`' order with each row's batch and that batch's
-    compute seconds per sample, measured inside the worker around `predict`. Batches are cut from
-    `rows` as they are ordered, so a batch holds the same samples (and padding) as the same cut
-    scored in one process: the same bits. The head runs on CPU, cheap next to the trunk: the pool
-    reserves no GPU."""
+def score_pass(config: Config, workdir: Workdir, rows: pd.DataFrame, scorings: list[Scoring], threads: int,
+               batch_size: int) -> pd.DataFrame:
+    """P(yes) of `rows` (sample_id, prompt, embedding) under every scoring, as one Ray Data job over
+    `config.inference.workers` ScoreWorkers (each loads the models once for all scorings); per
+    scoring (column `name`, in `scorings`' order) back in `rows`' order, with each row's batch and
+    that batch's compute seconds per sample for that scoring, measured inside the worker around
+    `predict`. Batches are cut from `rows` as they are ordered, so a batch holds the same samples
+    (and padding) as the same cut scored in one process: the same bits. The head runs on CPU,
+    cheap next to the trunk: the pool reserves no GPU. Every scoring reads the stored states of
+    `workdir`, so all must share its trunk (model and trunk layers)."""
     check_fits(config, gpus=False)
+    trunks = {(s.config.model.label, s.config.model.trunk_layers) for s in scorings}
+    if len(trunks) != 1:
+        raise ValueError(f"one scoring pass reads one store's trunk states: the scorings have trunks {sorted(trunks)}")
     rows = rows[["sample_id", "prompt", "embedding"]].reset_index(drop=True)
     rows["batch"] = rows.index // batch_size
     rows["embedding"] = [np.asarray(e, dtype=np.float32) for e in rows["embedding"]]
     # One block per batch, as in StorePass: a Ray Data batch is exactly one of these.
     blocks = [rows.iloc[i : i + batch_size] for i in range(0, len(rows), batch_size)]
-    args = (config.model_dump(mode="json"), str(workdir.root), {k: str(v) for k, v in adapter_files.items()},
-            str(aggregator), method, sorted(masked), threads)
     out = ray.data.from_pandas(blocks).map_batches(
-        ScoreWorker, fn_constructor_args=args, batch_size=batch_size, batch_format="pandas",
-        concurrency=min(config.inference.workers, len(blocks)), num_cpus=config.inference.cpus_per_worker,
-        runtime_env={"env_vars": ALLOCATOR_ENV},
+        ScoreWorker, fn_constructor_args=(str(workdir.root), [s.to_json() for s in scorings], threads),
+        batch_size=batch_size, batch_format="pandas", compute=ray.data.ActorPoolStrategy(size=min(config.inference.workers, len(blocks))),
+        num_cpus=config.inference.cpus_per_worker, runtime_env={"env_vars": ALLOCATOR_ENV},
     ).to_pandas()
     # Ray Data does not keep the order of blocks across actors: put the rows back in `rows`' order.
-    return out.set_index("sample_id").loc[rows["sample_id"]].reset_index()
+    order = {name: i for i, name in enumerate(s.name for s in scorings)}
+    position = pd.Series(range(len(rows)), index=rows["sample_id"])
+    out = out.assign(_scoring=out["name"].map(order), _row=out["sample_id"].map(position))
+    return out.sort_values(["_scoring", "_row"]).drop(columns=["_scoring", "_row"]).reset_index(drop=True)

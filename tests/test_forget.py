@@ -139,14 +139,20 @@ def test_forgetting_equals_training_without_the_data(forgetting, tiny_config, tm
     owners = shard_of_users(workdir)
     forgotten_users, forgotten_interactions = FORGOTTEN["users"], FORGOTTEN["interactions"]
 
-    # 1. a user in one shard
+    # 1. a user in one shard, beside a user the store never held (reported; the rest goes on)
     single = sorted(u for u, s in owners.items() if len(s) == 1)[0]
     theirs = load_splits(workdir)["train"].query("user_id == @single")["sample_id"]
     kept = {path: path.read_bytes() for path in map(workdir.trunk.path, theirs)}
-    new_request(workdir, [single], [], "one-shard")
+    first = new_request(workdir, [single, "no-such-user"], [], "one-shard")
     [audit] = forget_job.process(config, workdir)
     assert audit["affected_shards"] == sorted(owners[single]) and audit["scan"]["clean"], audit
+    assert audit["unknown_users"] == 1
     assert registry.masked_shards() == set()
+    # The same request id again is the same request, done: no extra round, no new version.
+    versions = {s: len(registry.versions(registry.shard_model(s))) for s in first.affected_shards}
+    again = new_request(workdir, [single, "no-such-user"], [], "one-shard")
+    assert again.state == "done" and forget_job.process(config, workdir) == []
+    assert versions == {s: len(registry.versions(registry.shard_model(s))) for s in first.affected_shards}
     assert kept and not any(path.exists() for path in kept)
     path, data = next(iter(kept.items()))  # a state left behind is what the scan is for
     path.write_bytes(data)
@@ -194,27 +200,6 @@ def test_forgetting_equals_training_without_the_data(forgetting, tiny_config, tm
     assert len(while_retraining) == 3 and any(while_retraining)
     for shard in range(workdir.num_shards()):  # purged with the old versions once the final set is live
         assert not any(v.tags.get("interim") for v in registry.versions(registry.shard_model(shard)))
-
-
-def test_same_request_id_twice_does_no_extra_work(forgetting, tiny_config):
-    owners = shard_of_users(forgetting)
-    user = sorted(owners)[-1]
-    first = new_request(forgetting, [user], [], "twice")
-    forget_job.process(tiny_config, forgetting)
-    registry = Registry(tiny_config.experiment, forgetting.root)
-    versions = {s: len(registry.versions(registry.shard_model(s))) for s in first.affected_shards}
-    again = new_request(forgetting, [user], [], "twice")
-    assert again.state == "done" and forget_job.process(tiny_config, forgetting) == []
-    FORGOTTEN["users"].append(user)
-    assert versions == {s: len(registry.versions(registry.shard_model(s))) for s in first.affected_shards}
-
-
-def test_unknown_users_are_reported_and_the_rest_goes_on(forgetting, tiny_config):
-    user = sorted(shard_of_users(forgetting))[0]
-    new_request(forgetting, [user, "no-such-user"], [], "partly-unknown")
-    [audit] = forget_job.process(tiny_config, forgetting)
-    assert audit["unknown_users"] == 1 and audit["affected_shards"] and audit["scan"]["clean"]
-    FORGOTTEN["users"].append(user)
 
 
 def test_the_masked_share_is_bounded_and_requests_past_it_wait_in_order(tmp_path):

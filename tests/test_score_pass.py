@@ -1,5 +1,6 @@
 """Issue 28, item 1: the evaluation's scoring is a Ray Data job; its scores are those of `predict`
-run in one process on the same stored states, cut into the same batches."""
+run in one process on the same stored states, cut into the same batches, for every method the job
+scores at once."""
 
 import numpy as np
 
@@ -7,17 +8,17 @@ from components.aggregate import load_mixture, predict, stored_inputs
 from components.model import load_base_model, load_tokenizer, make_deterministic
 from components.store import load_splits, sample_states
 from ray_jobs import evaluate as evaluate_job
-from ray_jobs.passes import score_pass
+from ray_jobs.passes import Scoring, score_pass
 
 THREADS = 1  # the workers' torch threads, and this process's: the bits may depend on it
 
 
-def in_process(config, workdir, live, test, method, step):
+def in_process(config, workdir, live, test, method, step, files):
     """The evaluation's old in-driver path: `predict` batch by batch over the stored states."""
     make_deterministic(THREADS)
     tokenizer = load_tokenizer(config.model)
     base = load_base_model(config.model, config.seed, tokenizer, head_only=True)
-    mixture = load_mixture(config, live.files, tokenizer, base)
+    mixture = load_mixture(config, files, tokenizer, base)
     states, embeddings = sample_states(config, workdir, test, base, tokenizer), test["embedding"].tolist()
     batches = [stored_inputs(states[i : i + step], embeddings[i : i + step]) for i in range(0, len(test), step)]
     return predict(config, mixture, batches, live.state, live.partitioner, live.masked, method)[0]
@@ -30,15 +31,23 @@ def test_the_ray_data_scores_are_the_in_process_ones_bit_for_bit(trained_tiny, t
     with evaluate_job.LiveSet(tiny_config, workdir) as live:
         # The download lies inside the work dir (every node sees it), and goes afterwards.
         assert live.aggregator.is_relative_to(workdir.path("reports"))
-        expected = in_process(tiny_config, workdir, live, test, "attention", step)
-        out = score_pass(tiny_config, workdir, test, live.files, live.aggregator, "attention", live.masked, THREADS, step)
+        # Two methods in one job: each actor holds both mixtures, over one copy of the base's weights.
+        scorings = [Scoring("apa", tiny_config, live.files, live.aggregator, "attention", frozenset(live.masked)),
+                    Scoring("shard-1", tiny_config, {1: live.files[1]}, live.aggregator, "uniform")]
+        expected = {"apa": in_process(tiny_config, workdir, live, test, "attention", step, live.files),
+                    "shard-1": in_process(tiny_config, workdir, live, test, "uniform", step, {1: live.files[1]})}
+        out = score_pass(tiny_config, workdir, test, scorings, THREADS, step)
     assert not list(workdir.path("reports").glob(".live-set-*"))
-    assert out["sample_id"].tolist() == test["sample_id"].tolist()  # back in test order
-    assert out["batch"].tolist() == [i // step for i in range(len(test))]
-    # Same samples per batch, same padding, same thread count: the same bits (within 1e-6 is the
-    # tolerance a different batch cut would need; here it is equality).
-    np.testing.assert_allclose(out["score"].to_numpy(), expected, rtol=0, atol=1e-6)
-    assert np.array_equal(out["score"].to_numpy(), expected)
-    # Each batch timed inside its worker, after the worker's warm-up batch.
-    per_batch = out.groupby("batch")["seconds_per_sample"].nunique()
-    assert (per_batch == 1).all() and (out["seconds_per_sample"] > 0).all()
+    assert out["name"].tolist() == ["apa"] * len(test) + ["shard-1"] * len(test)
+    assert not np.array_equal(expected["apa"], expected["shard-1"])
+    for name, scores in expected.items():
+        mine = out[out["name"] == name]
+        assert mine["sample_id"].tolist() == test["sample_id"].tolist()  # back in test order
+        assert mine["batch"].tolist() == [i // step for i in range(len(test))]
+        # Same samples per batch, same padding, same thread count: the same bits (within 1e-6 is the
+        # tolerance a different batch cut would need; here it is equality).
+        np.testing.assert_allclose(mine["score"].to_numpy(), scores, rtol=0, atol=1e-6)
+        assert np.array_equal(mine["score"].to_numpy(), scores), name
+        # Each batch timed inside its worker, after the worker's warm-up batch.
+        per_batch = mine.groupby("batch")["seconds_per_sample"].nunique()
+        assert (per_batch == 1).all() and (mine["seconds_per_sample"] > 0).all()

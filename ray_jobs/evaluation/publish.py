@@ -10,7 +10,7 @@ from pathlib import Path
 from components.config import Config
 from components.eval_report import markdown
 from components.evaluation import BOOTSTRAP_RESAMPLES
-from components.metrics import bar_figure, close, grouped_bar_figure
+from components.metrics import bar_figure, grouped_bar_figure
 from components.registry import Registry
 from components.store import Workdir, write_json
 from ray_jobs.evaluation import Log
@@ -49,13 +49,11 @@ def _plots(config: Config, report: dict, reports: Path) -> None:
                         intervals={m: r["auc_ci95"] for m, r in report["methods"].items()})
     figure.axes[0].axhline(0.5, color="grey", lw=0.8, ls="--")
     figure.savefig(reports / "auc.png")
-    close(figure)
     figure = grouped_bar_figure(
         {name: {"forget one user": c["forget_seconds"], "full train job": c["full_retrain_seconds"]}
          for name, c in report["forget_cost"].items()}
         or {"(no forget cost)": {}}, "seconds", f"{config.experiment}: forgetting vs full retrain")
     figure.savefig(reports / "cost.png")
-    close(figure)
 
 
 def _metrics(report: dict) -> dict[str, float | None]:
