@@ -94,7 +94,7 @@ def forget_one(config, config_file, workdir: Workdir, user: str, request_id: str
 
 
 def run(config_path: str, workdir: str | None = None, sizes: dict | None = None, n_users: int = 12, states_from=None) -> dict:
-    from ray_jobs import forget as forget_job
+    from ray_jobs import rounds
     from ray_jobs.orchestration import train_workdir as train_job
 
     offline()
@@ -119,13 +119,13 @@ def run(config_path: str, workdir: str | None = None, sizes: dict | None = None,
     users = sorted(set(read_parquet(root.split("train"))["user_id"].astype(str)), key=lambda u: stable_hash("bench-forget", config.seed, u))
     # Count the shards retrained and their seconds: wrap the forget job's call into the shard actors.
     captured: list = []
-    original = forget_job.train_shards
+    original = rounds.train_shards
 
     def counting(*args, **kwargs):
         captured.append(original(*args, **kwargs))
         return captured[-1]
 
-    forget_job.train_shards = counting
+    rounds.train_shards = counting
     forgets = []
     try:
         for i, user in enumerate(users[:n_users]):
@@ -136,7 +136,7 @@ def run(config_path: str, workdir: str | None = None, sizes: dict | None = None,
                   f"from slices {result['slice_restarted_from']}", flush=True)
             forgets.append(result)
     finally:
-        forget_job.train_shards = original
+        rounds.train_shards = original
 
     wall = float(np.mean([f["wall_seconds"] for f in forgets]))
     compute = float(np.mean([f["compute_seconds"] for f in forgets]))

@@ -223,63 +223,42 @@ def train_shard(
     num_slices = config.partition.num_slices
     slices = [samples.loc[samples["slice"] == r, "sample_id"].tolist() for r in range(num_slices)]
     manifests = stage_manifests(slices, config)
-    by_id = samples.set_index("sample_id")
     yes_id, no_id = answer_token_ids(tokenizer, config.model)
 
-    model = AdaptedHead(config, shard, base)
-    if config.train.gpus_per_actor > 0:  # the actor was given (a fraction of) a GPU: never train on the CPU unnoticed
-        if not torch.cuda.is_available():
-            raise RuntimeError(f"train.gpus_per_actor is {config.train.gpus_per_actor:g} but torch {torch.__version__} sees no "
-                               f"CUDA device on this node ({'a CPU-only build' if torch.version.cuda is None else 'no GPU or driver'}):"
-                               " run the CUDA image there, or set train.gpus_per_actor: 0")
-        model.to("cuda")
+    model = _on_device(AdaptedHead(config, shard, base), config)
     optimizer = torch.optim.AdamW(model.trainable(), lr=learning_rate(config), weight_decay=config.train.weight_decay)
-    losses: list[float] = []
     resume = last_clean_stage(checkpoint_dir, slices, config)
-    if resume >= 0:
-        state = read_checkpoint(checkpoint_dir, resume)
-        model.load_adapter_state(state["adapter"])
-        optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng_by_rank"][rank])  # dropout continues as if never interrupted
-        if state.get("cuda_rng") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state(state["cuda_rng"])
-        losses = list(state["losses"])
+    losses = _resume(model, optimizer, checkpoint_dir, resume, rank)
     if rank == 0:
         for stale in range(resume + 1, num_slices):  # checkpoints of other data must not survive
             remove_checkpoint(checkpoint_dir, stale)
 
-    seed = shard_seed(config.seed, shard)
+    def step(rows: pd.DataFrame) -> float:
+        optimizer.zero_grad(set_to_none=True)
+        if world_size == 1:
+            loss = answer_loss(model.logits(*pad_states(states_of(rows))), rows["label"].tolist(), yes_id, no_id, config.train.loss)
+            loss.backward()
+        else:
+            loss = data_parallel_backward(model, rows, states_of, rank, world_size, yes_id, no_id, config.train.loss)
+        optimizer.step()
+        return float(loss.detach())
+
+    by_id, seed = samples.set_index("sample_id"), shard_seed(config.seed, shard)
     model.train()
     for stage in range(resume + 1, num_slices):
-        stage_ids = sum(slices[: stage + 1], []) if config.train.slice_mode == "cumulative" else slices[stage]
-        stage_ids = sorted(stage_ids)
+        stage_ids = sorted(sum(slices[: stage + 1], []) if config.train.slice_mode == "cumulative" else slices[stage])
         for epoch in range(config.train.epochs):
             order = torch.randperm(len(stage_ids), generator=torch.Generator().manual_seed(stable_hash(seed, stage, epoch) % 2**63))
             for start in range(0, len(stage_ids), config.train.batch_size):
                 rows = by_id.loc[[stage_ids[i] for i in order[start : start + config.train.batch_size].tolist()]].reset_index()
-                optimizer.zero_grad(set_to_none=True)
-                if world_size == 1:
-                    loss = answer_loss(model.logits(*pad_states(states_of(rows))), rows["label"].tolist(), yes_id, no_id,
-                                       config.train.loss)
-                    loss.backward()
-                else:
-                    loss = data_parallel_backward(model, rows, states_of, rank, world_size, yes_id, no_id, config.train.loss)
-                optimizer.step()
-                losses.append(float(loss.detach()))
+                losses.append(step(rows))
                 if progress:
                     progress({"shard": shard, "stage": stage, "epoch": epoch, "step": len(losses), "loss": losses[-1]})
             if after_epoch:
                 after_epoch(model, stage, epoch)
                 model.train()
-        rngs = gathered(torch.get_rng_state(), world_size)
-        state = {
-            "adapter": model.adapter_state(),
-            "optimizer": optimizer.state_dict(),
-            "rng_by_rank": rngs,
-            "cuda_rng": torch.cuda.get_rng_state() if model.device.type == "cuda" else None,
-            "losses": losses,
-            "manifests": manifests[: stage + 1],
-        } if rank == 0 else None
+        rngs = gathered(torch.get_rng_state(), world_size)  # a collective: every rank takes part
+        state = _checkpoint_state(model, optimizer, losses, manifests[: stage + 1], rngs) if rank == 0 else None
         if save_checkpoint:
             save_checkpoint(state, stage)
         elif state is not None:
@@ -300,6 +279,43 @@ def train_shard(
         losses=losses,
         seconds=time.time() - started,
     )
+
+
+def _on_device(model: AdaptedHead, config: Config) -> AdaptedHead:
+    """On the GPU where the worker was given (a fraction of) one: never on the CPU unnoticed."""
+    if config.train.gpus_per_actor > 0:
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"train.gpus_per_actor is {config.train.gpus_per_actor:g} but torch {torch.__version__} sees no "
+                               f"CUDA device on this node ({'a CPU-only build' if torch.version.cuda is None else 'no GPU or driver'}):"
+                               " run the CUDA image there, or set train.gpus_per_actor: 0")
+        model.to("cuda")
+    return model
+
+
+def _resume(model: AdaptedHead, optimizer, checkpoint_dir: Path, resume: int, rank: int) -> list[float]:
+    """Load checkpoint `resume` (none where it is -1) into the model, the optimizer and this rank's
+    random state, so that dropout continues as if never interrupted; returns the losses so far."""
+    if resume < 0:
+        return []
+    state = read_checkpoint(checkpoint_dir, resume)
+    model.load_adapter_state(state["adapter"])
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng_by_rank"][rank])
+    if state.get("cuda_rng") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda_rng"])
+    return list(state["losses"])
+
+
+def _checkpoint_state(model: AdaptedHead, optimizer, losses: list[float], manifests: list, rngs: list) -> dict:
+    """A stage's checkpoint (rank 0): the adapter, the optimizer, every rank's random state."""
+    return {
+        "adapter": model.adapter_state(),
+        "optimizer": optimizer.state_dict(),
+        "rng_by_rank": rngs,
+        "cuda_rng": torch.cuda.get_rng_state() if model.device.type == "cuda" else None,
+        "losses": losses,
+        "manifests": manifests,
+    }
 
 
 def data_parallel_backward(model: AdaptedHead, rows: pd.DataFrame, states_of, rank: int, world_size: int,

@@ -37,7 +37,16 @@ from components.config import OFFLINE_ENV
 from components.lease import Lease
 from components.reconcile import JOB_TERMINAL, RetryPolicy, error_summary, load_job_record, record_failure, save_job_record
 from components.store import Workdir, write_json
-from components.unlearn import all_requests, fail_request, load_request, pending_requests, round_holder, round_lock
+from components.unlearn import (
+    all_requests,
+    current_round,
+    fail_request,
+    load_request,
+    pending_requests,
+    round_holder,
+    round_lock,
+    round_path,
+)
 
 logger = logging.getLogger("ray.serve")  # Serve's logger: the lines land in the actor's log either way
 NAMESPACE = "exact-unlearning"
@@ -106,8 +115,7 @@ class Reconciler:
         pending = pending_requests(self.workdir)
         if not pending:
             return
-        round_path = self.workdir.path("rounds", "current.json")
-        round_ = json.loads(round_path.read_text()) if round_path.exists() else None
+        round_ = current_round(self.workdir)
         if round_ and round_.get("failed"):
             return self._note(pending, f"waiting: round {round_['round_id']} of request(s) {', '.join(round_['request_ids'])} "
                                        f"failed; an operator retries or abandons it")
@@ -187,14 +195,13 @@ class Reconciler:
         with round_lock(self.workdir, job="forget reconciler") as held:
             if not held:
                 return  # someone is running a round right now: not stuck after all
-            round_path = self.workdir.path("rounds", "current.json")
-            round_ = json.loads(round_path.read_text()) if round_path.exists() else None
+            round_ = current_round(self.workdir)
             ids = dict(errors)
             if round_ and set(errors) & set(round_["request_ids"]):
                 reason = next(iter(errors.values()))
                 ids.update({r: f"its round {round_['round_id']} failed: {reason}" for r in round_["request_ids"] if r not in ids})
                 round_["failed"] = reason
-                write_json(round_path, round_)
+                write_json(round_path(self.workdir), round_)
             for request_id, error in ids.items():
                 request = load_request(self.workdir, request_id)
                 if request is None or request["state"] in ("done", "failed", "abandoned"):

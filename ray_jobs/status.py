@@ -14,7 +14,7 @@ from pathlib import Path
 from components.config import Config, ConfigError, load_config
 from components.data import SPLITS
 from components.store import Workdir
-from components.unlearn import all_requests, round_holder
+from components.unlearn import all_requests, current_round, round_holder
 from ray_jobs.common import job_parser
 
 
@@ -40,7 +40,7 @@ def status(config: Config, workdir: Workdir) -> dict:
 
     trained, evaluation = _json(workdir.path("reports", "train.json")), _json(workdir.path("reports", "eval.json"))
     requests = all_requests(workdir)
-    round_ = _json(workdir.path("rounds", "current.json"))
+    round_ = current_round(workdir)
     return {
         "workdir": str(workdir.root), "experiment": config.experiment, "exists": workdir.root.is_dir(),
         "samples": {name: pq.ParquetFile(workdir.split(name)).metadata.num_rows

@@ -24,7 +24,7 @@ from components.store import Workdir, load_splits
 from components.train import ADAPTER_FILE
 from components.unlearn import new_request
 from ray_jobs import evaluate as evaluate_job
-from ray_jobs import forget as forget_job
+from ray_jobs import rounds
 from ray_jobs import train as train_job
 
 from .conftest import TINY
@@ -49,7 +49,7 @@ def evaluated(trained_tiny, tiny_config, tmp_path_factory):
     workdir = Workdir(tmp_path_factory.mktemp("evaluate"))
     train_job.run(config, workdir, states_from=trained_tiny[0])
     new_request(workdir, [training_users(workdir)[0]], [], "forgotten-before-evaluation")
-    forget_job.process(config, workdir)
+    rounds.process(config, workdir)
     report = evaluate_job.run(config, workdir, forget_cost_mode="existing")
     return config, workdir, report
 
@@ -260,7 +260,7 @@ def test_a_user_forgotten_in_the_work_dir_leaves_the_baselines_too_and_a_forget_
     held = set(read_parquet(baseline.split("train"))["user_id"].astype(str))
     user = sorted(u for u in training_users(workdir) if u in held)[0]
     new_request(workdir, [user], [], "forget-in-main")
-    forget_job.process(config, workdir)
+    rounds.process(config, workdir)
 
     again = evaluate_job.run(config, workdir, ["user"], forget_cost_mode="measure")
     # 1. The baseline forgot what the work dir forgot (with the forget job), before it was scored.

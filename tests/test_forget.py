@@ -18,22 +18,22 @@ from components.aggregate import AggregatorState
 from components.config import ConfigError, load_config
 from components.data import read_parquet
 from components.model import answer_token_ids, load_base_model, load_tokenizer
+from components.proof import compare_tensors, scan_workdir
 from components.registry import Registry
 from components.store import Workdir, load_splits, sample_states, user_moves
 from components.train import ADAPTER_FILE, AdaptedHead, predict_states, read_checkpoint
 from components.unlearn import (
     RequestError,
     admit_round,
-    compare_tensors,
     deferred_shards,
     hold_new_requests,
     masked_by_pending,
     new_request,
     pending_requests,
     save_request,
-    scan_workdir,
 )
 from ray_jobs import forget as forget_job
+from ray_jobs import rounds
 from ray_jobs import train as train_job
 
 from .conftest import ROOT, TINY
@@ -53,7 +53,7 @@ def assert_identical_to_scratch(config, workdir, tmp_path, users, interactions):
     # Each trunk state is stored once (DESIGN 4a): the reference links the store's, as forget --verify does;
     # only the samples forgotten there run through the trunk again, and are then excluded.
     train_job.run(config, scratch, users, interactions, states_from=workdir)
-    result = forget_job.compare_live(config, workdir, Registry(config.experiment, workdir.root),
+    result = rounds.compare_live(config, workdir, Registry(config.experiment, workdir.root),
                                      Registry(config.experiment, scratch.root))
     assert result["identical"], result
     assert result["test_samples"] == len(load_splits(scratch)["test"]) > 0
@@ -82,13 +82,13 @@ def assert_no_stored_state_of(workdir, users, interactions):
 def while_retraining(monkeypatch, tmp_path):
     """Checks what serving has while each forget round retrains (when it calls train_shards);
     yields the interim versions of each round."""
-    seen, train_shards = [], forget_job.train_shards
+    seen, train_shards = [], rounds.train_shards
 
     def watching(config, workdir, shards):
         seen.append(assert_interim_set(config, workdir, shards, tmp_path / uuid.uuid4().hex))
         return train_shards(config, workdir, shards)
 
-    monkeypatch.setattr(forget_job, "train_shards", watching)
+    monkeypatch.setattr(rounds, "train_shards", watching)
     return seen
 
 
@@ -144,14 +144,14 @@ def test_forgetting_equals_training_without_the_data(forgetting, tiny_config, tm
     theirs = load_splits(workdir)["train"].query("user_id == @single")["sample_id"]
     kept = {path: path.read_bytes() for path in map(workdir.trunk.path, theirs)}
     first = new_request(workdir, [single, "no-such-user"], [], "one-shard")
-    [audit] = forget_job.process(config, workdir)
+    [audit] = rounds.process(config, workdir)
     assert audit["affected_shards"] == sorted(owners[single]) and audit["scan"]["clean"], audit
     assert audit["unknown_users"] == 1
     assert registry.masked_shards() == set()
     # The same request id again is the same request, done: no extra round, no new version.
     versions = {s: len(registry.versions(registry.shard_model(s))) for s in first.affected_shards}
     again = new_request(workdir, [single, "no-such-user"], [], "one-shard")
-    assert again.state == "done" and forget_job.process(config, workdir) == []
+    assert again.state == "done" and rounds.process(config, workdir) == []
     assert versions == {s: len(registry.versions(registry.shard_model(s))) for s in first.affected_shards}
     assert kept and not any(path.exists() for path in kept)
     path, data = next(iter(kept.items()))  # a state left behind is what the scan is for
@@ -166,7 +166,7 @@ def test_forgetting_equals_training_without_the_data(forgetting, tiny_config, tm
     b = next(u for u, s in sorted(owners.items()) if not s & owners[a])
     new_request(workdir, [a], [], "coalesced-a")
     new_request(workdir, [b], [], "coalesced-b")
-    audits = forget_job.process(config, workdir)
+    audits = rounds.process(config, workdir)
     assert [x["round_id"] for x in audits][0] == audits[1]["round_id"], "the two requests ran in separate rounds"
     assert len(audits[0]["affected_shards"]) >= 2 and audits[0]["coalesced_with"] == ["coalesced-b"]
     for shard in audits[0]["affected_shards"]:  # each affected shard retrained once: one new version
@@ -180,7 +180,7 @@ def test_forgetting_equals_training_without_the_data(forgetting, tiny_config, tm
     before = {s: sum(in_history in ids for ids in load_splits(workdir)[s]["interactions"]) for s in ("train", "valid", "test")}
     assert sum(before.values()) >= 1
     new_request(workdir, [valid_user], [in_history], "interaction")
-    [audit] = forget_job.process(config, workdir)
+    [audit] = rounds.process(config, workdir)
     assert audit["samples_removed"]["valid"] >= 1
     after = load_splits(workdir)
     assert not any(in_history in ids for s in after.values() for ids in s["interactions"])
@@ -330,7 +330,7 @@ def test_a_shard_without_data_stays_out_of_the_adapter_set_also_when_forgetting_
             users_of.setdefault(shard, set()).add(user)
     shard, (user,) = next((k, u) for k, u in sorted(users_of.items()) if len(u) == 1)
     new_request(workdir, [user], [], "empties-a-shard")
-    [audit] = forget_job.process(config, workdir)
+    [audit] = rounds.process(config, workdir)
     assert audit["affected_shards"] == [shard] and audit["scan"]["clean"]
     assert served() == set(sizes) - empty - {shard}
     assert_identical_to_scratch(config, workdir, tmp_path, [user], [])
@@ -359,7 +359,7 @@ def test_semantic_user_shards_forget_a_user_in_one_shard_and_regroup_a_partly_fo
     whole = next(u for u, s in sorted(owners.items()) if u != mover)
 
     new_request(workdir, [whole], [moving], "regroup")
-    [audit] = forget_job.process(config, workdir)
+    [audit] = rounds.process(config, workdir)
     assert audit["affected_shards"] == sorted(owners[whole] | {source, destination}) and audit["scan"]["clean"], audit
     assert shard_of_users(workdir)[mover] == {destination}
     assert_identical_to_scratch(config, workdir, tmp_path, [whole], [moving])

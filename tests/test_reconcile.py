@@ -138,7 +138,7 @@ def test_a_job_killed_in_every_state_is_resubmitted_until_done_and_equals_traini
     "received" to "purged" (8 kills). Nobody calls anything: the reconciler resubmits a Ray job each
     time, the request reaches done, the shard is unmasked, and the live models equal a from-scratch
     training on the data without the user, bit for bit."""
-    from ray_jobs.forget import verify_from_scratch
+    from ray_jobs.rounds import verify_from_scratch
 
     config_path, workdir = work
     owners = _users_by_shard(workdir)

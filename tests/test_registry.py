@@ -17,7 +17,7 @@ from components.data import read_parquet
 from components.registry import Registry, RegistryConflict, start_sqlite_store
 from components.store import Workdir
 from ray_jobs import evaluate as evaluate_job
-from ray_jobs import forget as forget_job
+from ray_jobs import rounds
 from ray_jobs import train as train_job
 
 LINEAGE_TAGS = {"shard", "samples", "manifest_sha256", "adapter_sha256", "config_sha256", "seed", "restarted_from", "parent_version"}
@@ -131,7 +131,7 @@ def test_retrain_purge_and_lineage_against_a_real_mlflow_server(ray_session, tin
     from components.unlearn import new_request
 
     new_request(workdir, [user], [], "server-forget")
-    [audit] = forget_job.process(tiny_config, workdir)
+    [audit] = rounds.process(tiny_config, workdir)
     assert audit["scan"]["clean"], audit
 
     live = registry.live_version(registry.shard_model(shard))

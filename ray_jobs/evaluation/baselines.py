@@ -16,9 +16,9 @@ from components.registry import keep_own_registry
 from components.store import Workdir, copy_store, prepare, write_json
 from components.unlearn import new_request
 from ray_jobs.evaluation import EvaluationError, Log
-from ray_jobs.forget import process
 from ray_jobs.orchestration import train_workdir
 from ray_jobs.passes import StorePass
+from ray_jobs.rounds import process
 
 
 def train_report(workdir: Workdir) -> dict | None:
