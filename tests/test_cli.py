@@ -19,7 +19,7 @@ def unlearn(*args: str) -> subprocess.CompletedProcess:
 def test_help_names_every_command_and_a_command_takes_its_module_arguments():
     out = unlearn("--help")
     assert out.returncode == 0, out.stderr
-    for command in ("train", "forget", "evaluate", "serve", "status"):
+    for command in ("train", "forget", "evaluate", "serve", "status", "report"):
         assert f"  {command} " in out.stdout
     out = unlearn("train", "--help")
     assert out.returncode == 0 and "--exclude-file" in out.stdout  # ray_jobs.train's own parser
