@@ -16,17 +16,23 @@ class PlainProgress:
     def __init__(self, total: int, desc: str, unit: str, initial: int = 0, every_s: float = 30.0, file=None):
         self.total, self.desc, self.unit, self.every_s = total, desc, unit, every_s
         self.file = file or sys.stdout
-        self.n = self._started_at_n = initial
+        self.n = self.initial = initial
         self.postfix = ""
         self._started = self._printed = time.monotonic()
+        # (time, n) just after the first advance: the rate counts from there, since start-up (or the
+        # steps a resumed run had done before) is no part of it.
+        self._rate_from: tuple[float, int] | None = None
 
     def update(self, n: int = 1) -> None:
         self.n += n
+        if n and self._rate_from is None:
+            self._rate_from = (time.monotonic(), self.n)
         if time.monotonic() - self._printed >= self.every_s:
             self._print()
 
     def set_postfix_str(self, text: str, refresh: bool = True) -> None:
         self.postfix = text
+        self.update(0)  # a line every `every_s` while nothing advances too: the step is alive
 
     def write(self, text: str) -> None:
         print(text, file=self.file, flush=True)
@@ -35,11 +41,14 @@ class PlainProgress:
         self._print()
 
     def line(self) -> str:
-        elapsed = time.monotonic() - self._started
-        rate = (self.n - self._started_at_n) / elapsed if elapsed > 0 else 0.0
+        now = time.monotonic()
+        since, first_n = self._rate_from or (now, self.n)
+        rate = (self.n - first_n) / (now - since) if now > since else 0.0
+        if rate == 0 and now > self._started:  # one advance so far (or at the end of a one-batch step): the average
+            rate = (self.n - self.initial) / (now - self._started)
         left = tqdm.format_interval((self.total - self.n) / rate) if rate > 0 else "?"
         postfix = f", {self.postfix}" if self.postfix else ""
-        return (f"{self.desc}: {self.n}/{self.total} {self.unit}s [{tqdm.format_interval(elapsed)} elapsed, "
+        return (f"{self.desc}: {self.n}/{self.total} {self.unit}s [{tqdm.format_interval(now - self._started)} elapsed, "
                 f"{left} left, {rate:.2f} {self.unit}s/s{postfix}]")
 
     def _print(self) -> None:

@@ -178,14 +178,17 @@ class ShardProgress:
         self.bar = progress(sum(self.total.values()), "training", unit="step")
 
     def refresh(self) -> None:
+        steps = {}
         for shard in self.step:
             path = self.workdir.progress(shard)
             lines = path.read_text().splitlines() if path.exists() else []
             if lines and self.stage[shard] != "done":
                 last = json.loads(lines[-1])
                 self.stage[shard] = f"{last['stage'] + bool(last.get('checkpoint'))}/{self.slices} slices"
-                self._advance(shard, last["step"])
-        self.bar.set_postfix_str(", ".join(f"shard {k}: {stage}" for k, stage in self.stage.items()))
+                steps[shard] = last["step"]
+        self.bar.set_postfix_str(", ".join(f"shard {k}: {stage}" for k, stage in self.stage.items()), refresh=False)
+        for shard, step in steps.items():
+            self._advance(shard, step)
 
     def done(self, shard: int, result: dict) -> None:
         self._advance(shard, self.total[shard])
