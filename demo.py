@@ -138,8 +138,9 @@ def tell(story: Story, config: Config, workdir: Workdir, args) -> None:
 def step_data(story: Story, config: Config, workdir: Workdir) -> dict:
     depth = config.model.trunk_layers
     with story.step("data", "Samples and the frozen trunk's states",
-                    f"Each MovieLens-100K rating becomes a TALLRec prompt (the user's last {config.data.history_len} liked and "
-                    f"disliked titles; will they like this one? Yes/No; P(yes) is the score), split by time. The first {depth} "
+                    f"Each MovieLens-100K rating becomes a TALLRec prompt (the user's {config.data.history_len} titles rated "
+                    f"before it, as liked and disliked; will they like this one? Yes/No; P(yes) is the score), split by "
+                    f"time. The first {depth} "
                     f"layers of {config.model.label} stay frozen: every prompt runs through them once, here, and its states are "
                     "stored, so training, forgetting and evaluating run only the layers above."):
         make_deterministic(config.model.trunk_threads)  # a state's bits can depend on the thread count
@@ -238,7 +239,7 @@ def step_forget(story: Story, config: Config, workdir: Workdir, client, train_re
         shard = read_parquet(workdir.shard_samples(0))
         user = shard["user_id"].iloc[0]
         request = new_request(workdir, [user], [], "demo-forget")
-        say(f"user {user}: {int((shard['user_id'] == user).sum())} training samples, in shard(s) {request.affected_shards}")
+        say(f"user {user}: {int((shard['user_id'] == user).sum())} training sample(s), in shard(s) {request.affected_shards}")
         [audit] = forget_job.process(config, workdir)
         seconds = sum(audit["seconds"].values())
         versions = ", ".join(f"shard {k} v{v} -> v{audit['new_versions'][k]}" for k, v in audit["old_versions"].items())

@@ -24,6 +24,7 @@ class PlainProgress:
         self._rate_from: tuple[float, int] | None = None
 
     def update(self, n: int = 1) -> None:
+        """Advance by `n`; a line when `every_s` has passed since the last, even for n=0 (the step is alive)."""
         self.n += n
         if n and self._rate_from is None:
             self._rate_from = (time.monotonic(), self.n)
@@ -32,7 +33,8 @@ class PlainProgress:
 
     def set_postfix_str(self, text: str, refresh: bool = True) -> None:
         self.postfix = text
-        self.update(0)  # a line every `every_s` while nothing advances too: the step is alive
+        if refresh:
+            self.update(0)
 
     def write(self, text: str) -> None:
         print(text, file=self.file, flush=True)

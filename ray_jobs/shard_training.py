@@ -189,6 +189,7 @@ class ShardProgress:
         self.bar.set_postfix_str(", ".join(f"shard {k}: {stage}" for k, stage in self.stage.items()), refresh=False)
         for shard, step in steps.items():
             self._advance(shard, step)
+        self.bar.update(0)  # a plain line now and then while Ray Train starts the runs, before any step
 
     def done(self, shard: int, result: dict) -> None:
         self._advance(shard, self.total[shard])
@@ -201,8 +202,9 @@ class ShardProgress:
     def _advance(self, shard: int, step: int) -> None:
         # A resumed shard's first report counts the steps of its clean checkpoints: they were done before.
         step = min(step, self.total[shard])
-        self.bar.update(step - self.step[shard])
-        self.step[shard] = step
+        if step > self.step[shard]:
+            self.bar.update(step - self.step[shard])
+            self.step[shard] = step
 
 
 def _last(losses: list[float]) -> str:

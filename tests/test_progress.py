@@ -23,7 +23,8 @@ def test_plain_lines_count_the_rate_from_the_first_advance_and_say_the_time_left
     bar = progress(100, "training", unit="step", file=out)  # a StringIO is no terminal
     assert isinstance(bar, PlainProgress)
     clock.now += 40  # start-up: no step yet, but a line says the step is alive
-    bar.set_postfix_str("shard 0: starting")
+    bar.set_postfix_str("shard 0: starting", refresh=False)
+    bar.update(0)
     bar.update(10)  # the first advance starts the rate's clock
     clock.now += 30
     bar.update(30)  # 30 steps in 30 s: 1 step/s, 60 left
