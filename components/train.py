@@ -183,6 +183,14 @@ def last_clean_stage(checkpoint_dir: Path, slices: list[list[str]], config: Conf
     return clean
 
 
+def shard_steps(config: Config, slice_sizes: list[int]) -> int:
+    """How many optimizer steps training a shard from scratch takes (its losses' length at the end),
+    given its samples per slice: what a progress bar counts towards."""
+    stages = [sum(slice_sizes[: r + 1]) if config.train.slice_mode == "cumulative" else slice_sizes[r]
+              for r in range(len(slice_sizes))]
+    return config.train.epochs * sum(-(-n // config.train.batch_size) for n in stages)
+
+
 @dataclass
 class ShardResult:
     shard: int

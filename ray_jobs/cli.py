@@ -5,6 +5,7 @@
     unlearn evaluate --config FILE ...                   python -m ray_jobs.evaluate
     unlearn serve    --config FILE ...                   python -m serving
     unlearn status   --config FILE [--workdir DIR]       python -m ray_jobs.status
+    unlearn report   DIR                                 python -m ray_jobs.report
 
 Each command takes the module's own arguments and exits with its code (2 on bad input);
 `unlearn COMMAND --help` shows them. A command's module is imported only when it runs.
@@ -21,6 +22,7 @@ COMMANDS = {
     "evaluate": ("ray_jobs.evaluate", "evaluate APA, its variants and the baselines on the test split"),
     "serve": ("serving.__main__", "serve the live adapter set over HTTP (Ray Serve)"),
     "status": ("ray_jobs.status", "show what a work dir holds: store, adapter sets, forget requests, reports"),
+    "report": ("ray_jobs.report", "render a work dir's evaluation as the results table (markdown)"),
 }
 
 

@@ -94,13 +94,17 @@ def ray_address() -> str | None:
         return "local"
 
 
-def connect_ray(config: Config | None = None, workdir: Workdir | None = None) -> None:
+def connect_ray(config: Config | None = None, workdir: Workdir | None = None, address: str | None = None,
+                log_to_driver: bool = True):
     """Join the cluster a job was submitted to (RAY_ADDRESS) or the one running on this machine,
-    or start a local one; pass the offline environment and model cache to every worker. With a
-    work dir, check that every node sees it and the model (`check_nodes`)."""
-    _connect()
+    or start a local one (`address` "local": always a Ray of its own); pass the offline environment
+    and model cache to every worker. With a work dir, check that every node sees it and the model
+    (`check_nodes`). `log_to_driver` False leaves the workers' output in Ray's log files only.
+    Returns ray.init's context, None where this process was connected already."""
+    context = _connect(address, log_to_driver)
     if workdir is not None:
         check_nodes(config, workdir)
+    return context
 
 
 class SharedStorageError(RuntimeError):
@@ -162,16 +166,17 @@ def check_nodes(config: Config, workdir: Workdir) -> None:
                                  "converted model lives) at the same path: shared storage (NFS, a ReadWriteMany volume)")
 
 
-def _connect() -> None:
+def _connect(address: str | None, log_to_driver: bool):
     for key, value in OFFLINE_ENV.items():
         os.environ.setdefault(key, value)
     if ray.is_initialized():
-        return
+        return None
     env = {k: os.environ[k] for k in (*OFFLINE_ENV, "UNLEARN_CACHE", "MLFLOW_TRACKING_URI") if k in os.environ}
     # A submitted job (ray job submit, a RayJob, the forget reconciler) already gives its workers the
     # job's env_vars, and Ray refuses a driver that names one of them again.
     job_env = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")).get("runtime_env", {}).get("env_vars", {})
-    ray.init(ray_address(), runtime_env={"env_vars": {k: v for k, v in env.items() if k not in job_env}}, log_to_driver=True)
+    return ray.init(address or ray_address(), runtime_env={"env_vars": {k: v for k, v in env.items() if k not in job_env}},
+                    log_to_driver=log_to_driver)
 
 
 def fail(message: str, code: int = 2) -> None:

@@ -31,8 +31,9 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from components.config import ALLOCATOR_ENV, Config
 from components.data import read_parquet
 from components.model import load_base_model, load_tokenizer, make_deterministic
+from components.progress import progress
 from components.store import Workdir, sample_states
-from components.train import CHECKPOINT_FILE, gathered, save_atomic, save_shard_result, train_shard
+from components.train import CHECKPOINT_FILE, gathered, save_atomic, save_shard_result, shard_steps, train_shard
 
 # Ray Train's own record of a run's checkpoints; it would bring back checkpoints a forget purged.
 RAY_TRAIN_SNAPSHOT = "checkpoint_manager_snapshot.json"
@@ -134,7 +135,8 @@ def fit(config: Config, workdir: Workdir, shard: int, results) -> None:
 
 def train_shards(config: Config, workdir: Workdir, shards: list[int]) -> dict[int, dict]:
     """Train `shards` at once, one Ray Train run each; a failed shard restarts from its last slice
-    checkpoint (up to train.max_restarts times). Returns each shard's result."""
+    checkpoint (up to train.max_restarts times). Returns each shard's result. The driver shows the
+    shards' steps as one progress bar, read from the progress files their rank 0 writes."""
     # Starting K worker groups at once on a busy node can take minutes; Ray Train's default of 60 s
     # would fail the run. The controller reads this from the driver's environment.
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "900")
@@ -142,33 +144,68 @@ def train_shards(config: Config, workdir: Workdir, shards: list[int]) -> dict[in
         ray.get_runtime_context().get_node_id(), soft=False)).remote()
     for shard in shards:
         workdir.progress(shard).unlink(missing_ok=True)
-    print(f"training {len(shards)} shard(s) at once on Ray Train: {shards}", flush=True)
-    done_results, seen = {}, {}
+    watch = ShardProgress(config, workdir, shards)
+    watch.bar.write(f"training {len(shards)} shard(s) at once, a Ray Train run each: {shards}")
+    done_results = {}
     try:
         with ThreadPoolExecutor(max_workers=max(1, len(shards))) as pool:
             pending = {pool.submit(fit, config, workdir, shard, results): shard for shard in shards}
             while pending:
-                finished, _ = wait(pending, timeout=5.0, return_when=FIRST_COMPLETED)
+                finished, _ = wait(pending, timeout=2.0, return_when=FIRST_COMPLETED)
                 for future in finished:
                     shard = pending.pop(future)
                     future.result()  # a shard that failed past its restarts fails the job, naming its error
                     done_results[shard] = ray.get(results.take.remote(shard))
-                    print(f"  shard {shard}: done in {done_results[shard]['seconds']:.1f}s "
-                          f"(restarted from slice {done_results[shard]['restarted_from']})", flush=True)
-                print_progress(workdir, list(pending.values()), seen)
+                    watch.done(shard, done_results[shard])
+                watch.refresh()
     finally:
+        watch.bar.close()
         ray.kill(results)
     return done_results
 
 
-def print_progress(workdir: Workdir, shards: list[int], seen: dict[int, int]) -> None:
-    for shard in shards:
-        path = workdir.progress(shard)
-        if not path.exists():
-            continue
-        lines = path.read_text().splitlines()
-        if len(lines) > seen.get(shard, 0):
-            seen[shard] = len(lines)
-            last = json.loads(lines[-1])
-            loss = f" loss {last['loss']:.4f}" if "loss" in last else ""
-            print(f"  shard {shard}: slice {last['stage']} step {last['step']}{loss}", flush=True)
+class ShardProgress:
+    """One bar over every shard's optimizer steps (rate and time left), each shard's slice beside it."""
+
+    def __init__(self, config: Config, workdir: Workdir, shards: list[int]):
+        self.workdir, self.slices = workdir, config.partition.num_slices
+        self.total = {}
+        for shard in shards:
+            slice_of = read_parquet(workdir.shard_samples(shard))["slice"]
+            self.total[shard] = shard_steps(config, [int((slice_of == r).sum()) for r in range(self.slices)])
+        self.step = dict.fromkeys(shards, 0)
+        self.stage = dict.fromkeys(shards, "starting")
+        self.bar = progress(sum(self.total.values()), "training", unit="step")
+
+    def refresh(self) -> None:
+        steps = {}
+        for shard in self.step:
+            path = self.workdir.progress(shard)
+            lines = path.read_text().splitlines() if path.exists() else []
+            if lines and self.stage[shard] != "done":
+                last = json.loads(lines[-1])
+                self.stage[shard] = f"{last['stage'] + bool(last.get('checkpoint'))}/{self.slices} slices"
+                steps[shard] = last["step"]
+        self.bar.set_postfix_str(", ".join(f"shard {k}: {stage}" for k, stage in self.stage.items()), refresh=False)
+        for shard, step in steps.items():
+            self._advance(shard, step)
+        self.bar.update(0)  # a plain line now and then while Ray Train starts the runs, before any step
+
+    def done(self, shard: int, result: dict) -> None:
+        self._advance(shard, self.total[shard])
+        self.stage[shard] = "done"
+        trained = self.slices - result["restarted_from"]
+        resumed = " (the earlier ones from its clean checkpoint)" if trained < self.slices else ""
+        self.bar.write(f"  shard {shard}: done in {result['seconds']:.1f}s, {result['samples']} samples, {trained} of {self.slices} "
+                       f"slices trained{resumed}, last loss {_last(result['losses'])}")
+
+    def _advance(self, shard: int, step: int) -> None:
+        # A resumed shard's first report counts the steps of its clean checkpoints: they were done before.
+        step = min(step, self.total[shard])
+        if step > self.step[shard]:
+            self.bar.update(step - self.step[shard])
+            self.step[shard] = step
+
+
+def _last(losses: list[float]) -> str:
+    return f"{losses[-1]:.4f}" if losses else "n/a"

@@ -24,7 +24,7 @@ def unlearn(*args: str) -> subprocess.CompletedProcess:
 def test_help_names_every_command_and_a_command_takes_its_module_arguments(capsys):
     out = unlearn("--help")
     assert out.returncode == 0, out.stderr
-    for command in ("train", "forget", "evaluate", "serve", "status"):
+    for command in ("train", "forget", "evaluate", "serve", "status", "report"):
         assert f"  {command} " in out.stdout
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["train", "--help"])
