@@ -2,7 +2,7 @@
 every figure is a ratio to its baseline measured in the same run.
 
     python -m benchmarks                       # simulate, bench_data, bench_pass, bench_train, bench_serving,
-                                               # bench_forget, eval, bench_embedding
+                                               # bench_forget, bench_forget_load, eval, bench_embedding
     python -m benchmarks --only bench_forget   # a subset (names below, "eval" for the evaluation)
     python -m benchmarks --skip eval
 
@@ -22,7 +22,8 @@ five work dirs of SmolLM2 the first time: at configs/movielens.yaml (2026-12-03,
 bfloat16 kernels) APA took 30 minutes, the one-actor retrain baseline 33, SISA 31, the user
 partition 30 and LMEraser 39; with the store and the other benchmarks the whole run takes about
 260 minutes and overruns 75 (docs/results.md). bench_embedding runs last, on the evaluation's trained work dir.
-`simulate` runs first (15 s of CPU): the internet-scale simulation of docs/scale.md at its
+bench_forget_load posts a thousand forget requests over HTTP to the served tiny model at K=16
+(its own config: configs/tiny.yaml). `simulate` runs first (15 s of CPU): the internet-scale simulation of docs/scale.md at its
 recommended plan against SISA and full retraining (no model, no store; its figures are simulated).
 """
 
@@ -42,9 +43,10 @@ from components.config import load_config
 
 EVAL = "eval"
 # bench_embedding reads eval's work dir
-ORDER = ("simulate", "bench_data", "bench_pass", "bench_train", "bench_serving", "bench_forget", EVAL, "bench_embedding")
+ORDER = ("simulate", "bench_data", "bench_pass", "bench_train", "bench_serving", "bench_forget", "bench_forget_load", EVAL,
+         "bench_embedding")
 SUBSETS = {"bench_train": ["--n-train", "512"], "bench_forget": ["--n-train", "512", "--n-valid", "64"]}
-NO_CONFIG = ("simulate",)  # benchmarks that read no config: they get no --config
+NO_CONFIG = ("simulate", "bench_forget_load")  # they get no --config: simulate reads none, the load test runs the tiny model
 
 
 def run_module(name: str, config: Path) -> tuple[int, dict | None, float]:

@@ -166,14 +166,15 @@ def shard_sizes(workdir: Workdir) -> dict[int, int]:
     return {k: pq.read_metadata(workdir.shard_samples(k)).num_rows for k in range(workdir.num_shards())}
 
 
-def masked_share(sizes: dict[int, int], shards: Iterable[int]) -> float:
+def data_share(sizes: dict[int, int], shards: Iterable[int]) -> float:
+    """The share of the training samples that lie in `shards` (masked ones, or served ones)."""
     return sum(sizes.get(k, 0) for k in set(shards)) / max(1, sum(sizes.values()))
 
 
 def hold_past_bound(sizes: dict[int, int], masked: set[int], shards: Iterable[int], bound: float) -> str | None:
     """Why a request over `shards` must wait unmasked while `masked` are masked, or None if masking
     it now keeps the masked share of the training data within `bound`."""
-    share = masked_share(sizes, masked | set(shards))
+    share = data_share(sizes, masked | set(shards))
     if share <= bound + 1e-12:
         return None
     return (f"waiting for the next round: masking shard(s) {sorted(set(shards) - masked)} now would mask {share:.0%} of the "
@@ -223,7 +224,7 @@ def deferred_shards(sizes: dict[int, int], plan: dict, masked: set[int], bound: 
     order = sorted(plan, key=lambda k: (plan[k]["restart_slice"] > 0, int(k)))
     deferred = []
     for shard in map(int, order):
-        if shard not in masked and masked_share(sizes, masked | {shard}) > bound + 1e-12:
+        if shard not in masked and data_share(sizes, masked | {shard}) > bound + 1e-12:
             deferred.append(shard)
         else:
             masked = masked | {shard}

@@ -254,16 +254,20 @@ class Recommender:
 
     @app.get("/healthz", response_model=Health, responses={503: {"model": Health, "description": "every shard is masked"}})
     async def healthz(self) -> JSONResponse:
-        """Serving status, and the forget requests: how many wait, which failed (and why), the reconciler."""
+        """Serving status, the share of the training data served and masked now, and the forget requests:
+        how many wait, which failed (and why), the reconciler."""
         from components.reconcile import summary
-        from components.unlearn import all_requests
+        from components.unlearn import all_requests, data_share, shard_sizes
 
         view = self.view
         serving = view.served.serving(view.masked)
+        sizes = await asyncio.to_thread(shard_sizes, self.workdir)  # Parquet footers: no data read
         forget = await asyncio.to_thread(summary, self.workdir, await asyncio.to_thread(all_requests, self.workdir))
         forget["reconciler"] = await asyncio.to_thread(self._reconciler_status)
         payload = Health(status="ok" if serving else "unavailable: every shard is masked", adapter_set_version=view.served.version,
-                         serving_shards=serving, masked_shards=sorted(view.masked), forget=forget)
+                         serving_shards=serving, masked_shards=sorted(view.masked),
+                         served_share=round(data_share(sizes, serving), 4), masked_share=round(data_share(sizes, view.masked), 4),
+                         max_masked_share=self.config.forget.max_masked_share, forget=forget)
         return JSONResponse(payload.model_dump(), status_code=200 if serving else 503)
 
     # --- forgetting --------------------------------------------------------------------------------
@@ -294,14 +298,17 @@ class Recommender:
             body = ForgetBody.model_validate_json(await request.body())
         except ValidationError as err:
             raise HTTPException(422, validation_message(err.errors(include_url=False))) from None
-        try:
-            record = await asyncio.to_thread(self._record, body)
-        except RequestError as err:
-            raise HTTPException(422, str(err)) from None
-        affected = {int(s) for s in record.affected_shards}
-        pending = record.state in STATES[:-1]  # a repeated request id may be done, failed or abandoned
-        if pending and not record.waiting and state_index(record.state) < state_index("unmasked"):
-            async with self._mask_lock:  # the poller cannot undo this with a stale read
+        # Under the mask lock: concurrent requests decide against the bound one after another (each
+        # sees the shards masked before it, so together they cannot pass it), and the poller cannot
+        # undo a mask with a stale read.
+        async with self._mask_lock:
+            try:
+                record = await asyncio.to_thread(self._record, body)
+            except RequestError as err:
+                raise HTTPException(422, str(err)) from None
+            affected = {int(s) for s in record.affected_shards}
+            pending = record.state in STATES[:-1]  # a repeated request id may be done, failed or abandoned
+            if pending and not record.waiting and state_index(record.state) < state_index("unmasked"):
                 view = self.view
                 self.view = View(view.served, view.masked | affected)  # this replica: at once
                 await asyncio.to_thread(self._mask_in_registry, affected)  # every replica: next poll

@@ -153,6 +153,11 @@ class Health(BaseModel):
     adapter_set_version: str
     serving_shards: list[int]
     masked_shards: list[int]
+    served_share: float = Field(ge=0, le=1, description="share of the training samples (the store's shard files now) whose shard "
+                                                         "this replica serves: in its adapter set and not masked (a shard serving "
+                                                         "from a clean slice checkpoint while it retrains counts)")
+    masked_share: float = Field(ge=0, le=1, description="share of the training samples whose shard is masked (serves nothing)")
+    max_masked_share: float = Field(description="forget.max_masked_share: the bound on masked_share that forget requests keep")
     forget: dict[str, Any] = Field(description="pending requests, failed ones with their errors, and the reconciler's state")
 
 
