@@ -8,7 +8,7 @@ A request moves through recorded states; a process killed in any state resumes f
 While a round retrains, an affected shard serves from its last clean slice checkpoint (`interim`:
 trained only on slices before the subject's first one) and is masked only where it has none. The
 share of the training data masked at once is bounded (forget.max_masked_share): a request that
-would pass the bound waits, unmasked, for a round that admits it.
+would pass the bound waits, unmasked, for the next round, which carries every pending request.
 
 A request whose round fails the same way again and again is `failed` (its shards stay masked)
 until an operator retries it, or abandons it if nothing was deleted yet (`abandoned`).
@@ -150,12 +150,13 @@ def scrub(record: dict) -> dict:
 def masked_by_pending(workdir: Workdir, exclude: Iterable[str] = ()) -> set[int]:
     """Shards that must stay masked: those of every request not yet past `registered`, failed
     requests included (their shards stay masked until the request is retried to the end), except
-    requests waiting for a round past the bound and those in `exclude` (a round masks its own)."""
+    requests waiting for a round past the bound, those in `exclude` (a round masks its own) and
+    the shards a round left serving to stay within the bound (`deferred_shards`)."""
     exclude = set(exclude)
     return {s for r in all_requests(workdir) if r["state"] != "abandoned" and r["state"] != "done"
             and "waiting" not in r and r["request_id"] not in exclude
             and state_index(r.get("failed_at", r["state"]) if r["state"] == "failed" else r["state"]) < state_index("unmasked")
-            for s in r["affected_shards"]}
+            for s in r["affected_shards"] if s not in r.get("deferred_shards", ())}
 
 
 # --- the bound on the share of the training data masked at once -------------------------------------
@@ -178,8 +179,8 @@ def hold_past_bound(sizes: dict[int, int], masked: set[int], shards: Iterable[in
     if share <= bound + 1e-12:
         return None
     return (f"waiting for the next round: masking shard(s) {sorted(set(shards) - masked)} now would mask {share:.0%} of the "
-            f"training data, over forget.max_masked_share {bound:.0%}; they keep serving until a round admits this "
-            f"request and masks them, at the start of the next round (after the running one publishes its clean versions)")
+            f"training data, over forget.max_masked_share {bound:.0%}; they keep serving until the next round (after the "
+            f"running one) masks them, or, where that would pass the bound, publishes their clean versions")
 
 
 def hold_new_requests(workdir: Workdir, masked: set[int], bound: float) -> Callable[[list[int]], str | None]:
@@ -190,37 +191,29 @@ def hold_new_requests(workdir: Workdir, masked: set[int], bound: float) -> Calla
     def hold(affected: list[int]) -> str | None:
         if any("waiting" in r for r in pending_requests(workdir)):
             return ("waiting for the next round behind older requests that wait for it (first come, first masked); "
-                    "its shards keep serving until that round admits it and masks them")
+                    "its shards keep serving until that round masks them or publishes their clean versions")
         return hold_past_bound(shard_sizes(workdir), masked, affected, bound)
 
     return hold
 
 
-def admit_round(workdir: Workdir, bound: float) -> list[dict]:
-    """The requests the next round carries out, oldest first: every pending request already masked,
-    then waiting ones in order while the masked share stays within `bound`, and at least the oldest
-    (none waits for ever). The others stay waiting, with the reason."""
+def admit_round(workdir: Workdir) -> list[dict]:
+    """The requests the next round carries out: every pending one, oldest first. The bound limits
+    what a round masks (`deferred_shards`), never what it retrains: a request that had to wait
+    unmasked is done by the next round, however many came with it, so under a steady stream of
+    requests each waits at most one round and each shard retrains once a round. (Admitting only
+    what fits the bound carried 1-4 requests a round at K=16: docs/operations.md.)"""
     pending = pending_requests(workdir)
-    sizes = shard_sizes(workdir) if pending else {}
-    admitted = [r for r in pending if "waiting" not in r]
-    shards = {s for r in admitted for s in r["affected_shards"]}
-    for record in [r for r in pending if "waiting" in r]:
-        why = hold_past_bound(sizes, shards, record["affected_shards"], bound)
-        if why is not None and admitted:
-            record["waiting"] = why  # the ones after it keep waiting behind it: none overtakes it
+    for record in pending:
+        if record.pop("waiting", None) is not None:
             save_request(workdir, record)
-            break
-        record.pop("waiting")
-        save_request(workdir, record)
-        admitted.append(record)
-        shards |= set(record["affected_shards"])
-    return sorted(admitted, key=lambda r: r["created"])
+    return pending
 
 
 def deferred_shards(sizes: dict[int, int], plan: dict, masked: set[int], bound: float) -> list[int]:
-    """A round's shards left unmasked so that the masked share stays within `bound` (only when its
-    oldest request alone passes it): those with a clean checkpoint go last, as they serve again
-    from it soon; shards without one are masked first."""
+    """A round's shards left unmasked so that the masked share stays within `bound`; they serve
+    until the round's clean versions are live. Shards with a clean checkpoint are deferred first,
+    as they would serve again from it soon anyway; shards without one are masked first."""
     order = sorted(plan, key=lambda k: (plan[k]["restart_slice"] > 0, int(k)))
     deferred = []
     for shard in map(int, order):

@@ -68,7 +68,7 @@ def process(config: Config, workdir: Workdir, verify: bool = False) -> list[dict
                       f"or abandons {', '.join(round_['request_ids'])}", flush=True)
                 return audits
             if round_ is None:
-                batch = admit_round(workdir, config.forget.max_masked_share)
+                batch = admit_round(workdir)
                 if not batch:
                     return audits
                 round_ = {"round_id": uuid.uuid4().hex[:12], "request_ids": [r["request_id"] for r in batch],
@@ -223,8 +223,8 @@ def finish_round(config: Config, workdir: Workdir, registry: Registry, round_: d
 
 
 def mask_round(config: Config, workdir: Workdir, registry: Registry, round_: dict, users: set[str], interactions: set[str]) -> None:
-    """Plan the round and mask its shards, within forget.max_masked_share: where its oldest request
-    alone passes the bound, some shards keep serving until their clean versions are live."""
+    """Plan the round and mask its shards, within forget.max_masked_share: past the bound, some
+    shards keep serving until their clean versions are live (recorded on each request)."""
     t = time.time()
     plan = plan_round(workdir, users, interactions)
     shards = sorted(int(k) for k in plan["shards"])

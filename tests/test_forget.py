@@ -204,8 +204,8 @@ def test_forgetting_equals_training_without_the_data(forgetting, tiny_config, tm
 
 def test_the_masked_share_is_bounded_and_requests_past_it_wait_in_order(tmp_path):
     """forget.max_masked_share (no Ray): a request is masked at once only within the bound, later
-    ones wait behind a waiting one, a round admits in order while the bound holds (always the
-    oldest), and a round whose oldest request alone passes it leaves shards serving."""
+    ones wait behind a waiting one, the next round carries every pending request, and a round masks
+    within the bound, leaving the rest of its shards serving (never masked by its requests)."""
     workdir = Workdir(tmp_path)
     for shard, rows in enumerate([40, 30, 20, 10]):  # shares 40%, 30%, 20%, 10%
         workdir.shard_samples(shard).parent.mkdir(parents=True)
@@ -221,11 +221,13 @@ def test_the_masked_share_is_bounded_and_requests_past_it_wait_in_order(tmp_path
     assert "70% of the training data, over forget.max_masked_share 50%" in recorded("b", [1], {0})
     assert "behind older requests" in recorded("c", [3], {0})  # 50% would fit, but b came first
     assert masked_by_pending(workdir) == {0}  # waiting requests mask nothing
-    assert [r["request_id"] for r in admit_round(workdir, 0.5)] == ["a"]
-    assert "next round" in json.loads(workdir.path("requests", "b.json").read_text())["waiting"]
-    save_request(workdir, {**json.loads(workdir.path("requests", "a.json").read_text()), "state": "done"})
-    assert [r["request_id"] for r in admit_round(workdir, 0.5)] == ["b", "c"]  # the next round: 40%
-    assert masked_by_pending(workdir) == {1, 3}
+    assert [r["request_id"] for r in admit_round(workdir)] == ["a", "b", "c"]  # the whole queue, oldest first
+    assert not any("waiting" in r for r in pending_requests(workdir))
+    # The round masks within the bound: 0 and 3 (50%); 1 keeps serving, and no request masks it.
+    assert deferred_shards({0: 40, 1: 30, 2: 20, 3: 10}, {"0": {"restart_slice": 0}, "1": {"restart_slice": 0},
+                                                          "3": {"restart_slice": 0}}, set(), 0.5) == [1]
+    save_request(workdir, {**json.loads(workdir.path("requests", "b.json").read_text()), "deferred_shards": [1]})
+    assert masked_by_pending(workdir) == {0, 3}
     plan = {"0": {"restart_slice": 0}, "1": {"restart_slice": 2}, "2": {"restart_slice": 0}, "3": {"restart_slice": 1}}
     assert deferred_shards({0: 40, 1: 30, 2: 20, 3: 10}, plan, set(), 0.5) == [1, 2]  # 0 and 3 masked: 50%
     assert deferred_shards({0: 40, 1: 30, 2: 20, 3: 10}, plan, set(), 1.0) == []
