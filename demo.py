@@ -30,9 +30,10 @@ from components.eval_report import results_table
 from components.evaluation import cpu_description
 from components.metrics import auc
 from components.model import load_base_model, load_tokenizer, make_deterministic, score_states
+from components.proof import compare_tensors
 from components.store import Workdir, copy_store, prepare, sample_states, write_json
 from components.train import ADAPTER_FILE
-from components.unlearn import compare_tensors, new_request
+from components.unlearn import new_request
 
 STEPS = 6
 INDENT = "      "
