@@ -30,6 +30,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
+from benchmarks.bench_forget_load import MALFORMED  # the malformed forget bodies and their documented answers
 from components.aggregate import AggregatorState, candidate_prompts, history_split, load_mixture, predict, stored_inputs
 from components.config import ConfigError, load_config
 from components.data import load_interactions_and_items, read_parquet
@@ -439,19 +440,6 @@ def test_without_a_configured_token_forgetting_is_503(served, monkeypatch):
     assert err.value.status_code == 503 and served.config.serving.forget_token_env in err.value.detail
 
 
-# Bodies a load of forget requests mixes in, with their documented answers (serving/http.py, docs/operations.md).
-MALFORMED_FORGETS = [
-    ({"json": {}}, 422, "at least one user"),
-    ({"json": {"users": [1]}}, 422, "users.0"),
-    ({"json": {"interactions": ["no-colon"]}}, 422, "interactions"),
-    ({"json": {"users": ["1"], "request_id": "../etc"}}, 422, "request_id"),
-    ({"json": {"users": ["1"], "why": 1}}, 422, "unknown field"),
-    ({"content": b'{"users": [', "headers": {"content-type": "application/json"}}, 422, "not valid JSON"),
-    ({"json": {"users": ["1"]}, "headers": {"Authorization": "Bearer wrong"}}, 401, "Bearer"),
-    ({"json": {"users": ["x" * 100_000]}}, 413, "serving.max_body_bytes"),
-]
-
-
 def _forget_load(shard_users: list[str], first: str) -> list[tuple[str, dict, int | None, str]]:
     """199 forget posts after the request `http-test-1` for `first`: new requests for a few users
     (several requests for the same user), the same request id again, unknown users and malformed
@@ -460,7 +448,7 @@ def _forget_load(shard_users: list[str], first: str) -> list[tuple[str, dict, in
     posts, latest = [], ("http-test-1", first)
     for i in range(199):
         if i % 7 == 3:
-            kwargs, status, message = MALFORMED_FORGETS[(i // 7) % len(MALFORMED_FORGETS)]
+            kwargs, status, message = MALFORMED[(i // 7) % len(MALFORMED)]
             posts.append(("malformed", kwargs, status, message))
         elif i % 7 == 5:
             rid = f"load-unknown-{i}"
