@@ -4,9 +4,10 @@
     POST /v1/predict   GET /v1/adapters   GET /healthz   POST /v1/forget   GET /v1/forget/{id}   /docs
 
 A replica holds the live adapter set (`<experiment>.adapter-set@live`) in memory as one immutable
-`View` (the loaded set + the shards masked right now). A request reads `self.view` once and uses
-that view for all its rows; a background task polls the registry, loads a new set off the event
-loop and swaps it in with a single assignment, and applies mask changes the same way. Each
+`View` (the loaded set + the shards masked right now), kept by a `serving.follower.LiveSetFollower`:
+a request reads `self.view` once and uses that view for all its rows; the follower polls the
+registry, loads a new set off the event loop and swaps it in with a single assignment, and applies
+mask changes the same way. Each
 candidate of a request is one prompt row; rows of all concurrent requests are batched by
 `@serve.batch` into one forward pass, every row mixed with its own shard weights.
 
@@ -17,10 +18,7 @@ runtime_env: `python -m serving` passes it to Ray, serve_config.yaml sets it, an
 import asyncio
 import hmac
 import logging
-import shutil
-import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,18 +31,12 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from ray import serve
 from ray.serve import Application
 
-from components.aggregate import (
-    ServedSet,
-    candidate_prompts,
-    history_split,
-    load_served_set,
-    served_mask,
-    unknown_items,
-)
+from components.aggregate import candidate_prompts, history_split, unknown_items
 from components.config import Config, ServingConfig, load_config
 from components.data import load_interactions_and_items
 from components.registry import Registry
 from components.store import Workdir, check_inputs
+from serving.follower import LiveSetFollower, View
 from serving.http import (
     REQUEST_ID,
     ForgetAccepted,
@@ -69,14 +61,6 @@ app = api(title="Exact-unlearning recommender", version="1",
 
 
 # --- the deployment -----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class View:
-    """What a request sees, swapped as a whole: the loaded set and the shards masked now."""
-
-    served: ServedSet
-    masked: frozenset[int]
 
 
 def _resolve(path: str) -> Path:
@@ -104,79 +88,21 @@ class Recommender:
         items = load_interactions_and_items(self.config.data)[1]
         self.titles = {str(i): str(t) for i, t in zip(items["item_id"], items["title"])}
         self.registry = Registry(self.config.experiment, self.workdir.root)
-        masked, live, _ = await asyncio.to_thread(self.registry.mask_and_live_set)
-        if live is None:
-            raise RuntimeError(f"no live adapter set {self.registry.set_model!r} in {self.workdir.root}: "
-                               f"run python -m ray_jobs.train first")
-        served = await asyncio.to_thread(self._load_set, live)
-        self.view = View(served, frozenset(masked))
-        self._mask_lock = asyncio.Lock()
-        self._loading: asyncio.Task | None = None
+        self.follower = await LiveSetFollower.start(self.config, self.registry)
         self._reconciler = None
         self._reconciler_checked = 0.0
-        self._last_poll = time.time()
-        self._poller = asyncio.create_task(self._follow_live())
-        logger.info("serving adapter set %s (%s, shards %s, masked %s)", served.version, served.method,
-                    served.mixture.shards, sorted(masked))
+        self._poller = asyncio.create_task(self.follower.follow(between_polls=self._check_reconciler))
+        view = self.follower.view
+        logger.info("serving adapter set %s (%s, shards %s, masked %s) from %s", view.served.version, view.served.method,
+                    view.served.mixture.shards, sorted(view.masked), self.workdir.root)
 
-    # --- following the `live` alias and the masks ---------------------------------------------
-    def _load_set(self, version: str) -> ServedSet:
-        """Download one adapter-set version, read it into memory, and delete the files."""
-        download = Path(tempfile.mkdtemp(prefix=f"adapter-set-{version}-"))
-        try:
-            adapter_set = self.registry.load_adapter_set(download, version)
-            if adapter_set is None:
-                raise RuntimeError(f"adapter set version {version} not found")
-            return load_served_set(self.config, adapter_set)
-        finally:
-            shutil.rmtree(download, ignore_errors=True)  # no copy of any adapter stays on disk
+    @property
+    def view(self) -> View:
+        return self.follower.view
 
-    async def _follow_live(self) -> None:
-        while True:
-            try:
-                await self._poll_once()
-            except Exception:  # noqa: BLE001 - a registry hiccup must not stop the follower
-                logger.exception("polling the registry failed; serving adapter set %s", self.view.served.version)
-            self._last_poll = time.time()
-            if time.time() - self._reconciler_checked > RECONCILER_CHECK_S:
-                try:
-                    await asyncio.to_thread(self._ensure_reconciler)
-                except Exception:  # noqa: BLE001 - outside a cluster, or the GCS busy: the next check tries again
-                    logger.exception("could not reach the forget reconciler")
-            await asyncio.sleep(self.config.serving.poll_interval_s)
-
-    async def _mask_with(self, served: ServedSet, shown: frozenset[int]) -> tuple[frozenset[int], str | None]:
-        """The shards to mask while `served` is loaded and `shown` are masked, and the registry's live
-        set version (call under the mask lock: a forget request must not interleave)."""
-        registry_mask, live, live_pins = await asyncio.to_thread(self.registry.mask_and_live_set)
-        loaded = {k: v["version"] for k, v in served.shards.items()}
-        return frozenset(served_mask(registry_mask, shown, loaded, loaded if live == served.version else live_pins)), live
-
-    async def _poll_once(self) -> None:
-        async with self._mask_lock:
-            view = self.view
-            masked, live = await self._mask_with(view.served, view.masked)
-            if masked != view.masked:
-                self.view = View(view.served, masked)
-                logger.info("masked shards now %s", sorted(masked))
-        if live is not None and live != self.view.served.version and self._loading is None:
-            self._loading = asyncio.create_task(self._swap_to(live))
-
-    async def _swap_to(self, version: str) -> None:
-        try:
-            started = time.time()
-            served = await asyncio.to_thread(self._load_set, version)  # fully loaded before anyone sees it
-            async with self._mask_lock:
-                old = self.view
-                masked, _ = await self._mask_with(served, old.masked)
-                self.view = View(served, masked)  # the swap: one reference assignment
-            logger.info("swapped adapter set %s -> %s in %.1fs (masked %s)", old.served.version, version,
-                        time.time() - started, sorted(masked))
-        except Exception:  # noqa: BLE001 - keep serving the old set; the next poll tries again
-            logger.exception("loading adapter set %s failed; still serving %s", version, self.view.served.version)
-            await asyncio.sleep(max(1.0, self.config.serving.poll_interval_s))
-        finally:
-            self._loading = None
+    def _check_reconciler(self) -> None:
+        if time.time() - self._reconciler_checked > RECONCILER_CHECK_S:
+            self._ensure_reconciler()  # outside a cluster, or the GCS busy: the follower logs it, the next check tries again
 
     def check_health(self) -> None:
         """Serve's replica health check: the follower must be alive and recent."""
@@ -248,8 +174,8 @@ class Recommender:
             "method": view.served.method,
             "masked_shards": sorted(view.masked),
             "shards": {str(k): {**info, "masked": k in view.masked} for k, info in sorted(view.served.shards.items())},
-            "loading": self._loading is not None,
-            "last_poll_age_s": round(time.time() - self._last_poll, 3),
+            "loading": self.follower.loading is not None,
+            "last_poll_age_s": round(time.time() - self.follower.last_poll, 3),
         }
 
     @app.get("/healthz", response_model=Health, responses={503: {"model": Health, "description": "every shard is masked"}})
@@ -301,7 +227,7 @@ class Recommender:
         # Under the mask lock: concurrent requests decide against the bound one after another (each
         # sees the shards masked before it, so together they cannot pass it), and the poller cannot
         # undo a mask with a stale read.
-        async with self._mask_lock:
+        async with self.follower.lock:
             try:
                 record = await asyncio.to_thread(self._record, body)
             except RequestError as err:
@@ -309,8 +235,7 @@ class Recommender:
             affected = {int(s) for s in record.affected_shards}
             pending = record.state in STATES[:-1]  # a repeated request id may be done, failed or abandoned
             if pending and not record.waiting and state_index(record.state) < state_index("unmasked"):
-                view = self.view
-                self.view = View(view.served, view.masked | affected)  # this replica: at once
+                self.follower.mask(affected)  # this replica: at once
                 await asyncio.to_thread(self._mask_in_registry, affected)  # every replica: next poll
         if pending and self._reconciler is None:  # the reconciler picks the request up within a second
             try:
