@@ -240,7 +240,9 @@ def step_forget(story: Story, config: Config, workdir: Workdir, client, train_re
         shard = read_parquet(workdir.shard_samples(0))
         user = shard["user_id"].iloc[0]
         request = new_request(workdir, [user], [], "demo-forget")
-        say(f"user {user}: {int((shard['user_id'] == user).sum())} training sample(s), in shard(s) {request.affected_shards}")
+        # The id itself is never printed: the screen and the logs are places a forgotten id must not reach.
+        say(f"the first user of shard 0: {int((shard['user_id'] == user).sum())} training sample(s), "
+            f"in shard(s) {request.affected_shards}")
         [audit] = forget_job.process(config, workdir)
         seconds = sum(audit["seconds"].values())
         versions = ", ".join(f"shard {k} v{v} -> v{audit['new_versions'][k]}" for k, v in audit["old_versions"].items())
