@@ -72,16 +72,9 @@ class StorePass:
         inference = self.config.inference
         check_fits(self.config)
         rows = by_token_count(rows, self.tokenizer, self.config)
-        # One block per batch, and one batch at a time per actor: an actor that is ready first
-        # (loading the model takes a while) must not queue every block before the others start.
         blocks = [rows.iloc[i : i + inference.batch_size] for i in range(0, len(rows), inference.batch_size)]
-        pool = ray.data.ActorPoolStrategy(size=min(inference.workers, len(blocks)), max_tasks_in_flight_per_actor=1)
-        out = ray.data.from_pandas(blocks).map_batches(
-            StoreWorker, fn_constructor_args=(self.config.model_dump(mode="json"), str(self.workdir.root)),
-            batch_size=inference.batch_size, batch_format="pandas", compute=pool,
-            num_cpus=inference.cpus_per_worker, num_gpus=inference.gpus_per_worker,
-            runtime_env={"env_vars": ALLOCATOR_ENV},
-        ).to_pandas()
+        out = map_blocks(StoreWorker, (self.config.model_dump(mode="json"), str(self.workdir.root)), blocks,
+                         inference.workers, inference.cpus_per_worker, inference.gpus_per_worker)
         self.samples_computed += len(out)
         self.nodes.update(out["node_id"])
         self.pids.update(int(p) for p in out["pid"])
@@ -91,6 +84,29 @@ class StorePass:
     def report(self) -> dict:
         """For DIR/reports/train.json: how many samples the pass computed, on which Ray nodes, in how long."""
         return {"samples_computed": self.samples_computed, "nodes": sorted(self.nodes), "seconds": round(self.seconds, 2)}
+
+
+POOL_START_TIMEOUT_S = 600
+
+
+def map_blocks(worker: type, args: tuple, blocks: list[pd.DataFrame], workers: int, cpus: float, gpus: float = 0) -> pd.DataFrame:
+    """`worker(*args)` called on each block (one Ray Data batch) by a pool of up to `workers` actors
+    of `cpus` and `gpus` each, one batch at a time per actor. The pool starts with as many actors as
+    the cluster has room for now and grows as room appears; work starts once those first actors are
+    all up. Ray Data's default starts with whichever is up first, and it would take every batch
+    while an actor on a node that has to start a worker process is still loading the model."""
+    most = min(workers, len(blocks))
+    free = ray.available_resources()
+    room = min([int(free.get(name, 0) // each) for name, each in (("CPU", cpus), ("GPU", gpus)) if each] or [most])
+    pool = ray.data.ActorPoolStrategy(min_size=max(1, min(most, room)), max_size=most, max_tasks_in_flight_per_actor=1)
+    context = ray.data.DataContext.get_current()  # a dataset copies it when created
+    before, context.wait_for_min_actors_s = context.wait_for_min_actors_s, POOL_START_TIMEOUT_S
+    try:
+        return ray.data.from_pandas(blocks).map_batches(
+            worker, fn_constructor_args=args, batch_size=max(map(len, blocks)), batch_format="pandas", compute=pool,
+            num_cpus=cpus, num_gpus=gpus, runtime_env={"env_vars": ALLOCATOR_ENV}).to_pandas()
+    finally:
+        context.wait_for_min_actors_s = before
 
 
 def check_fits(config: Config, gpus: bool = True) -> None:
@@ -187,11 +203,8 @@ def score_pass(config: Config, workdir: Workdir, rows: pd.DataFrame, scorings: l
     rows["embedding"] = [np.asarray(e, dtype=np.float32) for e in rows["embedding"]]
     # One block per batch, as in StorePass: a Ray Data batch is exactly one of these.
     blocks = [rows.iloc[i : i + batch_size] for i in range(0, len(rows), batch_size)]
-    out = ray.data.from_pandas(blocks).map_batches(
-        ScoreWorker, fn_constructor_args=(str(workdir.root), [s.to_json() for s in scorings], threads),
-        batch_size=batch_size, batch_format="pandas", compute=ray.data.ActorPoolStrategy(size=min(config.inference.workers, len(blocks))),
-        num_cpus=config.inference.cpus_per_worker, runtime_env={"env_vars": ALLOCATOR_ENV},
-    ).to_pandas()
+    out = map_blocks(ScoreWorker, (str(workdir.root), [s.to_json() for s in scorings], threads), blocks,
+                     config.inference.workers, config.inference.cpus_per_worker)
     # Ray Data does not keep the order of blocks across actors: put the rows back in `rows`' order.
     order = {name: i for i, name in enumerate(s.name for s in scorings)}
     position = pd.Series(range(len(rows)), index=rows["sample_id"])
