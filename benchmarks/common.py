@@ -155,7 +155,7 @@ def prepare_store(config: Config, workdir: Workdir, states_from: Path | None = N
     states and fitted partitioners have caches of their own that do not depend on the split
     sizes, so a sample's state is computed once whatever benchmark or size needs it;
     `states_from`, a store of the same model (checked on one sample; it may be half prepared), seeds it."""
-    from components.model import load_base_model, load_tokenizer, make_deterministic
+    from components.model import embed, load_base_model, load_tokenizer, make_deterministic
     from components.store import copy_store, fit_partitioner, prepare
 
     started = time.time()
@@ -178,7 +178,7 @@ def prepare_store(config: Config, workdir: Workdir, states_from: Path | None = N
         if fitted.exists():
             staging.partitioner.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(fitted, staging.partitioner)
-        fit_partitioner(config, staging, model, tokenizer)  # loads the copy if there is one
+        fit_partitioner(config, staging, lambda prompts: embed(model, tokenizer, prompts, config.model))  # or loads the copy
         if not fitted.exists():
             shutil.copyfile(staging.partitioner, fitted)
         shutil.rmtree(cache.root, ignore_errors=True)

@@ -39,8 +39,6 @@ from components.data import (
 from components.model import (
     STATE_DTYPES,
     answer_token_ids,
-    embed,
-    load_base_model,
     load_tokenizer,
     tokenize,
     trunk_pass,
@@ -343,17 +341,17 @@ def move_samples(workdir: Workdir, moves: pd.DataFrame) -> None:
         write_parquet(frame[~frame["sample_id"].isin(leaving)].reset_index(drop=True), workdir.shard_samples(shard))
 
 
-def fit_partitioner(config: Config, workdir: Workdir, model, tokenizer) -> Partitioner:
-    """The public partitioner, fitted once on catalogue prompts (no user data) and cached. `model`
-    None: the base model is loaded only if a partitioner must be fitted on embeddings."""
+def fit_partitioner(config: Config, workdir: Workdir, embed_prompts: Callable[[list[str]], np.ndarray]) -> Partitioner:
+    """The public partitioner, fitted once on catalogue prompts (no user data) and cached.
+    `embed_prompts` (prompts to their embeddings, components.model.embed's bits) is called only if
+    the partition method fits on embeddings."""
     if workdir.partitioner.exists():
         return Partitioner.load(workdir.partitioner)
     reference = None
     if config.partition.method in ("semantic", "semantic-user", "adaptive"):
         _, items = load_interactions_and_items(config.data)
-        prompts = reference_prompts(items, config.partition.reference_size, config.data.history_len, config.seed,
-                                    config.data.prompt)
-        reference = embed(model or load_base_model(config.model, config.seed, tokenizer), tokenizer, prompts, config.model)
+        reference = embed_prompts(reference_prompts(items, config.partition.reference_size, config.data.history_len,
+                                                    config.seed, config.data.prompt))
     partitioner = Partitioner.fit(config.partition, config.seed, reference)
     workdir.partitioner.parent.mkdir(parents=True, exist_ok=True)
     partitioner.save(workdir.partitioner)

@@ -5,6 +5,7 @@ evaluation trains its baselines; no job imports another."""
 from __future__ import annotations
 
 import time
+from functools import partial
 
 import numpy as np
 import torch
@@ -18,7 +19,7 @@ from components.registry import Registry, keep_own_registry
 from components.store import Workdir, fit_partitioner, load_splits, prepare, remove_samples, write_json, write_shards
 from components.train import learning_rate
 from ray_jobs.common import connect_ray
-from ray_jobs.passes import StorePass
+from ray_jobs.passes import StorePass, embed_pass
 from ray_jobs.shard_training import train_shards
 
 
@@ -84,7 +85,7 @@ def train_workdir(config: Config, workdir: Workdir, exclude_users=(), exclude_in
     if exclude_users or exclude_interactions:
         removed = remove_samples(workdir, set(exclude_users), set(exclude_interactions))
         print(f"excluded {sum(map(len, removed.values()))} sample(s) of the given users/interactions", flush=True)
-    partitioner = fit_partitioner(config, workdir, None, tokenizer)  # the base model only if it fits one
+    partitioner = fit_partitioner(config, workdir, partial(embed_pass, config))
     splits = load_splits(workdir)
     sizes = write_shards(config, workdir, splits["train"], partitioner)
     print(f"{config.partition.method} partition: shard sizes {sizes}", flush=True)

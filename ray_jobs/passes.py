@@ -5,7 +5,8 @@ compute, sorted by token count, cut into batches of `inference.batch_size`, and 
 `inference.workers` actors that each load the tokenizer and the base model once, run the frozen
 trunk (components.store.store_states) and write every sample's states into the store themselves
 (atomic files: an interrupted pass resumes with the samples still missing). Only the embeddings
-come back to the driver, with the Ray node and process that computed them.
+come back to the driver, with the Ray node and process that computed them. `embed_pass` is the
+partitioner's reference (catalogue prompts only) through the same kind of pool.
 
 `score_pass` is the evaluation's scoring of every method in one job: the test samples, in the
 driver's order, cut into batches of a fixed size and mapped over actors that each load the
@@ -28,17 +29,16 @@ import ray
 
 from components.aggregate import AggregatorState, load_mixture, predict, stored_inputs
 from components.config import ALLOCATOR_ENV, Config
-from components.model import load_base_model, load_tokenizer, make_deterministic
+from components.model import embed, load_base_model, load_tokenizer, make_deterministic
 from components.partition import Partitioner
 from components.store import Workdir, by_token_count, sample_states, store_states
 
 
-class StoreWorker:
-    """One actor of the pool: the base model loaded once, on its GPU where it was given one."""
+class ModelWorker:
+    """One actor of a pool: the base model loaded once, on its GPU where it was given one."""
 
-    def __init__(self, config: dict, workdir: str):
+    def __init__(self, config: dict):
         self.config = Config.model_validate(config)
-        self.workdir = Workdir(workdir)
         make_deterministic(self.config.model.trunk_threads)  # a state's bits can depend on the thread count
         self.tokenizer = load_tokenizer(self.config.model)
         self.model = load_base_model(self.config.model, self.config.seed, self.tokenizer)
@@ -52,10 +52,37 @@ class StoreWorker:
             self.model.to("cuda")
         self.node_id = ray.get_runtime_context().get_node_id()
 
+
+class StoreWorker(ModelWorker):
+    """The frozen trunk over a batch of samples, their states written into the store."""
+
+    def __init__(self, config: dict, workdir: str):
+        super().__init__(config)
+        self.workdir = Workdir(workdir)
+
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         embeddings = store_states(self.config, self.workdir, self.model, self.tokenizer, batch)
         return pd.DataFrame({"sample_id": batch["sample_id"].to_numpy(), "embedding": embeddings,
                              "node_id": self.node_id, "pid": os.getpid()})
+
+
+class EmbedWorker(ModelWorker):
+    """Catalogue prompts (the partitioner's reference, no user data) to their embeddings."""
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        embeddings = embed(self.model, self.tokenizer, batch["prompt"].tolist(), self.config.model)
+        return pd.DataFrame({"position": batch["position"].to_numpy(), "embedding": list(embeddings)})
+
+
+def embed_pass(config: Config, prompts: list[str]) -> np.ndarray:
+    """components.model.embed over `prompts` as a Ray Data job (one prompt at a time inside each
+    batch: the same bits as in one process), in `prompts`' order."""
+    check_fits(config)
+    rows, size = pd.DataFrame({"position": range(len(prompts)), "prompt": prompts}), config.inference.batch_size
+    blocks = [rows.iloc[i : i + size] for i in range(0, len(rows), size)]
+    out = map_blocks(EmbedWorker, (config.model_dump(mode="json"),), blocks, config.inference.workers,
+                     config.inference.cpus_per_worker, config.inference.gpus_per_worker)
+    return np.stack(out.sort_values("position")["embedding"].to_numpy())
 
 
 class StorePass:

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from components.model import STATE_DTYPES, load_base_model, load_tokenizer, make_deterministic, tokenize, trunk_pass
-from components.store import Workdir, by_token_count, load_splits, prepare
+from components.model import STATE_DTYPES, embed, load_base_model, load_tokenizer, make_deterministic, tokenize, trunk_pass
+from components.store import Workdir, by_token_count, fit_partitioner, load_splits, prepare
 from ray_jobs.passes import StorePass
 
 # Batched states against one-at-a-time ones: the stored float16 states within one float16 step of
@@ -91,6 +91,14 @@ def test_the_pass_runs_on_the_actor_pool_and_records_its_nodes(stored, ray_sessi
     assert len(store_pass.pids) <= store_pass.config.inference.workers  # the model loaded once per actor
     alive = {node["NodeID"] for node in ray_session.nodes() if node["Alive"]}
     assert store_pass.report()["nodes"] and set(store_pass.report()["nodes"]) <= alive
+
+
+def test_the_partitioner_fitted_on_the_pool_is_the_one_fitted_in_one_process(trained_tiny, tiny_config, model, tmp_path):
+    """The jobs embed the partitioner's reference prompts on the actor pool (ray_jobs.passes.embed_pass)."""
+    here = Workdir(tmp_path)
+    fit_partitioner(tiny_config, here, lambda prompts: embed(*model, prompts, tiny_config.model))
+    pooled, local = (np.load(w.partitioner) for w in (trained_tiny[0], here))
+    assert sorted(pooled.files) == sorted(local.files) and all(np.array_equal(pooled[k], local[k]) for k in pooled.files)
 
 
 def test_the_pass_settings_are_no_part_of_the_training_fingerprint(tiny_config):
