@@ -14,7 +14,7 @@ from components.aggregate import AggregatorState
 from components.config import Config
 from components.data import read_parquet
 from components.metrics import auc, bar_figure, loss_curve_figure
-from components.model import load_tokenizer, make_deterministic
+from components.model import embed, load_base_model, load_tokenizer, make_deterministic
 from components.registry import Registry, keep_own_registry
 from components.store import Workdir, fit_partitioner, load_splits, prepare, remove_samples, write_json, write_shards
 from components.train import learning_rate
@@ -67,6 +67,14 @@ def publish_adapter_set(config: Config, workdir: Workdir, registry: Registry, st
     return version
 
 
+def reference_embedder(config: Config, tokenizer):
+    """How the partitioner's reference prompts (a few hundred, catalogue only) are embedded: on the
+    inference pool's GPUs where the config gives it some, else here, cheaper than starting a pool."""
+    if config.inference.gpus_per_worker:
+        return partial(embed_pass, config)
+    return lambda prompts: embed(load_base_model(config.model, config.seed, tokenizer), tokenizer, prompts, config.model)
+
+
 def train_workdir(config: Config, workdir: Workdir, exclude_users=(), exclude_interactions=(),
                   states_from: Workdir | None = None) -> dict:
     """Prepare the store (once), partition, train every shard, register, publish. `states_from`:
@@ -85,7 +93,7 @@ def train_workdir(config: Config, workdir: Workdir, exclude_users=(), exclude_in
     if exclude_users or exclude_interactions:
         removed = remove_samples(workdir, set(exclude_users), set(exclude_interactions))
         print(f"excluded {sum(map(len, removed.values()))} sample(s) of the given users/interactions", flush=True)
-    partitioner = fit_partitioner(config, workdir, partial(embed_pass, config))
+    partitioner = fit_partitioner(config, workdir, reference_embedder(config, tokenizer))
     splits = load_splits(workdir)
     sizes = write_shards(config, workdir, splits["train"], partitioner)
     print(f"{config.partition.method} partition: shard sizes {sizes}", flush=True)

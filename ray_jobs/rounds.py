@@ -16,14 +16,14 @@ import time
 import uuid
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from components.aggregate import AggregatorState, load_mixture, predict, stored_inputs
+from components.aggregate import AggregatorState
 from components.baselines import baseline_config
 from components.config import Config
 from components.data import SPLITS, read_parquet, samples_touching
 from components.model import load_base_model, load_tokenizer, make_deterministic
-from components.partition import Partitioner
 from components.proof import compare_states, compare_tensors, scan_workdir
 from components.registry import Registry, keep_own_registry
 from components.store import Workdir, copy_store, load_splits, remove_samples, sample_states, write_json
@@ -50,6 +50,7 @@ from ray_jobs.common import (
 )
 from ray_jobs.orchestration import publish_adapter_set, register_shards
 from ray_jobs.orchestration import train_workdir as train_from_scratch
+from ray_jobs.passes import Scoring, score_pass
 from ray_jobs.shard_training import train_shards
 
 
@@ -337,12 +338,11 @@ def verify_from_scratch(config: Config, workdir: Workdir, registry: Registry, ro
 
 def compare_live(config: Config, workdir: Workdir, ours: Registry, theirs: Registry) -> dict:
     """Bit-for-bit comparison of two live adapter sets: adapters, aggregator state, and their
-    predictions of the test samples stored in `workdir`."""
-    tokenizer = load_tokenizer(config.model)
+    predictions of the test samples stored in `workdir` (one Ray Data scoring job, both sets on the
+    same actors and batches)."""
     test = load_splits(workdir)["test"]
-    base = load_base_model(config.model, config.seed, tokenizer, head_only=True)
-    test_states = sample_states(config, workdir, test, base, tokenizer)
-    with tempfile.TemporaryDirectory() as tmp:
+    # Downloaded inside the work dir: the scoring actors on every node read them.
+    with tempfile.TemporaryDirectory(prefix=".compare-", dir=workdir.root) as tmp:
         sets = [ours.load_adapter_set(Path(tmp) / "a"), theirs.load_adapter_set(Path(tmp) / "b")]
         files = [{k: Path(v["local"]) / ADAPTER_FILE for k, v in s.shards.items()} for s in sets]
         adapter_diffs = {}
@@ -352,12 +352,10 @@ def compare_live(config: Config, workdir: Workdir, ours: Registry, theirs: Regis
             elif diff := compare_tensors(*(torch.load(f[shard], weights_only=True) for f in files)):
                 adapter_diffs[shard] = diff
         states = [AggregatorState.load(s.folder / "aggregator") for s in sets]
-        predictions = []
-        for adapter_set, state, adapter_files in zip(sets, states, files):
-            partitioner = Partitioner.load(adapter_set.folder / "aggregator" / "partitioner.npz")
-            mixture = load_mixture(config, adapter_files, tokenizer, base)
-            batches = (stored_inputs(test_states[i : i + 16], test["embedding"].iloc[i : i + 16]) for i in range(0, len(test), 16))
-            predictions.append(predict(config, mixture, batches, state, partitioner)[0])
+        scorings = [Scoring(name, config, f, s.folder / "aggregator", config.aggregate.method)
+                    for name, f, s in zip(("ours", "theirs"), files, sets)]
+        scored = score_pass(config, workdir, test, scorings, threads=1, batch_size=16) if len(test) else None
+    predictions = [scored[scored["name"] == s.name]["score"].to_numpy() if scored is not None else np.zeros(0) for s in scorings]
     state_diffs = compare_states(*states)
     identical_predictions = bool(len(predictions[0]) == len(predictions[1]) and (predictions[0] == predictions[1]).all())
     return {

@@ -5,6 +5,8 @@ import os
 for _key, _value in {
     "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
     "MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false", "TOKENIZERS_PARALLELISM": "false",
+    # Ray Train starts a process per run to watch for node drains (spot preemption): none happen here.
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
 }.items():
     os.environ.setdefault(_key, _value)
 os.environ.pop("MLFLOW_TRACKING_URI", None)  # each test's work dir has its own sqlite store
@@ -103,7 +105,11 @@ def two_node_cluster():
         cluster.wait_for_nodes()
         yield cluster, worker
     finally:
-        cluster.shutdown()
+        # Without the graceful stop (a SIGTERM and a wait per process, ~30 s here): the test is over.
+        for node in [*cluster.worker_nodes, cluster.head_node]:
+            if node is not None:
+                cluster.remove_node(node, allow_graceful=False)
+        cluster.shutdown()  # no node left: it forgets the cluster's address and KV client
         restore_address()
         if ray.is_initialized():
             _initialize_internal_kv(ray._private.worker.global_worker.gcs_client)

@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 import torch
 
+from components.data import load_interactions_and_items
 from components.model import STATE_DTYPES, embed, load_base_model, load_tokenizer, make_deterministic, tokenize, trunk_pass
-from components.store import Workdir, by_token_count, fit_partitioner, load_splits, prepare
-from ray_jobs.passes import StorePass
+from components.partition import reference_prompts
+from components.store import Workdir, by_token_count, load_splits, prepare
+from ray_jobs.passes import StorePass, embed_pass
 
 # Batched states against one-at-a-time ones: the stored float16 states within one float16 step of
 # values ~1 (2**-10), the float32 embeddings within 1e-5. On this CPU they are equal bit for bit
@@ -93,12 +95,12 @@ def test_the_pass_runs_on_the_actor_pool_and_records_its_nodes(stored, ray_sessi
     assert store_pass.report()["nodes"] and set(store_pass.report()["nodes"]) <= alive
 
 
-def test_the_partitioner_fitted_on_the_pool_is_the_one_fitted_in_one_process(trained_tiny, tiny_config, model, tmp_path):
-    """The jobs embed the partitioner's reference prompts on the actor pool (ray_jobs.passes.embed_pass)."""
-    here = Workdir(tmp_path)
-    fit_partitioner(tiny_config, here, lambda prompts: embed(*model, prompts, tiny_config.model))
-    pooled, local = (np.load(w.partitioner) for w in (trained_tiny[0], here))
-    assert sorted(pooled.files) == sorted(local.files) and all(np.array_equal(pooled[k], local[k]) for k in pooled.files)
+def test_the_reference_embedded_on_the_pool_has_one_process_bits(ray_session, tiny_config, model):
+    """Where the pool has GPUs, the jobs embed the partitioner's reference prompts on it (embed_pass)."""
+    _, items = load_interactions_and_items(tiny_config.data)
+    prompts = reference_prompts(items, 12, tiny_config.data.history_len, tiny_config.seed, tiny_config.data.prompt)
+    config = tiny_config.model_copy(update={"inference": tiny_config.inference.model_copy(update={"batch_size": 4})})
+    assert np.array_equal(embed_pass(config, prompts), embed(*model, prompts, tiny_config.model))  # in order, three batches
 
 
 def test_the_pass_settings_are_no_part_of_the_training_fingerprint(tiny_config):
