@@ -113,7 +113,7 @@ class StorePass:
         return {"samples_computed": self.samples_computed, "nodes": sorted(self.nodes), "seconds": round(self.seconds, 2)}
 
 
-POOL_START_TIMEOUT_S = 600
+POOL_START_TIMEOUT_S = 1800  # an autoscaler may have to add the nodes first
 
 
 def map_blocks(worker: type, args: tuple, blocks: list[pd.DataFrame], workers: int, cpus: float, gpus: float = 0) -> pd.DataFrame:
