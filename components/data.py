@@ -299,8 +299,8 @@ def write_parquet(frame: pd.DataFrame, path: Path) -> None:
         raise
 
 
-def read_parquet(path: Path) -> pd.DataFrame:
-    return pq.read_table(path).to_pandas()
+def read_parquet(path: Path, columns: list[str] | None = None) -> pd.DataFrame:
+    return pq.read_table(path, columns=columns).to_pandas()
 
 
 def samples_touching(frame: pd.DataFrame, users: set[str], interactions: set[str]) -> pd.Series:

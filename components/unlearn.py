@@ -100,7 +100,8 @@ def shard_hits(workdir: Workdir, users: set[str], interactions: set[str]) -> dic
     a semantic-user partition moves out of or into the shard (components.store.user_moves)."""
     hits = {}
     for shard in range(workdir.num_shards()):
-        frame = read_parquet(workdir.shard_samples(shard))
+        # Not the embeddings, most of the file: a forget request is answered (masked) after this.
+        frame = read_parquet(workdir.shard_samples(shard), ["sample_id", "user_id", "interactions", "slice"])
         touched = frame[samples_touching(frame, users, interactions)]
         if len(touched):
             hits[shard] = touched
