@@ -214,6 +214,9 @@ class TrainConfig(Section):
     retrain_cpus: float | None = Field(None, gt=0)
     gpus_per_actor: float = Field(0.0, ge=0)
     max_restarts: int = Field(3, ge=0)
+    # Shard runs started at once (None: all K). Each run holds a Ray Train controller and workers
+    # while it waits for CPUs: at K=64 on one 24 GiB node, all at once would not fit in memory.
+    max_concurrent_shards: int | None = Field(None, ge=1)
 
 
 class InferenceConfig(Section):
