@@ -333,19 +333,17 @@ def forget(config: Config, root: Workdir, users: int, train_row: dict) -> dict:
     return {"forget_wall_s": wall, "forget_compute_s": compute, "forgets": runs}
 
 
-def sweep_one(args, k: int, serving_only: bool) -> dict:
-    """Every figure of one K (serving only: no forget, no AUC; m from `--m`)."""
+def sweep_one(args, k: int) -> dict:
+    """Every figure of one K."""
     config = sweep_config(args, k)
     root = fresh_workdir(str(Path(args.workdir) / f"k{k}") if args.workdir else None, f"{NAME}/k{k}")
     print(f"\n[K={k}] {config.model.label}, n_train {config.data.n_train}, n_valid {config.data.n_valid}, "
           f"n_test {config.data.n_test}, {config.partition.method} partition, R={config.partition.num_slices}; work dir {root.root}",
           flush=True)
     prepare_store(config, root, None)
-    row = {"k": k, "serving_only": serving_only, **train(config, root)}
-    row.update(score_splits(config, root) if not serving_only else {"m": args.m})
+    row = {"k": k, **train(config, root), **score_splits(config, root)}
     row.update(serving=serving(config, root, row["m"], args), **replica_memory(config, root, args.batch))
-    if not serving_only:
-        row.update(forget(config, root, args.users, row))
+    row.update(forget(config, root, args.users, row))
     return row
 
 
@@ -375,14 +373,12 @@ def figures_of(rows: list[dict], batch: int) -> list[dict]:
                               higher_is_better=False))
         figures.append(figure(f"K={k} register {k} shards + publish the set", row["register_s"] + row["publish_s"], "s",
                               f"K={first['k']}", first["register_s"] + first["publish_s"], higher_is_better=False))
-        if "forget_wall_s" in row:
-            figures.append(figure(f"K={k} forget one user, compute", row["forget_compute_s"], "s",
-                                  "full train, shard compute", row["shard_compute_s"], higher_is_better=False))
-            figures.append(figure(f"K={k} forget one user, wall", row["forget_wall_s"], "s", "full train job, wall",
-                                  row["wall_s"], higher_is_better=False))
-        if "dense_auc" in row:
-            figures.append(figure(f"K={k} test AUC, sparse top-{row['m']}", row["sparse_auc"], "", "test AUC, dense",
-                                  row["dense_auc"]))
+        figures.append(figure(f"K={k} forget one user, compute", row["forget_compute_s"], "s",
+                              "full train, shard compute", row["shard_compute_s"], higher_is_better=False))
+        figures.append(figure(f"K={k} forget one user, wall", row["forget_wall_s"], "s", "full train job, wall",
+                              row["wall_s"], higher_is_better=False))
+        figures.append(figure(f"K={k} test AUC, sparse top-{row['m']}", row["sparse_auc"], "", "test AUC, dense",
+                              row["dense_auc"]))
     return figures
 
 
@@ -391,8 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default=str(TINY), help="the base config (default configs/tiny.yaml)")
     p.add_argument("--workdir", help=f"where to work (default {bench_dir()}/{NAME}/k<K>; wiped first)")
     p.add_argument("--shards", default="4,16,64", help="the K values, comma-separated (default 4,16,64)")
-    p.add_argument("--serving-only", default="", help="K values measured without forget and AUC (m from --m)")
-    p.add_argument("--m", type=int, default=2, help="top_m for --serving-only K values (default 2)")
+    p.add_argument("--m", type=int, default=2, help="top_m of --random-adapters (default 2)")
     p.add_argument("--n-train", type=int, default=2048)
     p.add_argument("--n-valid", type=int, default=256)
     p.add_argument("--n-test", type=int, default=512)
@@ -411,17 +406,16 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.random_adapters:
         return random_sweep(args)
-    shards = [int(k) for k in args.shards.split(",") if k]
-    serving_only = {int(k) for k in args.serving_only.split(",") if k}
+    shards = sorted({int(k) for k in args.shards.split(",") if k})
     offline()
     torch.set_num_threads(args.threads)
     started, machine = time.time(), machine_of()
     local_ray()
-    rows = [sweep_one(args, k, k in serving_only) for k in sorted(set(shards) | serving_only)]
+    rows = [sweep_one(args, k) for k in shards]
     from benchmarks.bench_shards_report import markdown, plot
 
     result = {"figures": figures_of(rows, args.batch), "seconds": time.time() - started, "rows": rows, "machine": machine,
-              "config": str(args.config),
+              "config": shown_path(args.config),
               "sizes": {"n_train": args.n_train, "n_valid": args.n_valid, "n_test": args.n_test, "at_once": args.at_once}}
     result["markdown"] = markdown(result)
     finish(NAME, result)
@@ -445,7 +439,8 @@ def random_sweep(args) -> int:
         print(f"\n[K={k}] {config.model.label}, random adapters, index {args.index}, top_m {args.m}", flush=True)
         rows.append({"k": k, "m": args.m, "serving": serving_random(config, k, args.m, args)})
     result = {"figures": [f for row in rows for f in serving_figures(row, args.batch, target=row is rows[-1])],
-              "seconds": time.time() - started, "rows": rows, "machine": machine, "config": str(args.config), "index": args.index}
+              "seconds": time.time() - started, "rows": rows, "machine": machine, "config": shown_path(args.config),
+              "index": args.index}
     result["markdown"] = serving_markdown(result)
     finish(f"{NAME}-serving", result)
     print("\n" + result["markdown"], flush=True)
@@ -453,6 +448,12 @@ def random_sweep(args) -> int:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / f"{NAME}-serving-{config.experiment}.md").write_text(result["markdown"] + "\n")
     return 0
+
+
+def shown_path(path: str) -> str:
+    """A config's path as the docs name it: relative to the repository where it lies inside it."""
+    resolved = Path(path).resolve()
+    return str(resolved.relative_to(ROOT)) if resolved.is_relative_to(ROOT) else str(path)
 
 
 def machine_of() -> dict:
