@@ -11,7 +11,8 @@ APA, for a request x with frozen embedding e(x) (from the trunk's pass, componen
 Sparse mixture (aggregate.top_m, aggregate.weight_mass; `top_weights`): a row keeps its largest
 APA weights, renormalised, and reports the mass d it left out. Changing the weights from w to the
 kept w' moves them by |w' - w|_1 = 2d; where P(yes) is linear in the weights (to first order in the
-adapters' updates) that moves it by d |P(kept adapters) - P(dropped adapters)| <= d.
+adapters' updates) that moves it by d |P(kept adapters) - P(left-out adapters)|, at most
+d (max_k P_k - min_k P_k) with P_k an adapter alone (tests/test_aggregate.py checks twice that).
 """
 
 from __future__ import annotations
