@@ -23,8 +23,10 @@ bfloat16 kernels) APA took 30 minutes, the one-actor retrain baseline 33, SISA 3
 partition 30 and LMEraser 39; with the store and the other benchmarks the whole run takes about
 260 minutes and overruns 75 (docs/results.md). bench_embedding runs last, on the evaluation's trained work dir.
 bench_forget_load posts a thousand forget requests over HTTP to the served tiny model at K=16
-(its own config: configs/tiny.yaml). `simulate` runs first (15 s of CPU): the internet-scale simulation of docs/scale.md at its
-recommended plan against SISA and full retraining (no model, no store; its figures are simulated).
+(its own config: configs/tiny.yaml). `--only bench_shards` runs the K sweep (K = 4, 16, 64 on the tiny
+model, docs/scale.md), which the default run leaves out for its time. `simulate` runs first (15 s of
+CPU): the internet-scale simulation of docs/scale.md at its recommended plan against SISA and full
+retraining (no model, no store; its figures are simulated).
 """
 
 from __future__ import annotations
@@ -45,8 +47,12 @@ EVAL = "eval"
 # bench_embedding reads eval's work dir
 ORDER = ("simulate", "bench_data", "bench_pass", "bench_train", "bench_serving", "bench_forget", "bench_forget_load", EVAL,
          "bench_embedding")
+# Run only when named in --only: the K sweep (K = 4, 16, 64 trained, served and forgotten on the tiny model)
+# takes longer than a benchmark of the default run should (docs/scale.md, The K sweep).
+OPTIONAL = ("bench_shards",)
 SUBSETS = {"bench_train": ["--n-train", "512"], "bench_forget": ["--n-train", "512", "--n-valid", "64"]}
-NO_CONFIG = ("simulate", "bench_forget_load")  # they get no --config: simulate reads none, the load test runs the tiny model
+# They get no --config: simulate reads none, the load test and the K sweep run the tiny model
+NO_CONFIG = ("simulate", "bench_forget_load", "bench_shards")
 
 
 def run_module(name: str, config: Path) -> tuple[int, dict | None, float]:
@@ -104,8 +110,8 @@ def evaluation_figures(report: dict) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
-    names = ORDER
-    parser.add_argument("--only", help=f"comma-separated subset of {','.join(names)}")
+    names = ORDER + OPTIONAL
+    parser.add_argument("--only", help=f"comma-separated subset of {','.join(names)} ({', '.join(OPTIONAL)} only when named)")
     parser.add_argument("--skip", help="comma-separated benchmarks to leave out")
     parser.add_argument("--config", default=str(MOVIELENS),
                         help="config of every benchmark and the evaluation (default configs/movielens.yaml)")
@@ -114,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="--forget-cost of the evaluation (default none: bench_forget measures forgetting; "
                              "measure adds a forget per partitioning and an extra APA train job)")
     args = parser.parse_args(argv)
-    chosen = [n.strip() for n in args.only.split(",")] if args.only else list(names)
+    chosen = [n.strip() for n in args.only.split(",")] if args.only else list(ORDER)
     skipped = [n.strip() for n in args.skip.split(",")] if args.skip else []
     unknown = [n for n in chosen + skipped if n not in names]
     if unknown:

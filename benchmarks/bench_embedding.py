@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         for depth in depths:
             state = AggregatorState(live.state.sample_ids, live.state.labels, keys[depth], live.state.predictions)
             batches = (stored_inputs(test_states[i:i + BATCH], queries[depth][i:i + BATCH]) for i in range(0, len(test), BATCH))
-            scores, _ = predict(config, mixture, batches, state, live.partitioner, live.masked, "attention")
+            scores = predict(config, mixture, batches, state, live.partitioner, live.masked, "attention").p_yes
             rows[depth] = {"auc": auc(labels, scores), "interval": auc_interval(labels, scores, seed=0)}
             low, high = rows[depth]["interval"] or (float("nan"), float("nan"))
             print(f"  depth {depth:>3}: APA AUC {rows[depth]['auc']:.4f} [{low:.3f}, {high:.3f}]", flush=True)

@@ -14,7 +14,7 @@ forget a user:
     test = ul.load_splits(workdir)["test"][:8]
     inputs = ul.stored_inputs(ul.sample_states(config, workdir, test), test["embedding"])
     state = ul.AggregatorState.load(live.folder / "aggregator")
-    scores, weights = ul.predict(config, mixture, [inputs], state, None)  # APA: ul.apa_weights, one forward
+    scores, weights, dropped = ul.predict(config, mixture, [inputs], state, None)  # APA: ul.apa_weights, one forward
     ul.new_request(workdir, ["13"], [])                    # recorded; `unlearn forget` carries it out
 
 Names load on first use: importing one module of the package stays as light as that module.

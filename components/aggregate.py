@@ -7,6 +7,12 @@ APA, for a request x with frozen embedding e(x) (from the trunk's pass, componen
     error_k     = mean over neighbours of |label - P_k(yes)|   (P_k cached per adapter version)
     w           = softmax(-tau * error) over unmasked shards; a masked shard gets 0
 (`apa_weights`). Each method is a small `Aggregation` object in AGGREGATIONS: the one place to add one.
+
+Sparse mixture (aggregate.top_m, aggregate.weight_mass; `top_weights`): a row keeps its largest
+APA weights, renormalised, and reports the mass d it left out. Changing the weights from w to the
+kept w' moves them by |w' - w|_1 = 2d; where P(yes) is linear in the weights (to first order in the
+adapters' updates) that moves it by d |P(kept adapters) - P(left-out adapters)|, at most
+d (max_k P_k - min_k P_k) with P_k an adapter alone (tests/test_aggregate.py checks twice that).
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -89,6 +96,41 @@ def uniform_weights(batch: int, shards: list[int], masked: set[int] = frozenset(
     return masked_softmax(torch.zeros(batch, len(shards)), shards, masked)
 
 
+@dataclass
+class Selection:
+    """The adapters each row mixes: `index` [batch, m] columns of the set's shards with their
+    `weights` [batch, m] (index None: every shard, weights [batch, K]), and the APA weight mass
+    `dropped` [batch] that the row left out."""
+
+    index: torch.Tensor | None
+    weights: torch.Tensor
+    dropped: torch.Tensor
+
+    def dense(self, shards: int) -> torch.Tensor:
+        """The weights as [batch, K], zero where a shard is not mixed."""
+        if self.index is None:
+            return self.weights
+        return torch.zeros(len(self.weights), shards, dtype=self.weights.dtype).scatter(1, self.index, self.weights)
+
+
+def top_weights(weights: torch.Tensor, top_m: int | None = None, mass: float | None = None) -> Selection:
+    """Per row of weights [batch, K]: the fewest largest weights that sum to at least `mass`, at
+    most `top_m` of them, renormalised to sum to 1. Rows that keep fewer than the batch's most pad
+    with zero weights. Where every row keeps all K (top_m >= K and mass 1 or None), the weights are
+    returned untouched: the dense mixture, bit for bit."""
+    k = weights.shape[1]
+    ordered, index = weights.sort(dim=1, descending=True, stable=True)
+    keep = torch.ones_like(ordered, dtype=torch.bool)
+    if mass is not None and mass < 1:
+        keep = ordered.cumsum(1) - ordered < mass  # the mass of the larger ones is short of `mass`: keep it
+    keep[:, min(top_m or k, k):] = False
+    columns = int(keep.sum(1).max())
+    if columns == k:
+        return Selection(None, weights, torch.zeros(len(weights), dtype=weights.dtype))
+    kept = ordered[:, :columns] * keep[:, :columns]
+    return Selection(index[:, :columns], kept / kept.sum(1, keepdim=True), (ordered * ~keep).sum(1))
+
+
 def routing_weights(ranking: np.ndarray, shards: list[int], masked: set[int] = frozenset()) -> torch.Tensor:
     """LMEraser: all weight on the nearest prototype's shard (the next nearest if it is masked or
     not in the set). `ranking` is [batch, K]: each row's shards from nearest to farthest."""
@@ -131,6 +173,7 @@ class Aggregation:
 
     name = ""
     decomposed = False  # the mixture's merge: (sum_k w_k B_k)(sum_k w_k A_k) instead of sum_k w_k B_k A_k
+    sparse = False  # aggregate.top_m / weight_mass apply: the weights are APA's attention
 
     def check(self, version: str, shards: list[int], state: AggregatorState | None, partitioner) -> None:
         """Raise ValueError if adapter set `version` (of `shards`) lacks what the method needs."""
@@ -139,14 +182,21 @@ class Aggregation:
                 masked: set[int]) -> torch.Tensor:
         raise NotImplementedError
 
-    def p_yes(self, mixture: MixtureModel, inputs: TrunkOutput, weights: torch.Tensor, masked: set[int]) -> torch.Tensor:
-        return mixture.p_yes(inputs, weights, decomposed=self.decomposed)
+    def select(self, config, weights: torch.Tensor) -> Selection:
+        """The adapters each row mixes: all of them, or (a sparse method under aggregate.top_m /
+        weight_mass) the largest weights of each row."""
+        if self.sparse and config.aggregate.sparse:
+            return top_weights(weights, config.aggregate.top_m, config.aggregate.weight_mass)
+        return Selection(None, weights, torch.zeros(len(weights)))
+
+    def p_yes(self, mixture: MixtureModel, inputs: TrunkOutput, chosen: Selection, masked: set[int]) -> torch.Tensor:
+        return mixture.p_yes(inputs, chosen.weights, decomposed=self.decomposed, index=chosen.index)
 
 
 class Attention(Aggregation):
     """APA: attention over the shards (apa_weights), non-decomposed parameter-level merge."""
 
-    name = "attention"
+    name, sparse = "attention", True
 
     def check(self, version, shards, state, partitioner):
         if state is None or state.shards() != shards:
@@ -180,7 +230,7 @@ class Average(Uniform):
 
     name = "average"
 
-    def p_yes(self, mixture, inputs, weights, masked):
+    def p_yes(self, mixture, inputs, chosen, masked):
         return mixture.p_yes_averaged(inputs, masked)
 
 
@@ -219,20 +269,28 @@ def mixture_weights(config, mixture: MixtureModel, inputs: TrunkOutput, state: A
     return aggregation(method or config.aggregate.method).weights(config, mixture, inputs, state, partitioner, masked)
 
 
+class Scored(NamedTuple):
+    p_yes: np.ndarray  # [n]
+    weights: np.ndarray  # [n, K]: the weights each row was mixed with (a sparse mixture's renormalised, 0 if left out)
+    dropped: np.ndarray  # [n]: the APA weight mass a sparse mixture left out (0: dense)
+
+
 @torch.no_grad()
 def predict(config, mixture: MixtureModel, batches: Iterable[TrunkOutput], state: AggregatorState | None, partitioner,
-            masked: set[int] = frozenset(), method: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """P(yes) and the shard weights of every row of `batches` (trunk outputs: of prompts, from
-    `MixtureModel.encode`, or of stored samples, from `stored_inputs`) under an aggregation method."""
+            masked: set[int] = frozenset(), method: str | None = None) -> Scored:
+    """P(yes), the shard weights and the weight mass left out of every row of `batches` (trunk
+    outputs: of prompts, from `MixtureModel.encode`, or of stored samples, from `stored_inputs`)
+    under an aggregation method."""
     strategy = aggregation(method or config.aggregate.method)
-    scores, weights = [], []
+    scores, weights, dropped = [], [], []
     for inputs in batches:
-        w = strategy.weights(config, mixture, inputs, state, partitioner, masked)
-        scores.append(strategy.p_yes(mixture, inputs, w, masked))
-        weights.append(w)
+        chosen = strategy.select(config, strategy.weights(config, mixture, inputs, state, partitioner, masked))
+        scores.append(strategy.p_yes(mixture, inputs, chosen, masked))
+        weights.append(chosen.dense(len(mixture.shards)))
+        dropped.append(chosen.dropped)
     if not scores:
-        return np.zeros(0), np.zeros((0, len(mixture.shards)))
-    return torch.cat(scores).numpy(), torch.cat(weights).numpy()
+        return Scored(np.zeros(0), np.zeros((0, len(mixture.shards))), np.zeros(0))
+    return Scored(torch.cat(scores).numpy(), torch.cat(weights).numpy(), torch.cat(dropped).numpy())
 
 
 # --- serving: one adapter set held in memory, and the prompts of a request ---------------------------
@@ -251,9 +309,9 @@ class ServedSet:
     partitioner: object | None  # components.partition.Partitioner
     method: str
 
-    def predict(self, config, prompts: list[str], masked: set[int] = frozenset()) -> tuple[np.ndarray, np.ndarray]:
-        """P(yes) [n] and shard weights [n, K] of prompts scored together: one pass of the trunk
-        (the attention's embedding and the head's input), one of the head."""
+    def predict(self, config, prompts: list[str], masked: set[int] = frozenset()) -> Scored:
+        """P(yes) [n], shard weights [n, K] and weight mass left out [n] of prompts scored together:
+        one pass of the trunk (the attention's embedding and the head's input), one of the head."""
         return predict(config, self.mixture, [self.mixture.encode(prompts)], self.state, self.partitioner, set(masked),
                        self.method)
 

@@ -214,6 +214,9 @@ class TrainConfig(Section):
     retrain_cpus: float | None = Field(None, gt=0)
     gpus_per_actor: float = Field(0.0, ge=0)
     max_restarts: int = Field(3, ge=0)
+    # Shard runs started at once (None: all K). Each run holds a Ray Train controller and workers
+    # while it waits for CPUs: at K=64 on one 24 GiB node, all at once would not fit in memory.
+    max_concurrent_shards: int | None = Field(None, ge=1)
 
 
 class InferenceConfig(Section):
@@ -234,6 +237,23 @@ class AggregateConfig(Section):
     method: Literal["attention", "decomposed", "uniform", "routing", "average"] = "attention"
     neighbours: int = Field(20, ge=1)
     tau: float = Field(1000.0, ge=0)
+    # Sparse mixture (attention and decomposed): a request mixes only its top_m adapters by APA
+    # weight, fewer where the largest ones already sum to weight_mass, renormalised; the mass left
+    # out is reported per request. Its cost per token is that of top_m adapters, whatever K.
+    # Neither set: dense, every adapter mixed (cost linear in K).
+    top_m: int | None = Field(None, ge=1)
+    weight_mass: float | None = Field(None, gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _sparse_for_attention(self):
+        if (self.top_m or self.weight_mass) and self.method not in ("attention", "decomposed"):
+            raise ValueError(f"aggregate.top_m and aggregate.weight_mass keep the largest APA weights: they apply to "
+                             f"method attention or decomposed, not {self.method!r}")
+        return self
+
+    @property
+    def sparse(self) -> bool:
+        return self.top_m is not None or self.weight_mass is not None
 
 
 class ServingConfig(Section):

@@ -31,7 +31,10 @@ def floor_verdict(report: dict) -> str:
 def apa_note(config: Config, name: str, shards: int, forgets: int) -> str:
     merge = {"apa": "attention, non-decomposed merge", "apa-decomposed": "attention, decomposed merge",
              "uniform": "uniform parameter averaging"}[name]
-    attention = f" (tau {config.aggregate.tau:g}, {config.aggregate.neighbours} neighbours)" if name != "uniform" else ""
+    agg = config.aggregate
+    sparse = (f"; sparse: top {agg.top_m or shards} adapters" + (f" up to weight mass {agg.weight_mass:g}" if agg.weight_mass else "")
+              if agg.sparse else "")
+    attention = f" (tau {agg.tau:g}, {agg.neighbours} neighbours{sparse})" if name != "uniform" else ""
     note = f"K={shards} {config.partition.method} shards, {config.adapter.kind}; {merge}{attention}"
     return note + (f"; after {forgets} forget request(s) in its work dir" if forgets else "")
 

@@ -8,6 +8,10 @@ Mixture, in place of every adapted linear layer (W x is the frozen layer):
     decomposed:     W x + s (sum_k w_k B_k)(sum_k w_k A_k) x
 Each row of a batch carries its own w; A and B of all adapters are stacked, so the sum is a few
 batched matmuls and no merged weight is ever built per request.
+
+Sparse (aggregate.top_m, aggregate.weight_mass): each row names the m adapters it mixes (an index
+[batch, m] into the K) and their weights [batch, m]; the layer gathers those rows' A and B into a
+rank-(m r) pair per row, so the cost per token is that of m adapters, whatever K.
 """
 
 from __future__ import annotations
@@ -42,7 +46,8 @@ class MixtureLoRALinear(nn.Module):
         self.rank = r
         self.register_buffer("a_cat", lora_a.reshape(k * r, d_in).contiguous(), persistent=False)  # [K r, in]
         self.register_buffer("b_cat", lora_b.permute(1, 0, 2).reshape(lora_b.shape[1], k * r).contiguous(), persistent=False)  # [out, K r]
-        self.weights: torch.Tensor | None = None  # [batch, K]; None = frozen base only
+        self.weights: torch.Tensor | None = None  # [batch, K], or [batch, m] with index; None = frozen base only
+        self.index: torch.Tensor | None = None  # [batch, m]: the adapters each row mixes; None = all K
         self.decomposed = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -52,6 +57,8 @@ class MixtureLoRALinear(nn.Module):
         w = self.weights.to(x.dtype)
         if w.shape[0] != x.shape[0]:
             raise ValueError(f"mixture weights for {w.shape[0]} rows, input has {x.shape[0]}")
+        if self.index is not None:
+            return out + self._sparse_delta(x, w).reshape(out.shape)
         row = (w.shape[0],) + (1,) * (x.dim() - 2)  # broadcast a row's weights over its tokens
         if self.decomposed:
             a = torch.einsum("bk,kri->bri", w, self.lora_a)  # sum_k w_k A_k, per row: [b, r, in]
@@ -62,6 +69,20 @@ class MixtureLoRALinear(nn.Module):
         ws = (w * self.scaling.to(x.dtype)).repeat_interleave(self.rank, dim=1)  # [b, K r]
         hidden = nn.functional.linear(x, self.a_cat) * ws.reshape(*row, -1)
         return out + nn.functional.linear(hidden, self.b_cat)
+
+    def _sparse_delta(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """The adapters' term for rows that each mix m adapters (self.index) with weights w [b, m]:
+        each row's m A's and B's gathered into one rank-(m r) pair, then two batched matmuls."""
+        b, m = self.index.shape
+        x3 = x.reshape(b, -1, x.shape[-1])  # [b, tokens, in]
+        a, lora_b = self.lora_a[self.index], self.lora_b[self.index]  # [b, m, r, in], [b, m, out, r]
+        if self.decomposed:
+            a = torch.einsum("bm,bmri->bri", w, a)  # sum over the row's adapters of w_k A_k: [b, r, in]
+            lora_b = torch.einsum("bm,bmor->bor", w, lora_b)  # [b, out, r]
+            return torch.bmm(torch.bmm(x3, a.transpose(1, 2)), lora_b.transpose(1, 2)) * self.scaling[0]
+        ws = (w * self.scaling[self.index].to(x.dtype)).repeat_interleave(self.rank, dim=1)  # [b, m r]
+        hidden = torch.bmm(x3, a.reshape(b, m * self.rank, -1).transpose(1, 2)) * ws.unsqueeze(1)  # [b, tokens, m r]
+        return torch.bmm(hidden, lora_b.transpose(2, 3).reshape(b, m * self.rank, -1))  # B_cat of the row: [b, m r, out]
 
 
 def _lora_layers(adapter: dict[str, torch.Tensor]) -> list[str]:
@@ -104,15 +125,15 @@ class MixtureModel:
             self.layers.append(layer)
 
     @contextmanager
-    def mixing(self, weights: torch.Tensor | None, decomposed: bool = False):
+    def mixing(self, weights: torch.Tensor | None, decomposed: bool = False, index: torch.Tensor | None = None):
         with self.lock:
             for layer in self.layers:
-                layer.weights, layer.decomposed = weights, decomposed
+                layer.weights, layer.decomposed, layer.index = weights, decomposed, index
             try:
                 yield
             finally:
                 for layer in self.layers:
-                    layer.weights = None
+                    layer.weights, layer.index = None, None
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> TrunkOutput:
@@ -122,14 +143,20 @@ class MixtureModel:
             return trunk_pass(self.model, tokenize(self.tokenizer, prompts, self.model_config.max_length), self.model_config)
 
     @torch.no_grad()
-    def p_yes(self, inputs: TrunkOutput, weights: torch.Tensor, decomposed: bool = False) -> torch.Tensor:
-        """P(yes) of each row under its own mixture weights [batch, K]."""
+    def p_yes(self, inputs: TrunkOutput, weights: torch.Tensor, decomposed: bool = False,
+              index: torch.Tensor | None = None) -> torch.Tensor:
+        """P(yes) of each row under its own mixture weights [batch, K]; with `index` [batch, m], the
+        weights [batch, m] are those of the adapters at the index's columns (a sparse mixture)."""
         if self.prompts is not None:
+            if index is not None:  # a soft prompt's mix costs the same whatever K: mix the dense weights
+                weights, index = torch.zeros(len(inputs), len(self.shards)).scatter(1, index, weights.float()), None
             if weights.shape != (len(inputs), len(self.shards)):
                 raise ValueError(f"weights of shape {tuple(weights.shape)} for {len(inputs)} rows and {len(self.shards)} shards")
             prompt = torch.einsum("bk,kvh->bvh", weights.to(self.prompts.dtype), self.prompts)
             return p_yes(head_logits(self.model, inputs.states, inputs.mask, self.model_config, prompt), self.yes_id, self.no_id)
-        with self.mixing(weights, decomposed):
+        if index is not None and index.shape != weights.shape:
+            raise ValueError(f"index of shape {tuple(index.shape)} for weights of shape {tuple(weights.shape)}")
+        with self.mixing(weights, decomposed, index):
             return p_yes(head_logits(self.model, inputs.states, inputs.mask, self.model_config), self.yes_id, self.no_id)
 
     @torch.no_grad()

@@ -158,7 +158,7 @@ def learning_rate(config: Config) -> float:
 def training_sha256(config: Config) -> str:
     """What a checkpoint's bits depend on besides the data: model, adapter, training, seed."""
     train = config.train.model_dump(mode="json", exclude={"cpus_per_actor", "retrain_cpus", "gpus_per_actor", "max_restarts",
-                                                          "prompt_learning_rate"})
+                                                          "prompt_learning_rate", "max_concurrent_shards"})
     relevant = {"seed": config.seed, "model": config.model.model_dump(mode="json"), "adapter": config.adapter.model_dump(mode="json"),
                 "train": {**train, "learning_rate": learning_rate(config)}, "num_slices": config.partition.num_slices}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()

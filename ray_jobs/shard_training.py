@@ -134,9 +134,10 @@ def fit(config: Config, workdir: Workdir, shard: int, results) -> None:
 
 
 def train_shards(config: Config, workdir: Workdir, shards: list[int]) -> dict[int, dict]:
-    """Train `shards` at once, one Ray Train run each; a failed shard restarts from its last slice
-    checkpoint (up to train.max_restarts times). Returns each shard's result. The driver shows the
-    shards' steps as one progress bar, read from the progress files their rank 0 writes."""
+    """Train `shards` at once (at most train.max_concurrent_shards runs at a time), one Ray Train run
+    each; a failed shard restarts from its last slice checkpoint (up to train.max_restarts times).
+    Returns each shard's result. The driver shows the shards' steps as one progress bar, read from
+    the progress files their rank 0 writes."""
     # Starting K worker groups at once on a busy node can take minutes; Ray Train's default of 60 s
     # would fail the run. The controller reads this from the driver's environment.
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "900")
@@ -145,10 +146,11 @@ def train_shards(config: Config, workdir: Workdir, shards: list[int]) -> dict[in
     for shard in shards:
         workdir.progress(shard).unlink(missing_ok=True)
     watch = ShardProgress(config, workdir, shards)
-    watch.bar.write(f"training {len(shards)} shard(s) at once, a Ray Train run each: {shards}")
+    at_once = min(len(shards), config.train.max_concurrent_shards or len(shards))
+    watch.bar.write(f"training {len(shards)} shard(s), {at_once} at once, a Ray Train run each: {shards}")
     done_results = {}
     try:
-        with ThreadPoolExecutor(max_workers=max(1, len(shards))) as pool:
+        with ThreadPoolExecutor(max_workers=max(1, at_once)) as pool:
             pending = {pool.submit(fit, config, workdir, shard, results): shard for shard in shards}
             while pending:
                 finished, _ = wait(pending, timeout=2.0, return_when=FIRST_COMPLETED)

@@ -111,19 +111,19 @@ class Recommender:
 
     # --- scoring: rows of every concurrent request, batched ---------------------------------------
     @serve.batch(max_batch_size=_DEFAULTS.max_batch_size, batch_wait_timeout_s=_DEFAULTS.batch_wait_timeout_s)
-    async def _score_rows(self, rows: list[tuple[View, str]]) -> list[tuple[float, np.ndarray]]:
+    async def _score_rows(self, rows: list[tuple[View, str]]) -> list[tuple[float, np.ndarray, float]]:
         return await asyncio.to_thread(self._score, rows)
 
-    def _score(self, rows: list[tuple[View, str]]) -> list[tuple[float, np.ndarray]]:
+    def _score(self, rows: list[tuple[View, str]]) -> list[tuple[float, np.ndarray, float]]:
         """One forward per distinct view in the batch (normally one), each row with its own weights."""
         groups: dict[int, tuple[View, list[int]]] = {}
         for index, (view, _) in enumerate(rows):
             groups.setdefault(id(view), (view, []))[1].append(index)
         results: list[Any] = [None] * len(rows)
         for view, indices in groups.values():
-            scores, weights = view.served.predict(self.config, [rows[i][1] for i in indices], view.masked)
+            scores, weights, dropped = view.served.predict(self.config, [rows[i][1] for i in indices], view.masked)
             for j, i in enumerate(indices):
-                results[i] = (float(scores[j]), weights[j])
+                results[i] = (float(scores[j]), weights[j], float(dropped[j]))
         return results
 
     # --- routes ------------------------------------------------------------------------------------
@@ -158,10 +158,11 @@ class Recommender:
         prompts = candidate_prompts(liked, disliked, body.candidates, self.titles, data.prompt)
         rows = await asyncio.gather(*(self._score_rows((view, prompt)) for prompt in prompts))
         shards = view.served.mixture.shards
-        predictions = [Prediction(item_id=item, p_yes=p, weights={str(k): float(w[i]) for i, k in enumerate(shards)})
-                       for item, (p, w) in zip(body.candidates, rows)]
-        mean = np.mean(np.stack([w for _, w in rows]), axis=0)
+        predictions = [Prediction(item_id=item, p_yes=p, weights={str(k): float(w[i]) for i, k in enumerate(shards)},
+                                  dropped_weight=d) for item, (p, w, d) in zip(body.candidates, rows)]
+        mean = np.mean(np.stack([w for _, w, _ in rows]), axis=0)
         return PredictResponse(predictions=predictions, weights={str(k): float(mean[i]) for i, k in enumerate(shards)},
+                               dropped_weight=float(np.mean([d for _, _, d in rows])),
                                adapter_set_version=view.served.version, masked_shards=sorted(view.masked),
                                method=view.served.method)
 

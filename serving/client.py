@@ -37,6 +37,7 @@ class Prediction:
     item_id: ItemId
     p_yes: float
     weights: dict[int, float] = field(default_factory=dict)  # shard -> this row's weight
+    dropped_weight: float = 0.0  # the APA weight mass a sparse mixture left out of this row
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,7 @@ class PredictResult:
     adapter_set_version: str
     masked_shards: list[int]
     method: str
+    dropped_weight: float = 0.0  # mean over the candidates of the weight mass a sparse mixture left out
 
     def p_yes(self) -> dict[ItemId, float]:
         return {p.item_id: p.p_yes for p in self.predictions}
@@ -134,9 +136,11 @@ class RecommenderClient:
             body["user_id"] = user_id
         raw = self._call("POST", "/v1/predict", json=body)
         return PredictResult(
-            predictions=[Prediction(p["item_id"], float(p["p_yes"]), _shard_keys(p.get("weights", {}))) for p in raw["predictions"]],
+            predictions=[Prediction(p["item_id"], float(p["p_yes"]), _shard_keys(p.get("weights", {})),
+                                    float(p.get("dropped_weight", 0.0))) for p in raw["predictions"]],
             weights=_shard_keys(raw["weights"]), adapter_set_version=str(raw["adapter_set_version"]),
             masked_shards=[int(s) for s in raw["masked_shards"]], method=raw.get("method", ""),
+            dropped_weight=float(raw.get("dropped_weight", 0.0)),
         )
 
     def adapters(self) -> dict:

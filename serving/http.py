@@ -82,12 +82,16 @@ class PredictRequest(Body):
 class Prediction(BaseModel):
     item_id: int | str
     p_yes: float = Field(description="P(' Yes') of the mixed model for this candidate")
-    weights: dict[str, float] = Field(description="this row's weight per shard (masked shards 0)")
+    weights: dict[str, float] = Field(description="this row's weight per shard (masked shards 0; under a sparse "
+                                               "mixture the kept shards' weights renormalised, the others 0)")
+    dropped_weight: float = Field(0.0, description="the APA weight mass a sparse mixture (aggregate.top_m, "
+                                                   "aggregate.weight_mass) left out of this row; 0 when dense")
 
 
 class PredictResponse(BaseModel):
     predictions: list[Prediction]
     weights: dict[str, float] = Field(description="mean of the rows' shard weights over the candidates")
+    dropped_weight: float = Field(0.0, description="mean over the candidates of the weight mass left out")
     adapter_set_version: str
     masked_shards: list[int]
     method: str

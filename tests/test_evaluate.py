@@ -177,7 +177,7 @@ def test_the_apa_auc_is_what_the_live_adapter_set_predicts(evaluated):
         states = workdir.trunk.read(test["sample_id"])  # the head runs over the stored trunk states
         step = evaluate_job.PREDICT_BATCH
         batches = [stored_inputs(states[i : i + step], test["embedding"].iloc[i : i + step]) for i in range(0, len(test), step)]
-        scores, weights = predict(config, mixture, batches, state, partitioner, method="attention")
+        scores, weights, _ = predict(config, mixture, batches, state, partitioner, method="attention")
     assert weights.shape == (len(test), config.partition.num_shards)
     assert auc(test["label"], scores) == pytest.approx(report["methods"]["apa"]["auc"], abs=1e-12)
     assert np.array_equal(scores, np.load(workdir.path("reports", "predictions", "apa.npy")))  # bit for bit

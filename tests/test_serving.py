@@ -140,7 +140,7 @@ def direct(config, workdir: Workdir, body: dict, tmp_path: Path, version: str | 
     mixture = load_mixture(config, files, load_tokenizer(config.model))
     state = AggregatorState.load(adapter_set.folder / "aggregator")
     partitioner = Partitioner.load(adapter_set.folder / "aggregator" / "partitioner.npz")
-    scores, weights = predict(config, mixture, [mixture.encode(prompts)], state, partitioner, set(masked))
+    scores, weights, _ = predict(config, mixture, [mixture.encode(prompts)], state, partitioner, set(masked))
     return adapter_set.version, scores, weights
 
 
@@ -155,6 +155,7 @@ def test_predictions_over_http_equal_the_mixture_computed_directly(served, tmp_p
     p = np.array([row["p_yes"] for row in got["predictions"]])
     assert [row["item_id"] for row in got["predictions"]] == CANDIDATES
     assert np.all((p > 0) & (p < 1))
+    assert got["dropped_weight"] == 0 and all(row["dropped_weight"] == 0 for row in got["predictions"])  # dense: nothing left out
     # Same prompts, same adapters, same weights; only the batch the server formed may differ
     # (left padding), which changes float32 rounding, not the result.
     np.testing.assert_allclose(p, scores, rtol=0, atol=1e-5)

@@ -330,7 +330,7 @@ def test_qwen2_on_books_trains_serves_forgets_and_equals_training_from_scratch(r
         got = http.post("/v1/predict", json=body)
         assert got.status_code == 200, got.text
         served = load_served_set(config, registry.load_adapter_set(tmp_path / "set"))
-        expected, _ = served.predict(config, [test["prompt"]])
+        expected = served.predict(config, [test["prompt"]]).p_yes
         assert got.json()["predictions"][0]["item_id"] == test["item_id"]
         np.testing.assert_allclose(got.json()["predictions"][0]["p_yes"], expected[0], rtol=0, atol=1e-6)
 
