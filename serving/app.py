@@ -218,7 +218,7 @@ class Recommender:
         waits for the next round, and `waiting` says so); the reconciler runs the exact forget job
         (retrain from the last clean slice, swap, purge, audit) as a Ray job, and again after a
         failure, until the request is done."""
-        from components.unlearn import STATES, RequestError, state_index
+        from components.unlearn import STATES, RequestError
 
         self._authorize(request)  # before the body is even parsed
         try:
@@ -235,7 +235,10 @@ class Recommender:
                 raise HTTPException(422, str(err)) from None
             affected = {int(s) for s in record.affected_shards}
             pending = record.state in STATES[:-1]  # a repeated request id may be done, failed or abandoned
-            if pending and not record.waiting and state_index(record.state) < state_index("unmasked"):
+            # Only a request not yet in a round masks here: a round masks its requests' shards itself,
+            # within forget.max_masked_share (its deferred shards keep serving), and a repeated id must
+            # not mask them all again.
+            if record.state == "received" and not record.waiting:
                 self.follower.mask(affected)  # this replica: at once
                 await asyncio.to_thread(self._mask_in_registry, affected)  # every replica: next poll
         if pending and self._reconciler is None:  # the reconciler picks the request up within a second

@@ -619,6 +619,10 @@ def test_forget_rounds_mask_within_the_bound_and_predict_answers_200_throughout(
                     for rid, users in zip(ids, [first] + [[u] for u in later])]
         assert all(a.waiting and "next round" in a.waiting for a in accepted), accepted
         assert "next round" in served.http.get("/v1/forget/bound-2", headers=auth).json()["waiting"]
+        # Posted again while its round runs with deferred shards: the round's masks stand, none added.
+        in_round = _wait_until(lambda: served.http.get("/v1/forget/bound-1", headers=auth).json()["state"] != "received",
+                               timeout=240, interval=0.2)
+        assert in_round and served.client.forget(users=first, token=TOKEN, request_id="bound-1").state != "received"
         done = _wait_until(lambda: all(served.http.get(f"/v1/forget/{rid}", headers=auth).json()["state"] == "done" for rid in ids),
                            timeout=480, interval=1)
         assert done, [served.http.get(f"/v1/forget/{rid}", headers=auth).json() for rid in ids]
