@@ -587,7 +587,8 @@ def test_forget_rounds_mask_within_the_bound_and_predict_answers_200_throughout(
     """Issue 30: requests that together touch every shard. The first alone touches more than
     forget.max_masked_share of the training data: it waits at POST, and its round masks within the
     bound (its other shards serve until their clean versions are live); the later ones wait behind
-    it, say so, and are done in the next round. Predict answers 200 the whole time."""
+    it, say so, and are done by the round that carries the queue when it starts, or the next.
+    Posted again mid-round, the first masks nothing more. Predict answers 200 the whole time."""
     workdir, auth = served.workdir, {"Authorization": f"Bearer {TOKEN}"}
     owners = {}
     for shard in range(workdir.num_shards()):
@@ -633,7 +634,7 @@ def test_forget_rounds_mask_within_the_bound_and_predict_answers_200_throughout(
     assert max(map(len, masked)) < 4, "every shard was masked at once"
     audits = {rid: json.loads(workdir.path("audit", f"{rid}.json").read_text()) for rid in ids}
     assert audits["bound-1"]["deferred_shards"] and audits["bound-1"]["affected_shards"] == [0, 1, 2, 3]
-    assert audits["bound-1"]["round_id"] != audits["bound-2"]["round_id"] == audits["bound-3"]["round_id"]
+    assert len({a["round_id"] for a in audits.values()}) <= 2  # a round carries every request pending at its start
     assert all(a["scan"]["clean"] for a in audits.values())
     print(f"{len(codes)} predictions, all 200; masked at most {max(map(len, masked))} of 4 shards at once")
 
