@@ -20,6 +20,7 @@ that fixed cost per shard must keep its share of a shard's seconds for the ratio
 
 from __future__ import annotations
 
+import contextlib
 import json
 import tempfile
 import threading
@@ -48,6 +49,25 @@ NAME = "bench_forget"
 
 def shards_of(workdir: Workdir, user: str) -> set[int]:
     return {k for k in range(workdir.num_shards()) if (read_parquet(workdir.shard_samples(k))["user_id"].astype(str) == user).any()}
+
+
+@contextlib.contextmanager
+def counted_retrains():
+    """The forget job's calls into the shard trainers (rounds.train_shards), recorded as they return:
+    the shards each retrained and their seconds."""
+    from ray_jobs import rounds
+
+    captured, original = [], rounds.train_shards
+
+    def counting(*args, **kwargs):
+        captured.append(original(*args, **kwargs))
+        return captured[-1]
+
+    rounds.train_shards = counting
+    try:
+        yield captured
+    finally:
+        rounds.train_shards = original
 
 
 def forget_one(config, config_file, workdir: Workdir, user: str, request_id: str, captured: list) -> dict:
@@ -94,7 +114,6 @@ def forget_one(config, config_file, workdir: Workdir, user: str, request_id: str
 
 
 def run(config_path: str, workdir: str | None = None, sizes: dict | None = None, n_users: int = 12, states_from=None) -> dict:
-    from ray_jobs import rounds
     from ray_jobs.orchestration import train_workdir as train_job
 
     offline()
@@ -117,17 +136,8 @@ def run(config_path: str, workdir: str | None = None, sizes: dict | None = None,
     full_compute = sum(s["seconds"] for s in report["shards"].values())
 
     users = sorted(set(read_parquet(root.split("train"))["user_id"].astype(str)), key=lambda u: stable_hash("bench-forget", config.seed, u))
-    # Count the shards retrained and their seconds: wrap the forget job's call into the shard actors.
-    captured: list = []
-    original = rounds.train_shards
-
-    def counting(*args, **kwargs):
-        captured.append(original(*args, **kwargs))
-        return captured[-1]
-
-    rounds.train_shards = counting
     forgets = []
-    try:
+    with counted_retrains() as captured:
         for i, user in enumerate(users[:n_users]):
             print(f"\n[forget {i + 1}/{n_users}] one training user (shards {sorted(shards_of(root, user))})", flush=True)
             result = forget_one(config, config_file, root, user, f"bench-{i}", captured)
@@ -135,8 +145,6 @@ def run(config_path: str, workdir: str | None = None, sizes: dict | None = None,
                   f"masked after {result['mask_seconds']:.3f}s, retrained shards {result['shards_retrained']} "
                   f"from slices {result['slice_restarted_from']}", flush=True)
             forgets.append(result)
-    finally:
-        rounds.train_shards = original
 
     wall = float(np.mean([f["wall_seconds"] for f in forgets]))
     compute = float(np.mean([f["compute_seconds"] for f in forgets]))

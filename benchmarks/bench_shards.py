@@ -309,23 +309,12 @@ def replica_memory(config: Config, root: Workdir, batch: int) -> dict:
 
 def forget(config: Config, root: Workdir, users: int, train_row: dict) -> dict:
     """The mean over `users` training users of one forget (the forget job, as bench_forget runs it)."""
-    from benchmarks.bench_forget import forget_one, shards_of
-    from ray_jobs import rounds
+    from benchmarks.bench_forget import counted_retrains, forget_one, shards_of
 
     config_file = write_config(config, root.path("config.yaml"))
     chosen = sorted(set(read_parquet(root.split("train"))["user_id"].astype(str)), key=lambda u: stable_hash(NAME, config.seed, u))
-    captured: list = []
-    original = rounds.train_shards
-
-    def counting(*args, **kwargs):
-        captured.append(original(*args, **kwargs))
-        return captured[-1]
-
-    rounds.train_shards = counting
-    try:
+    with counted_retrains() as captured:
         runs = [forget_one(config, config_file, root, user, f"bench-shards-{i}", captured) for i, user in enumerate(chosen[:users])]
-    finally:
-        rounds.train_shards = original
     wall, compute = (float(np.mean([r[key] for r in runs])) for key in ("wall_seconds", "compute_seconds"))
     print(f"  forget one user: {wall:.1f}s wall (train job {train_row['wall_s']:.0f}s), {compute:.1f}s of shard training "
           f"(full {train_row['shard_compute_s']:.0f}s); shards {[r['shards_retrained'] for r in runs]}", flush=True)
