@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import NamedTuple
 
@@ -66,6 +67,18 @@ class AggregatorState:
     def shards(self) -> list[int]:
         return sorted(self.predictions)
 
+    def set_predictions(self, shard: int, predictions: torch.Tensor) -> None:
+        self.predictions[shard] = predictions
+        self.__dict__.pop("lookup", None)
+
+    @cached_property
+    def lookup(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What apa_weights reads for every request, computed once per state: the unit-length
+        keys [n, d], the labels [n] and the shards' predictions [K, n] (in shards() order), as float.
+        Change predictions through set_predictions, which recomputes it."""
+        keys = nn.functional.normalize(self.embeddings.float(), dim=-1)
+        return keys, self.labels.float(), torch.stack([self.predictions[k] for k in self.shards()]).float()
+
 
 # --- weights --------------------------------------------------------------------------------------
 
@@ -77,15 +90,16 @@ def apa_weights(
     shards = state.shards()
     if not state.sample_ids:  # every validation sample forgotten: no evidence, equal weights
         return uniform_weights(len(query), shards, masked)
-    keys = nn.functional.normalize(state.embeddings.float(), dim=-1)
+    keys, labels, predictions = state.lookup  # [n, d], [n], [K, n]
     similarity = nn.functional.normalize(query.float(), dim=-1) @ keys.T  # [b, n]
     nearest = similarity.topk(min(neighbours, len(state.sample_ids)), dim=-1).indices  # [b, m]
-    predictions = torch.stack([state.predictions[k] for k in shards]).float()  # [K, n]
-    error = (state.labels.float()[nearest].unsqueeze(1) - predictions[:, nearest].transpose(0, 1)).abs().mean(-1)
+    error = (labels[nearest].unsqueeze(1) - predictions[:, nearest].transpose(0, 1)).abs().mean(-1)
     return masked_softmax(-tau * error, shards, masked)
 
 
 def masked_softmax(logits: torch.Tensor, shards: list[int], masked: set[int]) -> torch.Tensor:
+    if masked.isdisjoint(shards):  # nothing to mask: the same values, without building the mask per request
+        return torch.softmax(logits, dim=-1)
     keep = torch.tensor([k not in masked for k in shards])
     if not keep.any():
         raise ValueError("every shard is masked: no adapter may serve")
@@ -119,11 +133,16 @@ def top_weights(weights: torch.Tensor, top_m: int | None = None, mass: float | N
     with zero weights. Where every row keeps all K (top_m >= K and mass 1 or None), the weights are
     returned untouched: the dense mixture, bit for bit."""
     k = weights.shape[1]
+    m = min(top_m or k, k)
+    by_mass = mass is not None and mass < 1
+    if m == k and not by_mass:
+        return Selection(None, weights, torch.zeros(len(weights), dtype=weights.dtype))
     ordered, index = weights.sort(dim=1, descending=True, stable=True)
-    keep = torch.ones_like(ordered, dtype=torch.bool)
-    if mass is not None and mass < 1:
-        keep = ordered.cumsum(1) - ordered < mass  # the mass of the larger ones is short of `mass`: keep it
-    keep[:, min(top_m or k, k):] = False
+    if not by_mass:  # top-m alone: every row keeps m
+        kept = ordered[:, :m]
+        return Selection(index[:, :m], kept / kept.sum(1, keepdim=True), ordered[:, m:].sum(1))
+    keep = ordered.cumsum(1) - ordered < mass  # the mass of the larger ones is short of `mass`: keep it
+    keep[:, m:] = False
     columns = int(keep.sum(1).max())
     if columns == k:
         return Selection(None, weights, torch.zeros(len(weights), dtype=weights.dtype))

@@ -46,6 +46,7 @@ class MixtureLoRALinear(nn.Module):
         self.rank = r
         self.register_buffer("a_cat", lora_a.reshape(k * r, d_in).contiguous(), persistent=False)  # [K r, in]
         self.register_buffer("b_cat", lora_b.permute(1, 0, 2).reshape(lora_b.shape[1], k * r).contiguous(), persistent=False)  # [out, K r]
+        self.register_buffer("b_rows", lora_b.transpose(1, 2).contiguous(), persistent=False)  # [K, r, out]: gathered by the sparse path
         self.weights: torch.Tensor | None = None  # [batch, K], or [batch, m] with index; None = frozen base only
         self.index: torch.Tensor | None = None  # [batch, m]: the adapters each row mixes; None = all K
         self.decomposed = False
@@ -75,14 +76,14 @@ class MixtureLoRALinear(nn.Module):
         each row's m A's and B's gathered into one rank-(m r) pair, then two batched matmuls."""
         b, m = self.index.shape
         x3 = x.reshape(b, -1, x.shape[-1])  # [b, tokens, in]
-        a, lora_b = self.lora_a[self.index], self.lora_b[self.index]  # [b, m, r, in], [b, m, out, r]
+        a = self.lora_a[self.index]  # [b, m, r, in]
         if self.decomposed:
             a = torch.einsum("bm,bmri->bri", w, a)  # sum over the row's adapters of w_k A_k: [b, r, in]
-            lora_b = torch.einsum("bm,bmor->bor", w, lora_b)  # [b, out, r]
+            lora_b = torch.einsum("bm,bmor->bor", w, self.lora_b[self.index])  # [b, out, r]
             return torch.bmm(torch.bmm(x3, a.transpose(1, 2)), lora_b.transpose(1, 2)) * self.scaling[0]
         ws = (w * self.scaling[self.index].to(x.dtype)).repeat_interleave(self.rank, dim=1)  # [b, m r]
         hidden = torch.bmm(x3, a.reshape(b, m * self.rank, -1).transpose(1, 2)) * ws.unsqueeze(1)  # [b, tokens, m r]
-        return torch.bmm(hidden, lora_b.transpose(2, 3).reshape(b, m * self.rank, -1))  # B_cat of the row: [b, m r, out]
+        return torch.bmm(hidden, self.b_rows[self.index].reshape(b, m * self.rank, -1))  # B_cat of the row: [b, m r, out]
 
 
 def _lora_layers(adapter: dict[str, torch.Tensor]) -> list[str]:

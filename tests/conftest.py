@@ -61,11 +61,14 @@ def local_cluster(num_cpus: int = 2):
                 time.sleep(0.5)
         yield address, f"http://127.0.0.1:{ports['dashboard-port']}"
     finally:
-        process.terminate()  # `ray start --block` stops the processes it started
+        # `ray start --block` stops the processes it started; after a session's tests (detached
+        # actors, finished jobs) it can take half a minute: the session group is killed after 5 s.
+        process.terminate()
         try:
-            process.wait(timeout=60)
+            process.wait(timeout=5)
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
         if recorded is None:
             address_file.unlink(missing_ok=True)
         else:

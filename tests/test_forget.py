@@ -132,7 +132,7 @@ def forgetting(trained_tiny, tiny_config, tmp_path_factory):
 
 
 def test_forgetting_equals_training_without_the_data(forgetting, tiny_config, tmp_path, while_retraining):
-    """Three rounds, each compared with training from scratch; while each retrains, its shards serve
+    """Two rounds, then a comparison with training from scratch; while each retrains, its shards serve
     from their last clean slice checkpoints (interim versions) and only shards without one are masked."""
     workdir, config = forgetting, tiny_config
     registry = Registry(config.experiment, workdir.root)
@@ -160,34 +160,31 @@ def test_forgetting_equals_training_without_the_data(forgetting, tiny_config, tm
     path.unlink()
     forgotten_users.append(single)
 
-    # 2. two requests coalesced into one round; their users sit in different shards
+    # 2. three requests coalesced into one round: two users in different shards, and a validation
+    # sample's user with one interaction that sits in other samples' histories
     owners = shard_of_users(workdir)
     a = next(u for u, s in sorted(owners.items()) if u != single)
     b = next(u for u, s in sorted(owners.items()) if not s & owners[a])
-    new_request(workdir, [a], [], "coalesced-a")
-    new_request(workdir, [b], [], "coalesced-b")
-    audits = rounds.process(config, workdir)
-    assert [x["round_id"] for x in audits][0] == audits[1]["round_id"], "the two requests ran in separate rounds"
-    assert len(audits[0]["affected_shards"]) >= 2 and audits[0]["coalesced_with"] == ["coalesced-b"]
-    for shard in audits[0]["affected_shards"]:  # each affected shard retrained once: one new version
-        assert len(registry.versions(registry.shard_model(shard))) == 1
-    forgotten_users += [a, b]
-
-    # 3. one interaction that sits in other samples' histories, plus a validation sample's user
     train = load_splits(workdir)["train"]
     in_history = train.iloc[0]["interactions"][0]  # history of this sample, target of another one or none
     valid_user = load_splits(workdir)["valid"]["user_id"].iloc[0]
     before = {s: sum(in_history in ids for ids in load_splits(workdir)[s]["interactions"]) for s in ("train", "valid", "test")}
     assert sum(before.values()) >= 1
+    new_request(workdir, [a], [], "coalesced-a")
+    new_request(workdir, [b], [], "coalesced-b")
     new_request(workdir, [valid_user], [in_history], "interaction")
-    [audit] = rounds.process(config, workdir)
-    assert audit["samples_removed"]["valid"] >= 1
+    audits = rounds.process(config, workdir)
+    assert len({x["round_id"] for x in audits}) == 1, "the three requests ran in separate rounds"
+    assert len(audits[0]["affected_shards"]) >= 2 and audits[0]["coalesced_with"] == ["coalesced-b", "interaction"]
+    for shard in audits[0]["affected_shards"]:  # each affected shard retrained once: one new version
+        assert len(registry.versions(registry.shard_model(shard))) == 1
+    assert audits[0]["samples_removed"]["valid"] >= 1
     after = load_splits(workdir)
     assert not any(in_history in ids for s in after.values() for ids in s["interactions"])
     assert valid_user not in set(after["valid"]["user_id"])
-    forgotten_users.append(valid_user)
+    forgotten_users += [a, b, valid_user]
     forgotten_interactions.append(in_history)
-    # One comparison after the three rounds: a round that left a shard wrong leaves it wrong here
+    # One comparison after the two rounds: a round that left a shard wrong leaves it wrong here
     # unless a later round retrained that shard from an earlier slice (make test-slow compares again).
     assert_identical_to_scratch(config, workdir, tmp_path, forgotten_users, forgotten_interactions)
 
@@ -197,7 +194,7 @@ def test_forgetting_equals_training_without_the_data(forgetting, tiny_config, tm
         assert "users" not in record and "interactions" not in record and len(record["subject_hash"]) == 64
     assert pending_requests(workdir) == []
     print(f"interim versions per round: {while_retraining}")
-    assert len(while_retraining) == 3 and any(while_retraining)
+    assert len(while_retraining) == 2 and any(while_retraining)
     for shard in range(workdir.num_shards()):  # purged with the old versions once the final set is live
         assert not any(v.tags.get("interim") for v in registry.versions(registry.shard_model(shard)))
 
