@@ -17,8 +17,9 @@ put in the config, the best prompt row its `train.prompt_learning_rate`. The tes
 chooses APA's temperature the same way, on a trained work dir: each validation sample is weighed
 by its `aggregate.neighbours` nearest *other* validation samples (leave-one-out, so its own label
 never weighs it) with components.aggregate.apa_weights, scored by the mixture of the live
-adapters (the decomposed merge when the config's `aggregate.method` is `decomposed`), and the
-validation AUC is shown per tau. Aggregation does not touch training: a new tau needs no retraining.
+adapters (the decomposed merge when the config's `aggregate.method` is `decomposed`) in one Ray Data
+scoring job on the cluster (every tau on the same actors), and the validation AUC is shown per tau.
+Aggregation does not touch training: a new tau needs no retraining.
 """
 
 from __future__ import annotations
@@ -125,37 +126,28 @@ def try_recipe(config_json: dict, store: str, train_ids: list[str]) -> list[dict
 
 def tau_rows(config: Config, workdir: Workdir, taus: list[float]) -> list[dict]:
     """Leave-one-out validation AUC of APA's attention for each tau, on `workdir`'s live adapters,
-    merged as `config.aggregate.method` says (decomposed, or else non-decomposed)."""
-    import torch
-
-    from components.aggregate import AggregatorState, aggregation, apa_weights, load_mixture, stored_inputs
-    from components.model import load_base_model, load_tokenizer, make_deterministic
+    merged as `config.aggregate.method` says (decomposed, or else non-decomposed): one Ray Data
+    scoring job over the validation samples (ray_jobs.passes.score_pass), a scoring per tau."""
+    from ray_jobs.common import connect_ray
     from ray_jobs.evaluation.scoring import LiveSet  # the live adapter set, as the evaluation loads it
+    from ray_jobs.passes import Scoring, score_pass
 
-    make_deterministic(2)
+    connect_ray(config, workdir)
     with LiveSet(config, workdir) as live:
-        state = live.state
-        valid = read_parquet(workdir.split("valid")).set_index("sample_id").loc[state.sample_ids].reset_index()
-        tokenizer = load_tokenizer(config.model)
-        base = load_base_model(config.model, config.seed, tokenizer, head_only=True)
-        mixture = load_mixture(config, live.files, tokenizer, base)
-        states, embeddings = sample_states(config, workdir, valid, base, tokenizer), valid["embedding"].tolist()
-        n, rows = len(state.sample_ids), []
-        weights = {tau: [] for tau in taus}
-        for i in range(n):
-            keep = torch.arange(n) != i
-            others = AggregatorState([s for j, s in enumerate(state.sample_ids) if j != i], state.labels[keep],
-                                     state.embeddings[keep], {k: p[keep] for k, p in state.predictions.items()})
-            for tau in taus:
-                weights[tau].append(apa_weights(state.embeddings[i:i + 1], others, config.aggregate.neighbours, tau)[0])
-        for tau in taus:
-            scores = torch.cat([mixture.p_yes(stored_inputs(states[a:a + 16], embeddings[a:a + 16]), torch.stack(weights[tau][a:a + 16]),
-                                              decomposed=aggregation(config.aggregate.method).decomposed)
-                                for a in range(0, n, 16)]).numpy()
-            labels = valid["label"].to_numpy()
-            rows.append({"tau": tau, "valid_auc": auc(labels, scores), "interval": auc_interval(labels, scores, seed=0)})
-            print(f"  tau {tau:g}: leave-one-out validation AUC {rows[-1]['valid_auc']:.4f}", flush=True)
+        valid = read_parquet(workdir.split("valid")).set_index("sample_id").loc[live.state.sample_ids].reset_index()
+        scorings = [Scoring(f"tau {tau:g}", with_tau(config, tau), live.files, live.aggregator, config.aggregate.method,
+                            frozenset(live.masked), leave_one_out=True) for tau in taus]
+        scored = score_pass(config, workdir, valid, scorings, max(1, int(config.inference.cpus_per_worker)), 16)
+    labels, rows = valid["label"].to_numpy(), []
+    for tau, scoring in zip(taus, scorings):
+        scores = scored.loc[scored["name"] == scoring.name, "score"].to_numpy()
+        rows.append({"tau": tau, "valid_auc": auc(labels, scores), "interval": auc_interval(labels, scores, seed=0)})
+        print(f"  tau {tau:g}: leave-one-out validation AUC {rows[-1]['valid_auc']:.4f}", flush=True)
     return rows
+
+
+def with_tau(config: Config, tau: float) -> Config:
+    return config.model_copy(update={"aggregate": config.aggregate.model_copy(update={"tau": tau})})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,7 +11,8 @@ partitioner's reference (catalogue prompts only) through the same kind of pool.
 `score_pass` is the evaluation's scoring of every method in one job: the test samples, in the
 driver's order, cut into batches of a fixed size and mapped over actors that each load the
 head-only base model and every method's adapter mixture once, read each batch's stored trunk
-states once and run components.aggregate.predict on it per method, timing every batch themselves.
+states once and run components.aggregate.predict on it per method, timing every batch themselves;
+`make recipe` scores its APA temperatures on the validation samples the same way, leave-one-out.
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 import ray
+import torch
 
-from components.aggregate import AggregatorState, load_mixture, predict, stored_inputs
+from components.aggregate import AggregatorState, aggregation, apa_weights, load_mixture, predict, stored_inputs
 from components.config import ALLOCATOR_ENV, Config
 from components.model import embed, load_base_model, load_tokenizer, make_deterministic
 from components.partition import Partitioner
@@ -158,11 +160,14 @@ class Scoring:
     aggregator: Path
     method: str
     masked: frozenset[int] = frozenset()
+    # The rows are the aggregator's own validation samples: each is weighed by the others only
+    # (APA's attention without its own label: make recipe's choice of tau).
+    leave_one_out: bool = False
 
     def to_json(self) -> dict:
         return {"name": self.name, "config": self.config.model_dump(mode="json"), "method": self.method,
                 "adapter_files": {k: str(v) for k, v in self.adapter_files.items()}, "aggregator": str(self.aggregator),
-                "masked": sorted(self.masked)}
+                "masked": sorted(self.masked), "leave_one_out": self.leave_one_out}
 
 
 class ScoreWorker:
@@ -186,14 +191,21 @@ class ScoreWorker:
             aggregator = Path(scoring["aggregator"])
             self.scorings.append(SimpleNamespace(
                 name=scoring["name"], config=config, method=scoring["method"], masked=set(scoring["masked"]),
+                leave_one_out=scoring["leave_one_out"],
                 base=tree, tokenizer=tokenizer, mixture=load_mixture(config, files, tokenizer, tree),
                 state=AggregatorState.load(aggregator), partitioner=Partitioner.load(aggregator / "partitioner.npz")))
         self.warm = False
 
     @staticmethod
-    def _predict(scoring, inputs) -> np.ndarray:
-        return predict(scoring.config, scoring.mixture, [inputs], scoring.state, scoring.partitioner, scoring.masked,
-                       scoring.method)[0]
+    def _predict(scoring, inputs, sample_ids) -> np.ndarray:
+        if not scoring.leave_one_out:
+            return predict(scoring.config, scoring.mixture, [inputs], scoring.state, scoring.partitioner, scoring.masked,
+                           scoring.method)[0]
+        aggregate = scoring.config.aggregate
+        weights = torch.cat([apa_weights(inputs.embedding[row : row + 1], scoring.state.without({sample_id}),
+                                         aggregate.neighbours, aggregate.tau, scoring.masked)
+                             for row, sample_id in enumerate(sample_ids)])
+        return scoring.mixture.p_yes(inputs, weights, decomposed=aggregation(scoring.method).decomposed).numpy()
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         first = self.scorings[0]
@@ -201,9 +213,9 @@ class ScoreWorker:
         frames = []
         for scoring in self.scorings:
             if not self.warm:  # untimed: an actor's first-call allocations are not latency
-                self._predict(scoring, inputs)
+                self._predict(scoring, inputs, batch["sample_id"])
             started = time.perf_counter()
-            scores = self._predict(scoring, inputs)
+            scores = self._predict(scoring, inputs, batch["sample_id"])
             seconds = time.perf_counter() - started
             frames.append(pd.DataFrame({"name": scoring.name, "sample_id": batch["sample_id"].to_numpy(), "score": scores,
                                         "seconds_per_sample": seconds / len(batch), "batch": batch["batch"].to_numpy()}))

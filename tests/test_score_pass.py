@@ -2,6 +2,8 @@
 run in one process on the same stored states, cut into the same batches, for every method the job
 scores at once."""
 
+import shutil
+
 import numpy as np
 
 from components.aggregate import load_mixture, predict, stored_inputs
@@ -51,3 +53,23 @@ def test_the_ray_data_scores_are_the_in_process_ones_bit_for_bit(trained_tiny, t
         # Each batch timed inside its worker, after the worker's warm-up batch.
         per_batch = mine.groupby("batch")["seconds_per_sample"].nunique()
         assert (per_batch == 1).all() and (mine["seconds_per_sample"] > 0).all()
+
+
+def test_leave_one_out_weighs_each_validation_sample_by_the_others_only(trained_tiny, tiny_config, tmp_path):
+    """make recipe's choice of tau: a validation sample scored leave-one-out gets the score the plain
+    path gives it under the aggregator state without that sample."""
+    workdir, _ = trained_tiny
+    with evaluate_job.LiveSet(tiny_config, workdir) as live:
+        valid = load_splits(workdir)["valid"].set_index("sample_id").loc[live.state.sample_ids].reset_index()
+        scorings = [Scoring("loo", tiny_config, live.files, live.aggregator, "attention", leave_one_out=True),
+                    Scoring("plain", tiny_config, live.files, live.aggregator, "attention")]
+        left_out = [0, len(valid) - 1]
+        for row in left_out:  # the plain path over a state that never held the sample
+            folder = shutil.copytree(live.aggregator, tmp_path / f"without-{row}")
+            live.state.without({valid["sample_id"][row]}).save(folder)
+            scorings.append(Scoring(f"without-{row}", tiny_config, live.files, folder, "attention"))
+        out = score_pass(tiny_config, workdir, valid, scorings, THREADS, 8)
+    score = {name: out.loc[out["name"] == name, "score"].to_numpy() for name in out["name"].unique()}
+    for row in left_out:
+        np.testing.assert_allclose(score["loo"][row], score[f"without-{row}"][row], rtol=0, atol=1e-6)
+    assert not np.array_equal(score["loo"], score["plain"]), "each sample's own label still weighs it"
