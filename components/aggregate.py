@@ -375,9 +375,13 @@ def served_mask(registry_mask: set[int], current_mask: set[int], loaded_pins: di
     """The shards a server must not use. The registry's mask, plus every shard this server has
     masked whose loaded version is not the live one: a forget job unmasks a shard once its clean
     version is live, and the old version in memory must stay masked until the new set is loaded.
+    Plus every loaded shard the live set no longer holds: a forget that empties a shard leaves it
+    out of the set (an empty set, when every shard's data is forgotten), and its old version,
+    purged from the registry, must not serve while (or because) no new set can be loaded.
     `live_pins` None (unknown) counts every loaded shard as stale."""
     stale = {k for k, v in loaded_pins.items() if live_pins is None or str(live_pins.get(k)) != str(v)}
-    return set(registry_mask) | (stale & set(current_mask))
+    dropped = set(loaded_pins) - set(live_pins) if live_pins is not None else set()
+    return set(registry_mask) | (stale & set(current_mask)) | dropped
 
 
 def history_split(history: list[tuple[object, float]], titles: dict[str, str], liked_above: float,

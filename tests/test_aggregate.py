@@ -428,6 +428,9 @@ def test_a_shard_masked_by_a_server_stays_masked_until_its_new_version_is_loaded
     assert served_mask(set(), {1}, {0: "1", 1: "2", 2: "1"}, {0: "1", 1: "2", 2: "1"}) == set()
     # a shard nobody masked is not masked just because a newer version exists (plain re-training)
     assert served_mask({2}, set(), loaded, {0: "5", 1: "5", 2: "5"}) == {2}
+    # a shard the live set no longer holds (its data all forgotten) serves no more, masked or not
+    assert served_mask(set(), set(), loaded, {0: "1", 2: "1"}) == {1}
+    assert served_mask(set(), set(), loaded, {}) == {0, 1, 2}  # every shard emptied: nothing serves
 
 
 def test_request_history_becomes_the_training_prompt():

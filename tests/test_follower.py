@@ -4,9 +4,11 @@ in the registry within one poll, masks at once for a forget request, and survive
 fails a poll."""
 
 import asyncio
+import shutil
 
 import pytest
 
+from components.aggregate import AggregatorState
 from components.registry import Registry
 from serving.follower import LiveSetFollower
 
@@ -51,5 +53,47 @@ def test_the_follower_loads_the_live_set_and_follows_the_registrys_masks(trained
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
+
+    asyncio.run(scenario())
+
+
+def test_a_shard_the_live_set_no_longer_holds_serves_no_more_even_when_the_new_set_cannot_load(trained_tiny, tiny_config,
+                                                                                                tmp_path):
+    """A forget that empties a shard leaves it out of the next set; one that forgets every
+    shard's data publishes an empty set, which no replica can load. Either way the old version
+    (purged from the registry) stops serving at the first poll, before or without the new set."""
+    workdir, report = trained_tiny
+    registry = Registry(tiny_config.experiment, workdir.root)
+    original = str(registry.live_version(registry.set_model).version)
+    live = registry.load_adapter_set(tmp_path / "live")
+    pins = {int(k): v["version"] for k, v in live.shards.items()}
+
+    def aggregator_of(shards):  # as publish_adapter_set writes it: the state of the set's shards only
+        folder = shutil.copytree(live.folder / "aggregator", tmp_path / f"aggregator-{len(shards)}")
+        state = AggregatorState.load(folder)
+        AggregatorState(state.sample_ids, state.labels, state.embeddings,
+                        {k: v for k, v in state.predictions.items() if k in shards}).save(folder)
+        return folder
+
+    async def scenario():
+        follower = await LiveSetFollower.start(tiny_config, registry)
+        try:
+            kept = {k: v for k, v in pins.items() if k != 3}
+            registry.set_live(registry.set_model, registry.register_adapter_set(kept, aggregator_of(kept), {"test": "shard 3 emptied"}))
+            await follower.poll_once()
+            assert follower.view.masked == {3} and follower.view.served.version == original
+            if follower.loading:
+                await follower.loading
+            # The new set never held shard 3: nothing masks it any more, and nothing serves it.
+            assert 3 not in follower.view.served.mixture.shards
+            registry.set_live(registry.set_model, registry.register_adapter_set({}, aggregator_of({}), {"test": "every shard emptied"}))
+            served = follower.view.served
+            await follower.poll_once()
+            if follower.loading:
+                await follower.loading  # fails: a mixture needs an adapter; the loaded set stays, masked
+            assert follower.view.served is served and follower.view.masked == set(served.mixture.shards)
+            assert served.serving(follower.view.masked) == []
+        finally:
+            registry.set_live(registry.set_model, original)
 
     asyncio.run(scenario())
