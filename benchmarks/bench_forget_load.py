@@ -7,8 +7,9 @@ The tiny model (configs/tiny.yaml, with K shards and `--n-train` samples so that
 distinct training users) is trained once into its own work dir; Ray Serve serves it over HTTP on
 127.0.0.1 and launches the forget jobs as in production (the replica starts the reconciler, which
 submits Ray jobs; nobody else acts). Then `--requests` POST /v1/forget arrive at a steady rate over
-`--seconds` from a pool of clients: requests for distinct training users (a few users get a second
-request of their own), the same request id posted again, unknown users and malformed bodies, each
+`--seconds` from a pool of clients: requests for `--user-share` of the distinct training users
+(default half: forgetting all would leave nothing to serve; the rest of the posts are second requests
+of their own for those users), the same request id posted again, unknown users and malformed bodies, each
 checked against its documented answer (202; 200 for a finished id posted again; 401, 413 or 422
 naming the problem). A predict loop runs from an idle phase before the load until every request is
 done, and /healthz is sampled every second (the served share of the training data).
@@ -252,7 +253,7 @@ def run(args) -> dict:
     config_file = write_config(config, root.path("config.yaml"))
     setup = (f"{config.model.label}, K={config.partition.num_shards}, R={config.partition.num_slices}, n_train {config.data.n_train}, "
              f"{config.partition.method} partition, forget.max_masked_share {config.forget.max_masked_share}, "
-             f"{args.requests} requests over {args.seconds:.0f} s from {args.clients} clients")
+             f"{args.requests} requests over {args.seconds:.0f} s from {args.clients} clients for {args.user_share:.0%} of the users")
     print(f"{NAME}: {setup}; work dir {root.root}", flush=True)
     with own_ray():
         result = measure(args, config, config_file, root)
@@ -274,7 +275,8 @@ def measure(args, config, config_file: Path, root: Workdir) -> dict:
         train_workdir(config, root)
         train_seconds = time.time() - t
         users = sorted(set(read_parquet(root.split("train"))["user_id"].astype(str)), key=lambda u: stable_hash(NAME, config.seed, u))
-        posts = request_mix(users, args.requests, config.seed)
+        # Forgetting every training user would leave no data to serve: the requests name a share of them.
+        posts = request_mix(users[: max(1, round(len(users) * args.user_share))], args.requests, config.seed)
         url = start_server(config_file, root)
         watch = Watch(url)
         watch.start()
@@ -305,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=60.0, help="posting window: a steady rate over it (default 60)")
     p.add_argument("--clients", type=int, default=32, help="concurrent HTTP clients posting (default 32)")
     p.add_argument("--n-train", type=int, default=2048, help="training samples (default 2048: 560 distinct users)")
+    p.add_argument("--user-share", type=float, default=0.5,
+                   help="share of the training users the requests forget (default 0.5; 1 leaves no data to serve)")
     p.add_argument("--bound", type=float, help="forget.max_masked_share (default: the config's, 0.5)")
     p.add_argument("--idle-seconds", type=float, default=20.0, help="predict alone before the load (default 20)")
     p.add_argument("--max-wait-minutes", type=float, default=240.0, help="give up waiting for done after this (default 240)")

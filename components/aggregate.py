@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
 from typing import NamedTuple
 
@@ -67,17 +66,17 @@ class AggregatorState:
     def shards(self) -> list[int]:
         return sorted(self.predictions)
 
-    def set_predictions(self, shard: int, predictions: torch.Tensor) -> None:
-        self.predictions[shard] = predictions
-        self.__dict__.pop("lookup", None)
-
-    @cached_property
+    @property
     def lookup(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """What apa_weights reads for every request, computed once per state: the unit-length
-        keys [n, d], the labels [n] and the shards' predictions [K, n] (in shards() order), as float.
-        Change predictions through set_predictions, which recomputes it."""
-        keys = nn.functional.normalize(self.embeddings.float(), dim=-1)
-        return keys, self.labels.float(), torch.stack([self.predictions[k] for k in self.shards()]).float()
+        """What apa_weights reads for every request: the unit-length keys [n, d], the labels [n] and
+        the shards' predictions [K, n] (in shards() order), as float; computed once and kept while
+        the state's tensors stay the same objects (a round replaces a shard's predictions)."""
+        tensors = (self.embeddings, self.labels, *(self.predictions[k] for k in self.shards()))
+        cached = self.__dict__.get("_lookup")  # (the tensors it was computed from, held so that their ids stay theirs; lookup)
+        if cached is None or len(cached[0]) != len(tensors) or any(a is not b for a, b in zip(cached[0], tensors)):
+            keys = nn.functional.normalize(self.embeddings.float(), dim=-1)
+            cached = self.__dict__["_lookup"] = (tensors, (keys, self.labels.float(), torch.stack(tensors[2:]).float()))
+        return cached[1]
 
 
 # --- weights --------------------------------------------------------------------------------------

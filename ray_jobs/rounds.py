@@ -170,7 +170,7 @@ def retrain_and_publish(config: Config, workdir: Workdir, registry: Registry, ro
         state = AggregatorState.load(live.folder / "aggregator").without(set(round_["removed_valid"]))
         pinned = {k: str(v["version"]) for k, v in live.shards.items()}
     for shard, result in results.items():
-        state.set_predictions(shard, torch.tensor(result["valid_predictions"]))
+        state.predictions[shard] = torch.tensor(result["valid_predictions"])
     pinned.update({k: str(v) for k, v in new_versions.items()})
     set_version = publish_adapter_set(config, workdir, registry, state, pinned, {"forget_request": round_["round_id"]})
     _set_state(workdir, round_, "registered", t, new_versions={str(k): v for k, v in new_versions.items()}, new_set=set_version)
@@ -268,7 +268,7 @@ def serve_interim(config: Config, workdir: Workdir, registry: Registry, round_: 
         state.predictions.pop(shard, None)
     for shard, result in results.items():
         pinned[shard] = versions[shard]
-        state.set_predictions(shard, torch.tensor(result.valid_predictions))
+        state.predictions[shard] = torch.tensor(result.valid_predictions)
     return versions, publish_adapter_set(config, workdir, registry, state, pinned,
                                          {"forget_request": round_["round_id"], "interim": "true"})
 

@@ -281,6 +281,19 @@ def test_apa_weights_follow_the_formula():
         np.testing.assert_allclose(got[row].numpy(), expected, rtol=1e-5, atol=1e-6)
 
 
+def test_the_weights_follow_a_shards_new_predictions_and_a_dropped_shard():
+    """The attention's per-state lookup (keys, labels, stacked predictions) is recomputed when a
+    round replaces a shard's predictions or drops a shard: the same weights as a fresh state's."""
+    state, query = _state(), torch.randn(4, 8, generator=torch.Generator().manual_seed(1))
+    before = apa_weights(query, state, neighbours=5, tau=3.0)
+    state.predictions[1] = 1 - state.predictions[1]
+    fresh = AggregatorState(state.sample_ids, state.labels, state.embeddings, dict(state.predictions))
+    after = apa_weights(query, state, neighbours=5, tau=3.0)
+    assert torch.equal(after, apa_weights(query, fresh, neighbours=5, tau=3.0)) and not torch.equal(before, after)
+    state.predictions.pop(2)
+    assert apa_weights(query, state, neighbours=5, tau=3.0).shape == (4, K - 1)
+
+
 def test_tau_zero_gives_uniform_weights():
     state, query = _state(), torch.randn(3, 8)
     assert torch.equal(apa_weights(query, state, neighbours=5, tau=0.0), torch.full((3, K), 1 / K))
