@@ -72,7 +72,7 @@ class AggregatorState:
         the shards' predictions [K, n] (in shards() order), as float; computed once and kept while
         the state's tensors stay the same objects (a round replaces a shard's predictions)."""
         tensors = (self.embeddings, self.labels, *(self.predictions[k] for k in self.shards()))
-        cached = self.__dict__.get("_lookup")  # (the tensors it was computed from, held so that their ids stay theirs; lookup)
+        cached = self.__dict__.get("_lookup")  # (the tensors it was computed from, the lookup)
         if cached is None or len(cached[0]) != len(tensors) or any(a is not b for a, b in zip(cached[0], tensors)):
             keys = nn.functional.normalize(self.embeddings.float(), dim=-1)
             cached = self.__dict__["_lookup"] = (tensors, (keys, self.labels.float(), torch.stack(tensors[2:]).float()))
