@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sklearn.cluster import AgglomerativeClustering
 
 from components.config import DEFAULT_PROMPT, PartitionConfig
 from components.data import build_prompt, stable_hash
@@ -74,6 +73,9 @@ def balanced_kmeans(points: np.ndarray, k: int, seed: int, iterations: int = 50)
 def adaptive_prototypes(points: np.ndarray, distance_threshold: float, min_cluster_size: int) -> np.ndarray:
     """LMEraser: agglomerative clustering with a distance threshold, so the number of clusters
     follows the diversity of the data; clusters too small to train on join their nearest one."""
+    # Imported here: every process that reads the store imports this module, few of them partition.
+    from sklearn.cluster import AgglomerativeClustering
+
     labels = AgglomerativeClustering(
         n_clusters=None, distance_threshold=distance_threshold, metric="cosine", linkage="average"
     ).fit_predict(points)

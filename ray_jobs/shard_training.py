@@ -141,6 +141,9 @@ def train_shards(config: Config, workdir: Workdir, shards: list[int]) -> dict[in
     # Starting K worker groups at once on a busy node can take minutes; Ray Train's default of 60 s
     # would fail the run. The controller reads this from the driver's environment.
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "900")
+    # A worker's report waits in a queue of one until the controller's next poll (2 s by default):
+    # a forget's few small slices would spend seconds waiting there.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     results = ShardResults.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
         ray.get_runtime_context().get_node_id(), soft=False)).remote()
     for shard in shards:
