@@ -21,6 +21,7 @@ request and its audit record keep a salted hash of the subject instead.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -77,13 +78,45 @@ def save_request(workdir: Workdir, record: dict) -> None:
 
 
 def all_requests(workdir: Workdir) -> list[dict]:
-    records = [json.loads(p.read_text()) for p in sorted(_requests_dir(workdir).glob("*.json"))]
-    return sorted(records, key=lambda r: r["created"])
+    return _requests(workdir, lambda state: True)
 
 
 def pending_requests(workdir: Workdir) -> list[dict]:
     """Requests a round still has to carry out (not done, not failed, not abandoned), oldest first."""
-    return [r for r in all_requests(workdir) if r["state"] in STATES[:-1]]
+    return _requests(workdir, lambda state: state in STATES[:-1])
+
+
+def _requests(workdir: Workdir, wanted: Callable[[str], bool]) -> list[dict]:
+    """The requests whose state is `wanted`, oldest first. Every POST and every poll scans the log,
+    which keeps each finished request: only the wanted ones are parsed."""
+    records = [json.loads(Path(path).read_text()) for path, (state, _) in _headers(workdir) if wanted(state)]
+    return sorted(records, key=lambda r: (r["created"], r["request_id"]))
+
+
+def any_waiting(workdir: Workdir) -> bool:
+    """Whether a pending request waits for a round to admit it (read without parsing the log)."""
+    return any(state in STATES[:-1] and waiting for _, (state, waiting) in _headers(workdir))
+
+
+def _headers(workdir: Workdir) -> list[tuple[str, tuple[str, bool]]]:
+    """Each request file with its state and whether it waits."""
+    folder = _requests_dir(workdir)
+    if not folder.is_dir():
+        return []
+    with os.scandir(folder) as entries:
+        return [(e.path, _header_of(e.path, file_identity(e))) for e in entries if e.name.endswith(".json")]
+
+
+def file_identity(path: Path | os.DirEntry) -> tuple[int, int, int]:
+    """Changes whenever the file does: every write here replaces the file (a new inode)."""
+    stat = path.stat()
+    return stat.st_ino, stat.st_mtime_ns, stat.st_size
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _header_of(path: str, identity: tuple[int, int, int]) -> tuple[str, bool]:
+    record = json.loads(Path(path).read_text())
+    return record["state"], "waiting" in record
 
 
 def validate_ids(users: list[str], interactions: list[str]) -> None:
@@ -98,10 +131,15 @@ def validate_ids(users: list[str], interactions: list[str]) -> None:
 def shard_hits(workdir: Workdir, users: set[str], interactions: set[str]) -> dict[int, pd.DataFrame]:
     """The samples of each shard that the subject touches (with their slices): its own, and those
     a semantic-user partition moves out of or into the shard (components.store.user_moves)."""
+    # A sample's interactions are its own user's (USER:ITEM): only shards holding these users are read.
+    owners = users | {i.split(":")[0] for i in interactions}
     hits = {}
     for shard in range(workdir.num_shards()):
+        path = workdir.shard_samples(shard)
+        if owners.isdisjoint(_users_in(str(path), file_identity(path))):
+            continue
         # Not the embeddings, most of the file: a forget request is answered (masked) after this.
-        frame = read_parquet(workdir.shard_samples(shard), ["sample_id", "user_id", "interactions", "slice"])
+        frame = read_parquet(path, ["sample_id", "user_id", "interactions", "slice"])
         touched = frame[samples_touching(frame, users, interactions)]
         if len(touched):
             hits[shard] = touched
@@ -110,6 +148,11 @@ def shard_hits(workdir: Workdir, users: set[str], interactions: set[str]) -> dic
         for shard, rows in moves.groupby(column):
             hits[int(shard)] = pd.concat([hits[int(shard)], rows]) if int(shard) in hits else rows
     return hits
+
+
+@functools.lru_cache(maxsize=4096)
+def _users_in(path: str, identity: tuple[int, int, int]) -> frozenset[str]:
+    return frozenset(read_parquet(Path(path), ["user_id"])["user_id"].astype(str))
 
 
 def new_request(workdir: Workdir, users: list[str], interactions: list[str], request_id: str | None = None,
@@ -154,8 +197,8 @@ def masked_by_pending(workdir: Workdir, exclude: Iterable[str] = ()) -> set[int]
     requests waiting for a round past the bound, those in `exclude` (a round masks its own) and
     the shards a round left serving to stay within the bound (`deferred_shards`)."""
     exclude = set(exclude)
-    return {s for r in all_requests(workdir) if r["state"] != "abandoned" and r["state"] != "done"
-            and "waiting" not in r and r["request_id"] not in exclude
+    return {s for r in _requests(workdir, lambda state: state not in ("abandoned", "done"))
+            if "waiting" not in r and r["request_id"] not in exclude
             and state_index(r.get("failed_at", r["state"]) if r["state"] == "failed" else r["state"]) < state_index("unmasked")
             for s in r["affected_shards"] if s not in r.get("deferred_shards", ())}
 
@@ -190,7 +233,7 @@ def hold_new_requests(workdir: Workdir, masked: set[int], bound: float) -> Calla
     shards now would pass `bound`."""
 
     def hold(affected: list[int]) -> str | None:
-        if any("waiting" in r for r in pending_requests(workdir)):
+        if any_waiting(workdir):
             return ("waiting for the next round behind older requests that wait for it (first come, first masked); "
                     "its shards keep serving until that round masks them or publishes their clean versions")
         return hold_past_bound(shard_sizes(workdir), masked, affected, bound)

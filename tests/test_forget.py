@@ -16,7 +16,7 @@ from safetensors import safe_open
 
 from components.aggregate import AggregatorState
 from components.config import ConfigError, load_config
-from components.data import read_parquet
+from components.data import read_parquet, write_parquet
 from components.model import answer_token_ids, load_base_model, load_tokenizer
 from components.proof import compare_tensors, scan_workdir
 from components.registry import Registry
@@ -25,8 +25,11 @@ from components.train import ADAPTER_FILE, AdaptedHead, predict_states, read_che
 from components.unlearn import (
     RequestError,
     admit_round,
+    all_requests,
+    any_waiting,
     deferred_shards,
     hold_new_requests,
+    load_request,
     masked_by_pending,
     new_request,
     pending_requests,
@@ -231,6 +234,34 @@ def test_the_masked_share_is_bounded_and_requests_past_it_wait_in_order(tmp_path
     for bad in ({"max_masked_share": 0}, {"max_masked_share": 1.5}, {"max_share": 0.5}):
         with pytest.raises(ConfigError, match="forget.max_"):
             load_config(TINY, forget=bad)
+
+
+def test_the_request_log_and_the_shards_are_read_as_they_are_now(tmp_path):
+    """A POST reads the request log and the shards' users through caches keyed by each file's
+    identity (no Ray): a request that changes state and a shard that gains a user are seen at once."""
+    workdir = Workdir(tmp_path)
+
+    def write_shard(shard, users):
+        frame = pd.DataFrame({"sample_id": [f"{u}:{shard}" for u in users], "user_id": users,
+                              "interactions": [[f"{u}:{shard}"] for u in users], "slice": [0] * len(users)})
+        write_parquet(frame, workdir.shard_samples(shard))
+
+    write_shard(0, ["u1", "u2"])
+    write_shard(1, ["u2"])
+    first = new_request(workdir, ["u1"], [], "first")
+    assert first.affected_shards == [0] and [r["request_id"] for r in pending_requests(workdir)] == ["first"]
+    assert new_request(workdir, [], ["u2:1"], "by-interaction").affected_shards == [1]
+    record = load_request(workdir, "first")
+    save_request(workdir, {**record, "state": "done"})
+    assert [r["request_id"] for r in pending_requests(workdir)] == ["by-interaction"] and not any_waiting(workdir)
+    save_request(workdir, {**load_request(workdir, "by-interaction"), "waiting": "past the bound"})
+    assert any_waiting(workdir)
+    assert masked_by_pending(workdir) == set()  # a waiting request masks nothing
+    save_request(workdir, record)  # received again (an operator's retry): pending again
+    assert [r["request_id"] for r in pending_requests(workdir)] == ["first", "by-interaction"]
+    write_shard(1, ["u2", "u1"])  # a round moved one of u1's samples into shard 1
+    assert new_request(workdir, ["u1"], [], "second").affected_shards == [0, 1]
+    assert [r["request_id"] for r in all_requests(workdir)] == ["first", "by-interaction", "second"]
 
 
 def test_bad_requests_are_refused_with_a_reason(forgetting):
