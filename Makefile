@@ -17,7 +17,7 @@ export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
 export TOKENIZERS_PARALLELISM := false
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup demo test test-slow lint bench recipe serve clean
+.PHONY: setup demo test test-slow test-all lint bench recipe serve clean
 
 setup: $(STAMP) $(MODEL_DIR)/config.json
 
@@ -44,6 +44,9 @@ test: setup
 
 test-slow: setup
 	$(PY) -m pytest -m slow -q
+
+test-all: setup
+	$(PY) -m pytest -q
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
