@@ -104,10 +104,10 @@ def _headers(workdir: Workdir) -> list[tuple[str, tuple[str, bool]]]:
     if not folder.is_dir():
         return []
     with os.scandir(folder) as entries:
-        return [(e.path, _header_of(e.path, file_identity(e))) for e in entries if e.name.endswith(".json")]
+        return [(e.path, _header_of(e.path, _file_identity(e))) for e in entries if e.name.endswith(".json")]
 
 
-def file_identity(path: Path | os.DirEntry) -> tuple[int, int, int]:
+def _file_identity(path: Path | os.DirEntry) -> tuple[int, int, int]:
     """Changes whenever the file does: every write here replaces the file (a new inode)."""
     stat = path.stat()
     return stat.st_ino, stat.st_mtime_ns, stat.st_size
@@ -136,7 +136,7 @@ def shard_hits(workdir: Workdir, users: set[str], interactions: set[str]) -> dic
     hits = {}
     for shard in range(workdir.num_shards()):
         path = workdir.shard_samples(shard)
-        if owners.isdisjoint(_users_in(str(path), file_identity(path))):
+        if owners.isdisjoint(_users_in(str(path), _file_identity(path))):
             continue
         # Not the embeddings, most of the file: a forget request is answered (masked) after this.
         frame = read_parquet(path, ["sample_id", "user_id", "interactions", "slice"])
