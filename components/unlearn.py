@@ -21,7 +21,6 @@ request and its audit record keep a salted hash of the subject instead.
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import json
 import os
@@ -104,19 +103,26 @@ def _headers(workdir: Workdir) -> list[tuple[str, tuple[str, bool]]]:
     if not folder.is_dir():
         return []
     with os.scandir(folder) as entries:
-        return [(e.path, _header_of(e.path, _file_identity(e))) for e in entries if e.name.endswith(".json")]
+        return [(e.path, _read_once(_HEADERS, e, _header)) for e in entries if e.name.endswith(".json")]
 
 
-def _file_identity(path: Path | os.DirEntry) -> tuple[int, int, int]:
-    """Changes whenever the file does: every write here replaces the file (a new inode)."""
-    stat = path.stat()
-    return stat.st_ino, stat.st_mtime_ns, stat.st_size
-
-
-@functools.lru_cache(maxsize=1 << 16)
-def _header_of(path: str, identity: tuple[int, int, int]) -> tuple[str, bool]:
+def _header(path: str) -> tuple[str, bool]:
     record = json.loads(Path(path).read_text())
     return record["state"], "waiting" in record
+
+
+# What was read from a file, kept beside the file's identity (inode, mtime, size: every write here
+# replaces the file) and read again when it changes: one entry per file, never a stale one.
+_HEADERS: dict[str, tuple[tuple[int, int, int], tuple[str, bool]]] = {}
+_SHARD_USERS: dict[str, tuple[tuple[int, int, int], frozenset[str]]] = {}
+
+
+def _read_once(cache: dict, file: Path | os.DirEntry, read: Callable[[str], object]):
+    stat = file.stat()
+    identity, path = (stat.st_ino, stat.st_mtime_ns, stat.st_size), str(getattr(file, "path", file))
+    if path not in cache or cache[path][0] != identity:
+        cache[path] = identity, read(path)
+    return cache[path][1]
 
 
 def validate_ids(users: list[str], interactions: list[str]) -> None:
@@ -136,7 +142,7 @@ def shard_hits(workdir: Workdir, users: set[str], interactions: set[str]) -> dic
     hits = {}
     for shard in range(workdir.num_shards()):
         path = workdir.shard_samples(shard)
-        if owners.isdisjoint(_users_in(str(path), _file_identity(path))):
+        if owners.isdisjoint(_read_once(_SHARD_USERS, path, _users_in)):
             continue
         # Not the embeddings, most of the file: a forget request is answered (masked) after this.
         frame = read_parquet(path, ["sample_id", "user_id", "interactions", "slice"])
@@ -150,8 +156,7 @@ def shard_hits(workdir: Workdir, users: set[str], interactions: set[str]) -> dic
     return hits
 
 
-@functools.lru_cache(maxsize=4096)
-def _users_in(path: str, identity: tuple[int, int, int]) -> frozenset[str]:
+def _users_in(path: str) -> frozenset[str]:
     return frozenset(read_parquet(Path(path), ["user_id"])["user_id"].astype(str))
 
 
