@@ -103,7 +103,7 @@ def _headers(workdir: Workdir) -> list[tuple[str, tuple[str, bool]]]:
     if not folder.is_dir():
         return []
     with os.scandir(folder) as entries:
-        return [(e.path, _read_once(_HEADERS, e, _header)) for e in entries if e.name.endswith(".json")]
+        return [(e.path, _read_once(_HEADERS, e.path, _header)) for e in entries if e.name.endswith(".json")]
 
 
 def _header(path: str) -> tuple[str, bool]:
@@ -114,12 +114,12 @@ def _header(path: str) -> tuple[str, bool]:
 # What was read from a file, kept beside the file's identity (inode, mtime, size: every write here
 # replaces the file) and read again when it changes: one entry per file, never a stale one.
 _HEADERS: dict[str, tuple[tuple[int, int, int], tuple[str, bool]]] = {}
-_SHARD_USERS: dict[str, tuple[tuple[int, int, int], frozenset[str]]] = {}
+_SHARD_USERS: dict[str, tuple[tuple[int, int, int], frozenset[bytes]]] = {}
 
 
-def _read_once(cache: dict, file: Path | os.DirEntry, read: Callable[[str], object]):
-    stat = file.stat()
-    identity, path = (stat.st_ino, stat.st_mtime_ns, stat.st_size), str(getattr(file, "path", file))
+def _read_once(cache: dict, path: str, read: Callable[[str], object]):
+    stat = os.stat(path)
+    identity = stat.st_ino, stat.st_mtime_ns, stat.st_size
     if path not in cache or cache[path][0] != identity:
         cache[path] = identity, read(path)
     return cache[path][1]
@@ -138,11 +138,13 @@ def shard_hits(workdir: Workdir, users: set[str], interactions: set[str]) -> dic
     """The samples of each shard that the subject touches (with their slices): its own, and those
     a semantic-user partition moves out of or into the shard (components.store.user_moves)."""
     # A sample's interactions are its own user's (USER:ITEM): only shards holding these users are read.
-    owners = users | {i.split(":")[0] for i in interactions}
+    # The cache holds salted hashes, not ids: a replica's memory keeps no forgotten user's id.
+    salt = _salt(workdir)
+    owners = {_user_key(salt, u) for u in users | {i.split(":")[0] for i in interactions}}
     hits = {}
     for shard in range(workdir.num_shards()):
         path = workdir.shard_samples(shard)
-        if owners.isdisjoint(_read_once(_SHARD_USERS, path, _users_in)):
+        if owners.isdisjoint(_read_once(_SHARD_USERS, str(path), lambda p: _users_in(p, salt))):
             continue
         # Not the embeddings, most of the file: a forget request is answered (masked) after this.
         frame = read_parquet(path, ["sample_id", "user_id", "interactions", "slice"])
@@ -156,8 +158,12 @@ def shard_hits(workdir: Workdir, users: set[str], interactions: set[str]) -> dic
     return hits
 
 
-def _users_in(path: str) -> frozenset[str]:
-    return frozenset(read_parquet(Path(path), ["user_id"])["user_id"].astype(str))
+def _users_in(path: str, salt: bytes) -> frozenset[bytes]:
+    return frozenset(_user_key(salt, u) for u in read_parquet(Path(path), ["user_id"])["user_id"].astype(str).unique())
+
+
+def _user_key(salt: bytes, user: str) -> bytes:
+    return hashlib.blake2b(user.encode(), key=salt, digest_size=16).digest()
 
 
 def new_request(workdir: Workdir, users: list[str], interactions: list[str], request_id: str | None = None,

@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from components import unlearn
 from components.aggregate import AggregatorState
 from components.config import ConfigError, load_config
 from components.data import read_parquet, write_parquet
@@ -262,6 +263,9 @@ def test_the_request_log_and_the_shards_are_read_as_they_are_now(tmp_path):
     write_shard(1, ["u2", "u1"])  # a round moved one of u1's samples into shard 1
     assert new_request(workdir, ["u1"], [], "second").affected_shards == [0, 1]
     assert [r["request_id"] for r in all_requests(workdir)] == ["first", "by-interaction", "second"]
+    # What the replica keeps of the shards' users is their salted hashes, never an id.
+    held = {user for _, users in unlearn._SHARD_USERS.values() for user in users}
+    assert len(held) >= 2 and all(isinstance(user, bytes) and len(user) == 16 for user in held)
 
 
 def test_bad_requests_are_refused_with_a_reason(forgetting):
