@@ -1,6 +1,7 @@
 # make demo  : set up a fresh machine and run the whole story on MovieLens-100K with SmolLM2-135M
 # make test  : set up the same way and run the test suite (real Ray, MLflow, Serve; tiny model)
 # make lint  : ruff, configured in pyproject.toml
+# make bench: the benchmarks at the demo's size (under an hour on 2 cores); make bench-full: at the paper's scale
 SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -17,7 +18,7 @@ export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
 export TOKENIZERS_PARALLELISM := false
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup demo test test-slow test-all lint bench recipe serve clean
+.PHONY: setup demo test test-slow test-all lint bench bench-full recipe serve clean
 
 setup: $(STAMP) $(MODEL_DIR)/config.json
 
@@ -53,6 +54,9 @@ lint: $(STAMP)
 
 bench: setup
 	$(PY) -m benchmarks
+
+bench-full: setup
+	$(PY) -m benchmarks --size full
 
 recipe: setup
 	$(PY) -m benchmarks.recipe

@@ -1,32 +1,36 @@
-"""`python -m benchmarks` (`make bench`): every benchmark in sequence, then one summary in which
-every figure is a ratio to its baseline measured in the same run.
+"""`python -m benchmarks` (`make bench`, `make bench-full`): every benchmark in sequence, then one
+summary in which every figure is a ratio to its baseline measured in the same run.
 
-    python -m benchmarks                       # simulate, bench_data, bench_pass, bench_train, bench_serving,
-                                               # bench_forget, bench_forget_load, eval, bench_embedding
+    python -m benchmarks                       # quick (make bench): configs/demo.yaml's size, under an hour on 2 cores
+    python -m benchmarks --size full           # make bench-full: configs/movielens.yaml, the paper's scale
     python -m benchmarks --only bench_forget   # a subset (names below, "eval" for the evaluation)
     python -m benchmarks --skip eval
 
+Order: simulate, bench_data, bench_pass, bench_train, bench_serving, bench_forget, bench_forget_load,
+eval, bench_embedding. SIZES below says what each size passes to each benchmark:
+- quick: every benchmark and the evaluation at configs/demo.yaml (512 / 128 / 256 samples, the
+  4-layer head, K=4, R=4), a smaller load test (250 forget posts at K=8) and a 200,000-row data
+  log. The ratios hold at this size (each is against a baseline of the same run); the AUCs are the
+  demo's, level with the floors (docs/results.md).
+- full: configs/movielens.yaml (4096 / 500 / 1000 samples, the 8-layer head), bench_train and
+  bench_forget on 512-sample subsets of the same draw, the thousand-request load test at K=16. On
+  an idle 2-core AVX-512 machine (2026-12-03): the store 25 minutes, the evaluation's five
+  trainings 30-39 minutes each, about 260 minutes in all (docs/results.md).
+
 First the shared sample store runs/store/<experiment> (benchmarks/common.shared_store) is prepared
-once: every sample's trunk state, computed a single time (for the 5596 samples of
-configs/movielens.yaml, 22 trunk layers, on an idle 2-core machine with AVX-512: 25 minutes,
-2026-12-03) and linked by every benchmark and the evaluation.
-Each benchmark runs as its own process (`python -m benchmarks.<name>`, its own local Ray, its
-memory freed when it ends); one that is missing is skipped with a message. A benchmark reports its
-figures by writing {"figures": [...]} to the file named by $BENCH_RESULT (benchmarks/common.py).
-bench_train and bench_forget run on subsets of the same draw (SUBSETS below: at 4096 training
-samples each would take over half an hour here; their ratios do not need the full size). The
-evaluation is `python -m ray_jobs.evaluate --config configs/movielens.yaml --states-from
-runs/store/movielens` into runs/bench/movielens (trained once, reused by later runs); its AUCs are shown against the `retrain`
-baseline's and its latencies against the single adapter's. On 2 CPU cores the evaluation trains
-five work dirs of SmolLM2 the first time: at configs/movielens.yaml (2026-12-03, AVX-512 with
-bfloat16 kernels) APA took 30 minutes, the one-actor retrain baseline 33, SISA 31, the user
-partition 30 and LMEraser 39; with the store and the other benchmarks the whole run takes about
-260 minutes and overruns 75 (docs/results.md). bench_embedding runs last, on the evaluation's trained work dir.
-bench_forget_load posts a thousand forget requests over HTTP to the served tiny model at K=16
-(its own config: configs/tiny.yaml). `--only bench_shards` runs the K sweep (K = 4, 16, 64 on the tiny
-model, docs/scale.md), which the default run leaves out for its time. `simulate` runs first (15 s of
-CPU): the internet-scale simulation of docs/scale.md at its recommended plan against SISA and full
-retraining (no model, no store; its figures are simulated).
+once: every sample's trunk state, computed a single time and linked by every benchmark and the
+evaluation. Each benchmark runs as its own process (`python -m benchmarks.<name>`, its own local
+Ray, its memory freed when it ends); one that is missing is skipped with a message. A benchmark
+reports its figures by writing {"figures": [...]} to the file named by $BENCH_RESULT
+(benchmarks/common.py). The evaluation is `python -m ray_jobs.evaluate --config C --states-from
+runs/store/<experiment>` into runs/bench/<experiment> (trained once, reused by later runs); its
+AUCs are shown against the `retrain` baseline's and its latencies against the single adapter's.
+bench_embedding runs last, on the evaluation's trained work dir. bench_forget_load posts forget
+requests over HTTP to the served tiny model (its own config: configs/tiny.yaml). `--only
+bench_shards` runs the K sweep (K = 4, 16, 64 on the tiny model, docs/scale.md), which neither size
+runs for its time. `simulate` runs first (15 s of CPU): the internet-scale simulation of
+docs/scale.md at its recommended plan against SISA and full retraining (no model, no store; its
+figures are simulated).
 """
 
 from __future__ import annotations
@@ -50,12 +54,19 @@ ORDER = ("simulate", "bench_data", "bench_pass", "bench_train", "bench_serving",
 # Run only when named in --only: the K sweep (K = 4, 16, 64 trained, served and forgotten on the tiny model)
 # takes longer than a benchmark of the default run should (docs/scale.md, The K sweep).
 OPTIONAL = ("bench_shards",)
-SUBSETS = {"bench_train": ["--n-train", "512"], "bench_forget": ["--n-train", "512", "--n-valid", "64"]}
+# Each size: its default config and what it passes to each benchmark beside --config.
+SIZES = {
+    "quick": {"config": ROOT / "configs" / "demo.yaml",
+              "args": {"bench_data": ["--rows", "200000"], "bench_forget": ["--users", "4"],
+                       "bench_forget_load": ["--requests", "250", "--seconds", "30", "--shards", "8", "--n-train", "1024"]}},
+    "full": {"config": MOVIELENS,
+             "args": {"bench_train": ["--n-train", "512"], "bench_forget": ["--n-train", "512", "--n-valid", "64"]}},
+}
 # They get no --config: simulate reads none, the load test and the K sweep run the tiny model
 NO_CONFIG = ("simulate", "bench_forget_load", "bench_shards")
 
 
-def run_module(name: str, config: Path) -> tuple[int, dict | None, float]:
+def run_module(name: str, config: Path, extra: list[str]) -> tuple[int, dict | None, float]:
     path = Path(__file__).with_name(f"{name}.py")
     if not path.exists():
         print(f"\n### {name}: skipped ({path.relative_to(ROOT)} does not exist yet)", flush=True)
@@ -63,7 +74,7 @@ def run_module(name: str, config: Path) -> tuple[int, dict | None, float]:
     result_file = bench_dir() / "results" / f"{name}.json"
     result_file.parent.mkdir(parents=True, exist_ok=True)
     result_file.unlink(missing_ok=True)
-    options = [] if name in NO_CONFIG else ["--config", str(config), *SUBSETS.get(name, [])]
+    options = ([] if name in NO_CONFIG else ["--config", str(config)]) + extra
     print(f"\n### {name}: python -m benchmarks.{name} {' '.join(options)}", flush=True)
     started = time.time()
     rc = subprocess.call([sys.executable, "-m", f"benchmarks.{name}", *options], cwd=ROOT,
@@ -75,7 +86,7 @@ def run_module(name: str, config: Path) -> tuple[int, dict | None, float]:
 
 
 def run_evaluation(config: Path, methods: str | None, forget_cost: str, store: Path) -> tuple[int, dict | None, float]:
-    workdir = bench_dir() / "movielens"
+    workdir = bench_dir() / load_config(config).experiment
     command = [sys.executable, "-m", "ray_jobs.evaluate", "--config", str(config), "--workdir", str(workdir),
                "--forget-cost", forget_cost, "--states-from", str(store)]
     if methods:
@@ -113,8 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     names = ORDER + OPTIONAL
     parser.add_argument("--only", help=f"comma-separated subset of {','.join(names)} ({', '.join(OPTIONAL)} only when named)")
     parser.add_argument("--skip", help="comma-separated benchmarks to leave out")
-    parser.add_argument("--config", default=str(MOVIELENS),
-                        help="config of every benchmark and the evaluation (default configs/movielens.yaml)")
+    parser.add_argument("--size", choices=tuple(SIZES), default="quick",
+                        help="quick (default, make bench: under an hour on 2 cores) or full (make bench-full: the paper's scale)")
+    parser.add_argument("--config", help="config of every benchmark and the evaluation (default: the size's)")
     parser.add_argument("--eval-methods", help="--methods for the evaluation (default: all)")
     parser.add_argument("--eval-forget-cost", default="none", choices=("measure", "existing", "none"),
                         help="--forget-cost of the evaluation (default none: bench_forget measures forgetting; "
@@ -130,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault(key, value)
 
     started = time.time()
-    config = Path(args.config)
+    size = SIZES[args.size]
+    config = Path(args.config or size["config"])
     store = None
     if set(chosen) - {"bench_serving", "bench_data", *NO_CONFIG}:  # they make up their own prompts and data
         store = shared_store(load_config(config)).root
@@ -140,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         if name == EVAL:
             outcomes[name] = run_evaluation(config, args.eval_methods, args.eval_forget_cost, store)
         else:
-            outcomes[name] = run_module(name, config)
+            outcomes[name] = run_module(name, config, size["args"].get(name, []))
 
     print(f"\n\n######## summary ({time.time() - started:.0f}s; every ratio is against a baseline measured in this run,"
           f" oriented so that bigger is better)", flush=True)

@@ -1,6 +1,6 @@
 """Which layer APA's neighbour embedding should come from: test AUC per depth, shards held fixed.
 
-    python -m benchmarks.bench_embedding [--config configs/movielens.yaml] [--workdir runs/bench/movielens]
+    python -m benchmarks.bench_embedding [--config configs/movielens.yaml] [--workdir runs/bench/<experiment>]
 
 APA's attention embeds each request (the mean-pooled states after a layer of the frozen trunk)
 and looks up its neighbours in the validation set. On the trunk path any layer at or below the
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.time()
     config = load_config(args.config)
-    workdir = Workdir(args.workdir or bench_dir() / "movielens")
+    workdir = Workdir(args.workdir or bench_dir() / config.experiment)
     if not workdir.split("test").exists():
         p.error(f"{workdir.root} holds no trained work dir: run `python -m benchmarks --only eval` first, or pass --workdir")
     trunk, trained = config.model.trunk_layers, config.model.embedding_depth
