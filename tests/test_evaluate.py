@@ -40,17 +40,22 @@ def small(config):
     })
 
 
+# make test evaluates every method but the user partition and LMEraser, whose baselines are two more
+# trainings; make test-slow evaluates those two on the same work dir (test_the_user_partition_and_lmeraser_...).
+SUITE_METHODS = [m for m in evaluate_job.DEFAULT_METHODS if m not in ("user", "lmeraser")]
+
+
 @pytest.fixture(scope="module")
 def evaluated(trained_tiny, tiny_config, tmp_path_factory):
     """A trained work dir that has forgotten one user (its audit gives APA's forget cost), then
-    evaluated: every baseline trained on its store. Its samples are among the session's, whose trunk
+    evaluated: each baseline trained on its store. Its samples are among the session's, whose trunk
     states it links."""
     config = small(tiny_config)
     workdir = Workdir(tmp_path_factory.mktemp("evaluate"))
     train_job.run(config, workdir, states_from=trained_tiny[0])
     new_request(workdir, [training_users(workdir)[0]], [], "forgotten-before-evaluation")
     rounds.process(config, workdir)
-    report = evaluate_job.run(config, workdir, forget_cost_mode="existing")
+    report = evaluate_job.run(config, workdir, SUITE_METHODS, forget_cost_mode="existing")
     return config, workdir, report
 
 
@@ -63,7 +68,7 @@ def test_every_method_has_a_finite_auc_that_its_stored_predictions_reproduce(eva
     on_disk = json.loads(workdir.path("reports", "eval.json").read_text())
     assert on_disk["methods"].keys() == report["methods"].keys()
     shards = [f"shard-{k}" for k in range(config.partition.num_shards)]
-    assert list(report["methods"]) == [*evaluate_job.METHODS, *shards, *evaluate_job.FLOORS]
+    assert list(report["methods"]) == [m for m in evaluate_job.METHODS if m in SUITE_METHODS] + [*shards, *evaluate_job.FLOORS]
 
     labels = np.load(workdir.path("reports", "predictions", "labels.npy"))
     test = load_splits(workdir)["test"]
@@ -80,17 +85,20 @@ def test_every_method_has_a_finite_auc_that_its_stored_predictions_reproduce(eva
         assert f"| {name} | {row['auc']:.4f} |" in table, name
     for header in ("machine:", "date:", "config:", str(TINY.name) if on_disk["config_file"] else "(in-process)"):
         assert header in table
-    # Baselines are trained in their own work dirs under their own experiments.
-    for name in evaluate_job.BASELINES:
-        assert workdir.path("baselines", name, "reports", "train.json").exists()
-        assert Registry(f"{config.experiment}-{name}", workdir.path("baselines", name)).live_set_version() is not None
+    assert_baselines_trained_apart(config, workdir, ["retrain", "sisa"])
     assert on_disk["methods"]["retrain"]["adapters"] == 1
     # One adapter on all the data, trained as one slice: its forgetting is retraining from scratch.
     retrain_checkpoints = Workdir(workdir.path("baselines", "retrain")).checkpoints(0)
     assert sorted(p.name for p in retrain_checkpoints.iterdir()) == ["slice-0"]
     assert len(list(workdir.checkpoints(0).iterdir())) == config.partition.num_slices == 2
-    assert on_disk["methods"]["sisa"]["aggregate"] == on_disk["methods"]["user"]["aggregate"] == "average"
-    assert on_disk["methods"]["lmeraser"]["aggregate"] == "routing"
+    assert on_disk["methods"]["sisa"]["aggregate"] == "average"
+
+
+def assert_baselines_trained_apart(config, workdir, names):
+    """Baselines are trained in their own work dirs under their own experiments."""
+    for name in names:
+        assert workdir.path("baselines", name, "reports", "train.json").exists()
+        assert Registry(f"{config.experiment}-{name}", workdir.path("baselines", name)).live_set_version() is not None
 
 
 def bootstrap_aucs(labels, scores, draws):
@@ -223,6 +231,18 @@ def test_a_second_run_reuses_the_baselines_and_scores_the_same(evaluated):
     assert sorted(p.stem for p in workdir.path("reports", "predictions").glob("*.npy")) == sorted(
         ["labels", "retrain", "shard-0", "sisa", *evaluate_job.FLOORS])
     assert set(again["paired"]) == {"retrain - floor-history", "retrain - floor-item"}  # no APA in this run
+
+
+@pytest.mark.slow  # two more baselines' trainings: make test-slow
+def test_the_user_partition_and_lmeraser_are_evaluated_beside_the_others(evaluated):
+    config, workdir, report = evaluated
+    again = evaluate_job.run(config, workdir, ["user", "lmeraser", "retrain"], forget_cost_mode="none")
+    assert list(again["methods"]) == ["retrain", "user", "lmeraser", *evaluate_job.FLOORS]
+    assert again["methods"]["retrain"]["auc"] == report["methods"]["retrain"]["auc"]  # reused, not retrained
+    assert_baselines_trained_apart(config, workdir, evaluate_job.BASELINES)
+    assert again["methods"]["user"]["aggregate"] == "average" and again["methods"]["lmeraser"]["aggregate"] == "routing"
+    for name in ("user", "lmeraser"):
+        assert math.isfinite(again["methods"][name]["auc"]) and again["methods"][name]["latency_ms"] > 0, name
 
 
 def test_a_store_without_the_history_counts_is_evaluated_without_the_history_floor(tmp_path):
