@@ -10,9 +10,11 @@ Every figure of the summary is a ratio to its baseline measured in the same run.
 Order: simulate, bench_data, bench_pass, bench_train, bench_serving, bench_forget, bench_forget_load,
 eval, bench_embedding. SIZES below says what each size passes to each benchmark:
 - quick: every benchmark and the evaluation at configs/demo.yaml (512 / 128 / 256 samples, the
-  4-layer head, K=4, R=4), a smaller load test (250 forget posts at K=8) and a 200,000-row data
-  log. The ratios hold at this size (each is against a baseline of the same run); the AUCs are the
-  demo's, level with the floors (docs/results.md).
+  4-layer head, K=4, R=4), the evaluation without the user-partition and LMEraser baselines (two
+  more trainings), three users forgotten, a smaller load test (250 forget posts at K=8) and a
+  200,000-row data log. The ratios hold at this size (each is against a baseline of the same run);
+  the AUCs are the demo's, level with the floors (docs/results.md). 2026-12-07, idle 2-core
+  AVX-512 EPYC, with every method and four users: 48 minutes (the evaluation 20 of them).
 - full: configs/movielens.yaml (4096 / 500 / 1000 samples, the 8-layer head), bench_train and
   bench_forget on 512-sample subsets of the same draw, the thousand-request load test at K=16. On
   an idle 2-core AVX-512 machine (2026-12-03): the store 25 minutes, the evaluation's five
@@ -60,10 +62,12 @@ OPTIONAL = ("bench_shards",)
 # Each size: its default config and what it passes to each benchmark beside --config.
 SIZES = {
     "quick": {"config": ROOT / "configs" / "demo.yaml",
-              "args": {"bench_data": ["--rows", "200000"], "bench_forget": ["--users", "4"],
-                       "bench_forget_load": ["--requests", "250", "--seconds", "30", "--shards", "8", "--n-train", "1024"]}},
+              "args": {"bench_data": ["--rows", "200000"], "bench_forget": ["--users", "3"],
+                       "bench_forget_load": ["--requests", "250", "--seconds", "30", "--shards", "8", "--n-train", "1024"]},
+              "eval_methods": "retrain,sisa,apa,apa-decomposed,uniform,shards"},
     "full": {"config": MOVIELENS,
-             "args": {"bench_train": ["--n-train", "512"], "bench_forget": ["--n-train", "512", "--n-valid", "64"]}},
+             "args": {"bench_train": ["--n-train", "512"], "bench_forget": ["--n-train", "512", "--n-valid", "64"]},
+             "eval_methods": None},
 }
 # They get no --config: simulate reads none, the load test and the K sweep run the tiny model
 NO_CONFIG = ("simulate", "bench_forget_load", "bench_shards")
@@ -152,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", choices=tuple(SIZES), default="quick",
                         help="quick (default, make bench: under an hour on 2 cores) or full (make bench-full: the paper's scale)")
     parser.add_argument("--config", help="config of every benchmark and the evaluation (default: the size's)")
-    parser.add_argument("--eval-methods", help="--methods for the evaluation (default: all)")
+    parser.add_argument("--eval-methods", help="--methods for the evaluation (default: the size's; full: all)")
     parser.add_argument("--eval-forget-cost", default="none", choices=("measure", "existing", "none"),
                         help="--forget-cost of the evaluation (default none: bench_forget measures forgetting; "
                              "measure adds a forget per partitioning and an extra APA train job)")
@@ -176,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     outcomes = {}
     for name in chosen:
         if name == EVAL:
-            outcomes[name] = run_evaluation(config, args.eval_methods, args.eval_forget_cost, store)
+            outcomes[name] = run_evaluation(config, args.eval_methods or size["eval_methods"], args.eval_forget_cost, store)
         else:
             outcomes[name] = run_module(name, config, size["args"].get(name, []))
 
