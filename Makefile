@@ -1,7 +1,7 @@
 # make demo  : set up a fresh machine and run the whole story on MovieLens-100K with SmolLM2-135M
 # make test  : set up the same way and run the test suite (real Ray, MLflow, Serve; tiny model)
 # make lint  : ruff, configured in pyproject.toml
-# make bench: the benchmarks at the demo's size (under an hour on 2 cores); make bench-full: at the paper's scale
+# make bench : the benchmarks at the demo's size, under an hour on 2 cores (make bench-full: the paper's scale)
 SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
