@@ -115,6 +115,9 @@ def _header(path: str) -> tuple[str, bool]:
 # replaces the file) and read again when it changes: one entry per file, never a stale one.
 _HEADERS: dict[str, tuple[tuple[int, int, int], tuple[str, bool]]] = {}
 _SHARD_USERS: dict[str, tuple[tuple[int, int, int], frozenset[bytes]]] = {}
+# The key of the shard-user hashes: drawn once per process, so the cache holds no user id and
+# nothing outside this process's memory can reverse it.
+_USER_KEY = secrets.token_bytes(32)
 
 
 def _read_once(cache: dict, path: str, read: Callable[[str], object]):
@@ -138,13 +141,12 @@ def shard_hits(workdir: Workdir, users: set[str], interactions: set[str]) -> dic
     """The samples of each shard that the subject touches (with their slices): its own, and those
     a semantic-user partition moves out of or into the shard (components.store.user_moves)."""
     # A sample's interactions are its own user's (USER:ITEM): only shards holding these users are read.
-    # The cache holds salted hashes, not ids: a replica's memory keeps no forgotten user's id.
-    salt = _salt(workdir)
-    owners = {_user_key(salt, u) for u in users | {i.split(":")[0] for i in interactions}}
+    # The cache holds keyed hashes, not ids: a replica's memory keeps no forgotten user's id.
+    owners = {_user_key(u) for u in users | {i.split(":")[0] for i in interactions}}
     hits = {}
     for shard in range(workdir.num_shards()):
         path = workdir.shard_samples(shard)
-        if owners.isdisjoint(_read_once(_SHARD_USERS, str(path), lambda p: _users_in(p, salt))):
+        if owners.isdisjoint(_read_once(_SHARD_USERS, str(path), _users_in)):
             continue
         # Not the embeddings, most of the file: a forget request is answered (masked) after this.
         frame = read_parquet(path, ["sample_id", "user_id", "interactions", "slice"])
@@ -158,12 +160,12 @@ def shard_hits(workdir: Workdir, users: set[str], interactions: set[str]) -> dic
     return hits
 
 
-def _users_in(path: str, salt: bytes) -> frozenset[bytes]:
-    return frozenset(_user_key(salt, u) for u in read_parquet(Path(path), ["user_id"])["user_id"].astype(str).unique())
+def _users_in(path: str) -> frozenset[bytes]:
+    return frozenset(_user_key(u) for u in read_parquet(Path(path), ["user_id"])["user_id"].astype(str).unique())
 
 
-def _user_key(salt: bytes, user: str) -> bytes:
-    return hashlib.blake2b(user.encode(), key=salt, digest_size=16).digest()
+def _user_key(user: str) -> bytes:
+    return hashlib.blake2b(user.encode(), key=_USER_KEY, digest_size=16).digest()
 
 
 def new_request(workdir: Workdir, users: list[str], interactions: list[str], request_id: str | None = None,
