@@ -102,8 +102,14 @@ def assert_baselines_trained_apart(config, workdir, names):
 
 
 def bootstrap_aucs(labels, scores, draws):
-    """The AUC of each resample, drawn row by row (sklearn); None where a resample has one class."""
-    return [roc_auc_score(labels[rows], scores[rows]) if 0 < labels[rows].sum() < len(rows) else None for rows in draws]
+    """The AUC of each resample by its definition, the share of (positive, negative) pairs the scores
+    order right, ties counting half (sklearn's AUC on a resample row by row took ~30 s here); None
+    where a resample has one class."""
+    y, s = labels[draws].astype(bool), scores[draws]
+    pairs = y[:, :, None] & ~y[:, None, :]
+    right = (s[:, :, None] > s[:, None, :]) + 0.5 * (s[:, :, None] == s[:, None, :])
+    counts = pairs.sum(axis=(1, 2))
+    return [float(r) / c if c else None for r, c in zip((right * pairs).sum(axis=(1, 2)), counts)]
 
 
 def percentiles(values):

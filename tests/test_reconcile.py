@@ -172,6 +172,7 @@ def test_a_job_killed_in_every_state_is_resubmitted_until_done_and_equals_traini
 # --- the reconciler killed ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # a training and a forget job of its own: make test-slow; make test keeps the reconciler's path in test_serving
 def test_killing_the_reconciler_while_a_request_is_pending_another_one_finishes_it(ray_session, tiny_config, work):
     import ray
 
@@ -210,7 +211,7 @@ def _status(handle):
 # --- repeated failures: failed, visible, retried or abandoned ----------------------------------------------
 
 
-@pytest.mark.slow  # ~2 minutes of repeated jobs: make test-slow; the reconciler-kill test keeps the reconciler in make test
+@pytest.mark.slow  # ~2 minutes of repeated jobs: make test-slow
 def test_a_request_failing_the_same_way_is_failed_visibly_then_abandoned_or_retried(ray_session, tiny_config, work):
     config_path, workdir = work
     owners = _users_by_shard(workdir)
@@ -263,7 +264,7 @@ def test_a_request_failing_the_same_way_is_failed_visibly_then_abandoned_or_retr
 # --- twenty requests over HTTP ------------------------------------------------------------------------
 
 
-@pytest.mark.slow  # ~2 minutes of rounds: make test-slow; make test keeps the reconciler-kill test
+@pytest.mark.slow  # ~2 minutes of rounds: make test-slow
 def test_twenty_requests_posted_within_a_second_all_reach_done_in_at_most_two_rounds_per_shard(ray_session, tiny_config, work):
     from ray import serve
 

@@ -109,7 +109,37 @@ def mlflow_server(tmp_path, monkeypatch):
     server.wait(timeout=30)
 
 
-@pytest.mark.slow  # make test keeps a real mlflow server in the Mistral CLI-forget test (test_your_model_and_data)
+def test_a_shard_version_is_stored_served_and_purged_through_a_real_mlflow_server(trained_tiny, tmp_path, mlflow_server):
+    """The server's side of what a forget does to the registry, on a trained shard's files: a new
+    version with its lineage, the artifacts held by the server and downloaded back, the old
+    version purged there: its run and every file."""
+    url, artifact_root = mlflow_server
+    trained, _ = trained_tiny
+    registry = Registry("tiny-on-a-server", tmp_path / "work")
+    assert registry.tracking_uri == url
+
+    def log(losses):
+        return registry.log_shard_version(0, trained.adapter(0), trained.checkpoints(0), {"shard": 0}, losses, {"samples": "1"})
+
+    first = log([0.7, 0.6])
+    registry.set_live(registry.shard_model(0), first)
+    second = log([0.5])
+    registry.set_live(registry.shard_model(0), second)
+    live = registry.live_version(registry.shard_model(0))
+    assert (live.version, live.tags["parent_version"]) == (second, first)
+    old = registry.client.get_model_version(registry.shard_model(0), first)
+    assert any(old.run_id in str(p) for p in artifact_root.rglob("adapter.pt"))  # the server holds the files
+    downloaded = Path(registry.download(live.source, tmp_path / "download")) / "adapter.pt"
+    assert downloaded.read_bytes() == (trained.adapter(0) / "adapter.pt").read_bytes()
+
+    removed = registry.purge_version(registry.shard_model(0), first)
+    assert "adapter/adapter.pt" in removed["artifacts"] and any(f.startswith("checkpoints/slice-") for f in removed["artifacts"])
+    assert registry.run_artifacts(old.run_id) == []
+    assert not [p for p in artifact_root.rglob("*") if p.is_file() and old.run_id in str(p)]
+    assert [v.version for v in registry.versions(registry.shard_model(0))] == [second]
+
+
+@pytest.mark.slow  # three trainings: make test-slow; make test keeps the server's side of a forget (above)
 def test_retrain_purge_and_lineage_against_a_real_mlflow_server(ray_session, tiny_config, tmp_path, mlflow_server):
     url, artifact_root = mlflow_server
     workdir = Workdir(tmp_path / "work")
