@@ -312,7 +312,8 @@ def ending(story: Story, config: Config, workdir: Workdir, model: dict, train_re
     verdict = "above" if apa["auc"] > floor["auc"] else "not above"
     say(f"- What this scale lets the model learn: with {sum(s['samples'] for s in train_report['shards'].values())} training "
         f"samples, LoRA in {model['trained_layers']} layers and "
-        f"{config.train.epochs} epochs, APA's AUC {apa['auc']:.3f} is {verdict} the history floor {floor['auc']:.3f} (the "
+        f"{config.train.epochs} epoch{'s' if config.train.epochs > 1 else ''}, APA's AUC {apa['auc']:.3f} is {verdict} "
+        f"the history floor {floor['auc']:.3f} (the "
         f"untuned model: {model['untuned_auc']:.3f}); the intervals show how wide the noise is on {evaluation['n_test']} test samples. "
         "At 4096 training samples and 1000 test samples one adapter reaches 0.711 and APA 0.701 against a history floor "
         "of 0.697 (2026-12-03), the APA paper's LLaMA-7B 0.743: docs/results.md.")
