@@ -22,12 +22,23 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+import yaml  # noqa: E402
 
 from components.config import load_config  # noqa: E402
 from components.store import Workdir  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
+
+
+def tiny_config_file(path: Path, **sections: dict) -> Path:
+    """configs/tiny.yaml with the given keys of its sections replaced, written to `path`: for the
+    jobs and the service, which read a config file."""
+    raw = yaml.safe_load(TINY.read_text())
+    for section, values in sections.items():
+        raw[section] = {**raw.get(section, {}), **values}
+    path.write_text(yaml.safe_dump(raw))
+    return path
 
 
 def free_port() -> int:

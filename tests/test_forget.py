@@ -12,7 +12,6 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-import yaml
 from safetensors import safe_open
 
 from components import unlearn
@@ -41,7 +40,7 @@ from ray_jobs import forget as forget_job
 from ray_jobs import rounds
 from ray_jobs import train as train_job
 
-from .conftest import ROOT, TINY
+from .conftest import ROOT, TINY, tiny_config_file
 
 
 def shard_of_users(workdir):
@@ -133,11 +132,7 @@ FORGOTTEN = {"users": [], "interactions": []}  # everything the module's work di
 def forget_config_file(tmp_path_factory):
     """The tiny config with two shards, not four: half the Ray Train runs (~14 CPU-s each) in each
     of the module's trainings. A round that touches one shard leaves the other as it was, as at K=4."""
-    path = tmp_path_factory.mktemp("forget-config") / "tiny-k2.yaml"
-    raw = yaml.safe_load(TINY.read_text())
-    raw["partition"] = {**raw["partition"], "num_shards": 2}
-    path.write_text(yaml.safe_dump(raw))
-    return path
+    return tiny_config_file(tmp_path_factory.mktemp("forget-config") / "tiny-k2.yaml", partition={"num_shards": 2})
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-import yaml
 
 from components.data import read_parquet
 from components.lease import Lease
@@ -26,7 +25,7 @@ from components.registry import Registry
 from components.store import Workdir
 from components.unlearn import STATES, all_requests, load_request, new_request
 
-from .conftest import ROOT, TINY, free_port
+from .conftest import ROOT, free_port, tiny_config_file
 
 TOKEN = "reconcile-test-token"
 pytestmark = pytest.mark.timeout(900)
@@ -75,11 +74,8 @@ def work(trained_tiny, tiny_config, tmp_path_factory):
     from ray_jobs.train import run as train
 
     root = tmp_path_factory.mktemp("reconcile")
-    config_path = root / "tiny.yaml"
-    raw = yaml.safe_load(TINY.read_text())
-    raw["serving"] = {**raw.get("serving", {}), "forget_token": TOKEN}
-    raw["forget"] = {"max_masked_share": 1.0}  # coalescing and retries: every request masked at once (the bound: test_serving)
-    config_path.write_text(yaml.safe_dump(raw))
+    # Coalescing and retries: every request masked at once (the bound: test_serving).
+    config_path = tiny_config_file(root / "tiny.yaml", serving={"forget_token": TOKEN}, forget={"max_masked_share": 1.0})
     workdir = Workdir(root / "work")
     train(tiny_config, workdir, states_from=trained_tiny[0])  # the session's trunk states, linked
     yield config_path, workdir

@@ -43,7 +43,7 @@ from components.unlearn import load_request
 from serving.client import RecommenderClient, RecommenderError
 from serving.http import ForgetBody
 
-from .conftest import ROOT, TINY
+from .conftest import ROOT, TINY, tiny_config_file
 
 TOKEN = "test-forget-token"
 HISTORY = [{"item_id": 1, "rating": 5}, {"item_id": 50, "rating": 4}, {"item_id": "100", "rating": 2}, {"item_id": 181, "rating": 1}]
@@ -102,12 +102,8 @@ def served(trained_tiny, tmp_path_factory):
     from serving.app import build_app
 
     root = tmp_path_factory.mktemp("serving")
-    raw = yaml.safe_load(TINY.read_text())
-    raw["serving"] = {**raw.get("serving", {}), "forget_token": TOKEN}
     # Two shards, not the tiny config's four: half the Ray Train runs (~14 CPU-s each) for the same paths.
-    raw["partition"] = {**raw["partition"], "num_shards": 2}
-    config_path = root / "tiny-serving.yaml"
-    config_path.write_text(yaml.safe_dump(raw))
+    config_path = tiny_config_file(root / "tiny-serving.yaml", serving={"forget_token": TOKEN}, partition={"num_shards": 2})
     config = load_config(config_path)
     workdir = Workdir(root / "work")
     train(config, workdir, states_from=trained_tiny[0])  # the session's trunk states, linked
