@@ -35,17 +35,10 @@ def alone(model, tokenizer, config, prompt):
     return trunk_pass(model, tokenize(tokenizer, [prompt], config.model.max_length), config.model)
 
 
-@pytest.fixture(scope="module")
-def stored(ray_session, tiny_config, model, tmp_path_factory):
-    workdir = Workdir(tmp_path_factory.mktemp("ray-data-pass"))
-    splits, store_pass = ray_prepare(tiny_config, workdir, model[1])
-    return workdir, splits, store_pass
-
-
-def test_batched_states_and_embeddings_equal_one_at_a_time_ones(stored, tiny_config, model):
-    workdir, splits, store_pass = stored
+def test_batched_states_and_embeddings_equal_one_at_a_time_ones(trained_tiny, tiny_config, model):
+    workdir, report = trained_tiny  # its train job computed the store with this pass
     samples = load_splits(workdir)["train"]
-    assert store_pass.samples_computed == sum(map(len, splits.values()))
+    assert report["store"]["samples_computed"] == sum(map(len, load_splits(workdir).values()))
     # Prompts of different lengths share the pass's batches (max_length 256 cuts none of them).
     batch = by_token_count(samples, model[1], tiny_config).head(tiny_config.inference.batch_size)
     lengths = {len(model[1].encode(p)) for p in batch["prompt"]}
@@ -70,8 +63,9 @@ def test_without_a_trunk_store_the_embeddings_come_back_from_the_workers(ray_ses
         np.testing.assert_allclose(embedding, alone(*model, config, prompt).embedding[0].numpy(), rtol=0, atol=EMBEDDING_ATOL)
 
 
-def test_an_interrupted_pass_computes_only_the_missing_states(stored, tiny_config, model, tmp_path):
-    source, _, _ = stored
+def test_an_interrupted_pass_computes_only_the_missing_states_on_the_actor_pool(trained_tiny, ray_session, tiny_config, model,
+                                                                               tmp_path):
+    source, _ = trained_tiny
     workdir = Workdir(tmp_path)
     before = load_splits(source)
     ids = [s for frame in before.values() for s in frame["sample_id"]]
@@ -80,19 +74,15 @@ def test_an_interrupted_pass_computes_only_the_missing_states(stored, tiny_confi
     workdir.trunk.remove(missing)
     _, store_pass = ray_prepare(tiny_config, workdir, model[1])
     assert store_pass.samples_computed == len(missing)
+    assert store_pass.pids and os.getpid() not in store_pass.pids  # never in the driver
+    assert len(store_pass.pids) <= store_pass.config.inference.workers  # the model loaded once per actor
+    alive = {node["NodeID"] for node in ray_session.nodes() if node["Alive"]}
+    assert store_pass.report()["nodes"] and set(store_pass.report()["nodes"]) <= alive
     assert all(workdir.trunk.path(s).read_bytes() == source.trunk.path(s).read_bytes() for s in ids)
     after = load_splits(workdir)
     for name, frame in before.items():
         assert after[name]["sample_id"].tolist() == frame["sample_id"].tolist()
         assert np.array_equal(np.stack(after[name]["embedding"]), np.stack(frame["embedding"]))
-
-
-def test_the_pass_runs_on_the_actor_pool_and_records_its_nodes(stored, ray_session):
-    _, _, store_pass = stored
-    assert store_pass.pids and os.getpid() not in store_pass.pids  # never in the driver
-    assert len(store_pass.pids) <= store_pass.config.inference.workers  # the model loaded once per actor
-    alive = {node["NodeID"] for node in ray_session.nodes() if node["Alive"]}
-    assert store_pass.report()["nodes"] and set(store_pass.report()["nodes"]) <= alive
 
 
 def test_the_reference_embedded_on_the_pool_has_one_process_bits(ray_session, tiny_config, model):
