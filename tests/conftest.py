@@ -114,8 +114,11 @@ def two_node_cluster():
     cluster = Cluster(connect=False)
     try:
         # The first node added is the head. No dashboard: nothing here needs it, and its processes
-        # would slow the start on 2 cores.
-        cluster.add_node(**TEST_NODE, include_dashboard=False, dashboard_agent_listen_port=free_port())
+        # would slow the start on 2 cores. A removed node is declared dead after 3 failed health
+        # checks a second apart, not Ray's 5 three seconds apart: 4 s instead of 14 here (a killed
+        # raylet refuses at once; a busy one still has Ray's 10 s to answer each check).
+        cluster.add_node(**TEST_NODE, include_dashboard=False, dashboard_agent_listen_port=free_port(),
+                         _system_config={"health_check_period_ms": 1000, "health_check_failure_threshold": 3})
         restore_address()
         worker = cluster.add_node(**TEST_NODE)
         cluster.wait_for_nodes()
