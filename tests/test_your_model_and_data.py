@@ -357,7 +357,7 @@ def test_qwen2_on_books_trains_serves_forgets_and_equals_training_from_scratch(r
     assert_identical_to_scratch(config, workdir, tmp_path, [user], [])
 
 
-@pytest.mark.slow  # a training and a forget of its own: make test-slow; make test scans on a real server in test_registry
+@pytest.mark.slow  # a training and a forget of its own: make test-slow; make test purges on a real server in test_registry
 def test_mistral_on_books_forgets_a_user_from_the_command_line_without_a_trace(ray_session, folders, books, tmp_path,
                                                                                capsys, mlflow_server):
     """On a real MLflow server: the id is found nowhere after the forget, its database and
