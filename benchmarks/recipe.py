@@ -28,12 +28,12 @@ import argparse
 import json
 import tempfile
 import time
-from pathlib import Path
 from typing import NamedTuple
 
 import ray
 
 from benchmarks.common import MOVIELENS, bench_dir, offline, shared_store
+from components.checkpoints import SliceCheckpoints
 from components.config import Config, load_config
 from components.data import read_parquet, stable_hash
 from components.metrics import auc, auc_interval
@@ -119,7 +119,7 @@ def try_recipe(config_json: dict, store: str, train_ids: list[str]) -> list[dict
               f"valid AUC {rows[-1]['valid_auc']:.4f}", flush=True)
 
     with tempfile.TemporaryDirectory() as checkpoints:
-        train_shard(config, 0, train, valid, Path(checkpoints), base, tokenizer,
+        train_shard(config, 0, train, valid, SliceCheckpoints(checkpoints), base, tokenizer,
                     lambda frame: sample_states(config, workdir, frame, base, tokenizer), after_epoch=after_epoch)
     return rows
 

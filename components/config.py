@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 # Every process of the platform (jobs, Ray workers, Serve replicas, benchmarks) runs offline and quiet.
 OFFLINE_ENV = {
@@ -217,6 +217,17 @@ class TrainConfig(Section):
     # Shard runs started at once (None: all K). Each run holds a Ray Train controller and workers
     # while it waits for CPUs: at K=64 on one 24 GiB node, all at once would not fit in memory.
     max_concurrent_shards: int | None = Field(None, ge=1)
+    # Where the shards' Ray Train runs keep their slice checkpoints: unset, the work dir (DIR/shards);
+    # else a URI every node reaches through pyarrow (s3://bucket/prefix, gs://..., file:///mnt/nfs/...)
+    # or an absolute path, under which each work dir is given a folder of its own (DIR/storage.json).
+    storage: str | None = None
+
+    @field_validator("storage")
+    @classmethod
+    def _uri_or_absolute_path(cls, value: str | None) -> str | None:
+        if value is not None and "://" not in value and not value.startswith("/"):
+            raise ValueError(f"train.storage {value!r} is neither a URI (s3://bucket/prefix, file:///path) nor an absolute path")
+        return value.rstrip("/") if value else value
 
 
 class InferenceConfig(Section):

@@ -25,8 +25,8 @@ def scan_workdir(workdir: Workdir, config, users: set[str], interactions: set[st
     for shard in range(workdir.num_shards()):
         samples = read_parquet(workdir.shard_samples(shard))
         slices = [samples.loc[samples["slice"] == r, "sample_id"].tolist() for r in range(config.partition.num_slices)]
-        checkpoints = sorted(workdir.checkpoints(shard).glob("slice-*"))
-        if len(checkpoints) > last_clean_stage(workdir.checkpoints(shard), slices, config) + 1:
+        checkpoints = workdir.checkpoints(shard)
+        if len(checkpoints.stages()) > last_clean_stage(checkpoints, slices, config) + 1:
             findings.append(f"checkpoints: shard {shard} keeps a checkpoint trained on other data")
     stored = {s for path in files if path.exists() for s in read_parquet(path)["sample_id"]}
     for path, header in workdir.trunk.headers():

@@ -155,13 +155,14 @@ class Registry:
         self,
         shard: int,
         adapter_dir: Path,
-        checkpoint_dir: Path,
+        checkpoint_dir: Path | None,
         params: dict,
         losses: list[float],
         tags: dict[str, str],
         figures: dict[str, object] | None = None,
     ) -> str:
-        """One run + one registered version for a trained shard; returns the version (not yet live)."""
+        """One run + one registered version for a trained shard, its slice checkpoints (a local
+        folder, or None) logged beside the adapter; returns the version (not yet live)."""
         name = self.shard_model(shard)
         self._ensure_model(name, f"LoRA/prompt adapter of shard {shard} of experiment {self.experiment}")
         parent = self.live_version(name)
@@ -174,7 +175,7 @@ class Registry:
             for start in range(0, len(metrics), 900):
                 self.client.log_batch(run_id, metrics=metrics[start : start + 900])
             self.client.log_artifacts(run_id, str(adapter_dir), "adapter")
-            if checkpoint_dir.exists():
+            if checkpoint_dir is not None:
                 self.client.log_artifacts(run_id, str(checkpoint_dir), "checkpoints")
             for artifact_file, figure in (figures or {}).items():
                 self.client.log_figure(run_id, figure, artifact_file)

@@ -4,7 +4,8 @@
     DIR/trunk/<xx>/<hash>.safetensors     a sample's trunk states (model.trunk_layers > 0), nothing else
     DIR/public/partitioner.npz            fitted on catalogue prompts only
     DIR/shards/shard-<k>/samples.parquet  a shard's training samples with their slice
-    DIR/shards/shard-<k>/checkpoints/     slice checkpoints
+    DIR/shards/shard-<k>/checkpoints/     slice checkpoints (components.checkpoints), unless
+                                          train.storage puts them under a URI: DIR/storage.json says where
     DIR/shards/shard-<k>/adapter/         the latest trained adapter
     DIR/reports/  DIR/audit/  DIR/requests/  DIR/mlflow.db  DIR/mlartifacts/
 """
@@ -15,6 +16,7 @@ import hashlib
 import json
 import os
 import tempfile
+import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +27,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from components.checkpoints import SliceCheckpoints
 from components.config import Config
 from components.data import (
     SPLITS,
@@ -47,6 +50,8 @@ from components.model import (
 from components.partition import Partitioner, reference_prompts, shard_sizes_report, slice_of
 from components.progress import progress
 
+STORAGE_FILE = "storage.json"
+
 
 @dataclass(frozen=True)
 class Workdir:
@@ -68,8 +73,25 @@ class Workdir:
     def shard_samples(self, shard: int) -> Path:
         return self.shard_dir(shard) / "samples.parquet"
 
-    def checkpoints(self, shard: int) -> Path:
-        return self.shard_dir(shard) / "checkpoints"
+    def shard_runs(self) -> str:
+        """Where the shards' Ray Train runs keep their checkpoints (RunConfig.storage_path): DIR/shards,
+        or this work dir's own folder under train.storage, given at its first training."""
+        bound = self.storage_binding()
+        return bound["shard_runs"] if bound else str(self.root / "shards")
+
+    def checkpoints(self, shard: int) -> SliceCheckpoints:
+        return SliceCheckpoints(f"{self.shard_runs()}/shard-{shard}/checkpoints")
+
+    def storage_binding(self) -> dict | None:
+        path = self.root / STORAGE_FILE
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def bind_storage(self, storage: str | None) -> None:
+        """Give the work dir a folder of its own under `storage` (train.storage; None: the work dir
+        itself), once: its checkpoints stay there (check_inputs refuses a config naming another)."""
+        if storage and not self.storage_binding():
+            name = f"{self.root.name}-{uuid.uuid4().hex[:8]}"  # work dirs of one name never share a folder
+            write_json(self.root / STORAGE_FILE, {"storage": storage, "shard_runs": f"{storage.rstrip('/')}/{name}"})
 
     def adapter(self, shard: int) -> Path:
         return self.shard_dir(shard) / "adapter"
@@ -185,6 +207,12 @@ def check_inputs(config: Config, workdir: Workdir, builds_store: bool = False) -
         except DataError as err:
             raise DataError(f"{config.data.interactions_path or config.data.source}: {err}") from None
     answer_token_ids(load_tokenizer(config.model), config.model)
+    bound = workdir.storage_binding()
+    trained_here = bound is None and any((workdir.root / "shards").glob("shard-*/checkpoints"))
+    if (bound and bound["storage"] != config.train.storage) or (trained_here and config.train.storage):
+        where = f"under {bound['shard_runs']} ({workdir.root / STORAGE_FILE})" if bound else "in the work dir"
+        raise ValueError(f"{workdir.root} keeps its slice checkpoints {where}, but the config's train.storage is "
+                         f"{config.train.storage!r}: set it back, or train in a new work dir")
 
 
 def sample_states(config: Config, workdir: Workdir, samples: pd.DataFrame, model=None, tokenizer=None) -> list[torch.Tensor]:

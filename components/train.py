@@ -13,8 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import pickle
-import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -29,12 +27,12 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from torch import nn
 
 from components.architectures import lora_targets
+from components.checkpoints import SliceCheckpoints
 from components.config import Config
 from components.data import stable_hash
 from components.model import answer_token_ids, decoder_of, head_logits, p_yes, pad_states
 
 ADAPTER_FILE = "adapter.pt"
-CHECKPOINT_FILE = "checkpoint.pt"
 
 
 def shard_seed(seed: int, shard: int) -> int:
@@ -128,26 +126,6 @@ def save_atomic(obj, path: Path) -> None:
         raise
 
 
-def checkpoint_path(checkpoint_dir: Path, stage: int) -> Path:
-    """Stage r's checkpoint: a folder (a Ray Train checkpoint, see ray_jobs.shard_training) holding one file."""
-    return checkpoint_dir / f"slice-{stage}" / CHECKPOINT_FILE
-
-
-def remove_checkpoint(checkpoint_dir: Path, stage: int) -> None:
-    shutil.rmtree(checkpoint_dir / f"slice-{stage}", ignore_errors=True)
-    (checkpoint_dir / f"slice-{stage}.pt").unlink(missing_ok=True)  # a work dir trained before Ray Train checkpoints
-
-
-def read_checkpoint(checkpoint_dir: Path, stage: int) -> dict | None:
-    """A stage's checkpoint, or None where there is none or it was cut short (a copy into storage
-    interrupted by a failure: that stage is trained again)."""
-    path = checkpoint_path(checkpoint_dir, stage)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError):  # missing, or cut short
-        return None
-
-
 def learning_rate(config: Config) -> float:
     """The rate the adapter trains at: a soft prompt's own where the config sets one."""
     if config.adapter.kind == "prompt" and config.train.prompt_learning_rate is not None:
@@ -158,7 +136,7 @@ def learning_rate(config: Config) -> float:
 def training_sha256(config: Config) -> str:
     """What a checkpoint's bits depend on besides the data: model, adapter, training, seed."""
     train = config.train.model_dump(mode="json", exclude={"cpus_per_actor", "retrain_cpus", "gpus_per_actor", "max_restarts",
-                                                          "prompt_learning_rate", "max_concurrent_shards"})
+                                                          "prompt_learning_rate", "max_concurrent_shards", "storage"})
     relevant = {"seed": config.seed, "model": config.model.model_dump(mode="json"), "adapter": config.adapter.model_dump(mode="json"),
                 "train": {**train, "learning_rate": learning_rate(config)}, "num_slices": config.partition.num_slices}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
@@ -170,13 +148,13 @@ def stage_manifests(slices: list[list[str]], config: Config) -> list[str]:
     return [hashlib.sha256((training + manifest_sha256(s)).encode()).hexdigest() for s in slices]
 
 
-def last_clean_stage(checkpoint_dir: Path, slices: list[list[str]], config: Config) -> int:
+def last_clean_stage(checkpoints: SliceCheckpoints, slices: list[list[str]], config: Config) -> int:
     """The latest stage whose checkpoint was trained on exactly the current slices 0..r with the
     same training configuration; -1 if none."""
     manifests = stage_manifests(slices, config)
     clean = -1
     for stage in range(len(slices)):
-        saved = read_checkpoint(checkpoint_dir, stage)
+        saved = checkpoints.read(stage)
         if saved is None or saved["manifests"] != manifests[: stage + 1]:
             break
         clean = stage
@@ -209,7 +187,7 @@ def train_shard(
     shard: int,
     samples: pd.DataFrame,
     valid: pd.DataFrame,
-    checkpoint_dir: Path,
+    checkpoints: SliceCheckpoints,
     base: nn.Module,
     tokenizer,
     states_of: Callable[[pd.DataFrame], list[torch.Tensor]],
@@ -222,8 +200,8 @@ def train_shard(
     """Train (or resume) one shard's adapter on `base` (frozen; the trunk may be dropped).
     `samples` carries sample_id, label and slice; `states_of(rows)` gives the rows' trunk states.
     `after_epoch(model, stage, epoch)` may look at the model (e.g. score validation samples).
-    `save_checkpoint(state, stage)` stores a stage's checkpoint (default: a file under
-    `checkpoint_dir`); every rank calls it, rank 0 with the state, the others with None.
+    `save_checkpoint(state, stage)` stores a stage's checkpoint (default: `checkpoints.write`);
+    every rank calls it, rank 0 with the state, the others with None.
     With `world_size` > 1 (torch.distributed initialised), rank r takes rows r, r+W, ... of every
     batch and the gradients are summed across ranks: the full batch's gradient, in a fixed order."""
     started = time.time()
@@ -235,11 +213,11 @@ def train_shard(
 
     model = _on_device(AdaptedHead(config, shard, base), config)
     optimizer = torch.optim.AdamW(model.trainable(), lr=learning_rate(config), weight_decay=config.train.weight_decay)
-    resume = last_clean_stage(checkpoint_dir, slices, config)
-    losses = _resume(model, optimizer, checkpoint_dir, resume, rank)
+    resume = last_clean_stage(checkpoints, slices, config)
+    losses = _resume(model, optimizer, checkpoints, resume, rank)
     if rank == 0:
         for stale in range(resume + 1, num_slices):  # checkpoints of other data must not survive
-            remove_checkpoint(checkpoint_dir, stale)
+            checkpoints.remove(stale)
 
     def step(rows: pd.DataFrame) -> float:
         optimizer.zero_grad(set_to_none=True)
@@ -270,7 +248,7 @@ def train_shard(
         if save_checkpoint:
             save_checkpoint(state, stage)
         elif state is not None:
-            save_atomic(state, checkpoint_path(checkpoint_dir, stage))
+            checkpoints.write(state, stage)
         if progress:
             progress({"shard": shard, "stage": stage, "checkpoint": True, "step": len(losses)})
 
@@ -300,12 +278,12 @@ def _on_device(model: AdaptedHead, config: Config) -> AdaptedHead:
     return model
 
 
-def _resume(model: AdaptedHead, optimizer, checkpoint_dir: Path, resume: int, rank: int) -> list[float]:
+def _resume(model: AdaptedHead, optimizer, checkpoints: SliceCheckpoints, resume: int, rank: int) -> list[float]:
     """Load checkpoint `resume` (none where it is -1) into the model, the optimizer and this rank's
     random state, so that dropout continues as if never interrupted; returns the losses so far."""
     if resume < 0:
         return []
-    state = read_checkpoint(checkpoint_dir, resume)
+    state = checkpoints.read(resume)
     model.load_adapter_state(state["adapter"])
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng_by_rank"][rank])
@@ -363,7 +341,7 @@ def predict_states(model: AdaptedHead, states: list[torch.Tensor], yes_id: int, 
 
 
 def checkpoint_result(config: Config, shard: int, samples: pd.DataFrame, valid_states: list[torch.Tensor],
-                      checkpoint_dir: Path, base: nn.Module, tokenizer) -> ShardResult | None:
+                      checkpoints: SliceCheckpoints, base: nn.Module, tokenizer) -> ShardResult | None:
     """The shard as its last clean slice checkpoint left it, with that adapter's validation
     predictions (the pass training ends with); None where no checkpoint is clean. Clean means its
     manifest names exactly the current slices 0..c: in either slice mode it has seen those and
@@ -371,10 +349,10 @@ def checkpoint_result(config: Config, shard: int, samples: pd.DataFrame, valid_s
     adapter: give each shard its own."""
     samples = samples.sort_values("sample_id")
     slices = [samples.loc[samples["slice"] == r, "sample_id"].tolist() for r in range(config.partition.num_slices)]
-    stage = last_clean_stage(checkpoint_dir, slices, config)
+    stage = last_clean_stage(checkpoints, slices, config)
     if stage < 0:
         return None
-    saved = read_checkpoint(checkpoint_dir, stage)
+    saved = checkpoints.read(stage)
     model = AdaptedHead(config, shard, base)
     model.load_adapter_state(saved["adapter"])
     seen = sum(slices[: stage + 1], [])

@@ -15,6 +15,7 @@ from pathlib import Path
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from components.checkpoints import delete, read_bytes, write_bytes
 from components.config import OFFLINE_ENV, Config, ConfigError, load_config
 from components.data import DataError
 from components.store import Workdir, check_inputs
@@ -112,7 +113,8 @@ class SharedStorageError(RuntimeError):
 
 
 @ray.remote(num_cpus=0)
-def _what_this_node_sees(probe: str, token: str, model_path: str | None, model_digest: str | None, needs_cuda: bool) -> list[str]:
+def _what_this_node_sees(probe: str, storage_probe: str | None, token: str, model_path: str | None, model_digest: str | None,
+                         needs_cuda: bool) -> list[str]:
     import torch
 
     from components.model import model_folder
@@ -121,6 +123,8 @@ def _what_this_node_sees(probe: str, token: str, model_path: str | None, model_d
     path = Path(probe)
     if not path.exists() or path.read_text() != token:
         problems.append(f"does not see the work dir {path.parent} (the file the driver just wrote there is not there)")
+    if storage_probe and read_bytes(storage_probe) != token.encode():
+        problems.append(f"does not reach train.storage {storage_probe.rsplit('/', 1)[0]} (the driver's file there is not there)")
     folder = model_folder(model_path)
     if folder_digest(folder) != model_digest:
         problems.append(f"does not see the model folder {folder} as the driver does (missing or other files)")
@@ -139,31 +143,45 @@ def folder_digest(folder: Path) -> str | None:
 
 def check_nodes(config: Config, workdir: Workdir) -> None:
     """The shared-storage contract, checked at start: every alive node of the cluster sees the
-    work dir at the same path (a probe file the driver writes, read by a task on each node) and
-    the same model folder, and, where shards ask for GPUs, torch on each GPU node sees CUDA.
-    Raises SharedStorageError naming each node that does not."""
+    work dir at the same path (a probe file the driver writes, read by a task on each node),
+    reaches train.storage where the config names one (a probe file there too), sees the same model
+    folder, and, where shards ask for GPUs, has a torch that sees CUDA. Raises SharedStorageError
+    naming each node that does not."""
     from components.model import model_folder
 
     created = not workdir.root.exists()
     workdir.root.mkdir(parents=True, exist_ok=True)
     probe = workdir.root / f".node-probe-{uuid.uuid4().hex}"
+    storage_probe = f"{config.train.storage}/.node-probe-{uuid.uuid4().hex}" if config.train.storage else None
     token = uuid.uuid4().hex
-    probe.write_text(token)
     digest = folder_digest(model_folder(config.model.path))
+    problems = []
     try:
+        probe.write_text(token)
+        if storage_probe:
+            try:
+                write_bytes(storage_probe, token.encode())
+            except OSError as err:
+                raise SharedStorageError(f"train.storage {config.train.storage}: the driver cannot write there ({err})") from None
         nodes = [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) + n["Resources"].get("GPU", 0) > 0]
         answers = ray.get([
             _what_this_node_sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(
-                str(probe), token, config.model.path, digest, config.train.gpus_per_actor > 0 and n["Resources"].get("GPU", 0) > 0)
+                str(probe), storage_probe, token, config.model.path, digest,
+                config.train.gpus_per_actor > 0 and n["Resources"].get("GPU", 0) > 0)
             for n in nodes], timeout=300)
-    finally:
-        probe.unlink(missing_ok=True)
-    problems = [f"node {n['NodeManagerAddress']} ({n['NodeID'][:12]}) {p}" for n, found in zip(nodes, answers) for p in found]
-    if problems:
+        problems = [f"node {n['NodeManagerAddress']} ({n['NodeID'][:12]}) {p}" for n, found in zip(nodes, answers) for p in found]
+        if problems:
+            raise SharedStorageError("; ".join(problems) + ". Every node must mount the work dir (and UNLEARN_CACHE, where "
+                                     "the converted model lives) at the same path, shared storage (NFS, a ReadWriteMany "
+                                     "volume), and reach train.storage where the config names one")
+    except SharedStorageError:
         if created:
             shutil.rmtree(workdir.root, ignore_errors=True)
-        raise SharedStorageError("; ".join(problems) + ". Every node must mount the work dir (and UNLEARN_CACHE, where the "
-                                 "converted model lives) at the same path: shared storage (NFS, a ReadWriteMany volume)")
+        raise
+    finally:
+        probe.unlink(missing_ok=True)
+        if storage_probe:
+            delete(storage_probe)
 
 
 def _connect(address: str | None, log_to_driver: bool):

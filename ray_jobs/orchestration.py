@@ -30,19 +30,17 @@ def register_shards(config: Config, workdir: Workdir, registry: Registry, result
     versions = {}
     for shard, result in sorted(results.items()):
         figure = loss_curve_figure(result["losses"], f"{config.experiment} shard {shard}")
-        versions[shard] = registry.log_shard_version(
-            shard, workdir.adapter(shard), workdir.checkpoints(shard),
-            params={"shard": shard, "seed": config.seed, "adapter": config.adapter.kind,
-                    "partition": config.partition.method, "num_slices": config.partition.num_slices,
-                    "epochs": config.train.epochs, "slice_mode": config.train.slice_mode,
-                    "batch_size": config.train.batch_size, "learning_rate": learning_rate(config)},
-            losses=result["losses"],
-            tags={"samples": str(result["samples"]), "manifest_sha256": result["manifest_sha256"],
-                  "adapter_sha256": result["adapter_sha256"], "config_sha256": config.sha256(),
-                  "seed": str(config.seed), "restarted_from": str(result["restarted_from"]),
-                  "valid_auc": f"{auc(labels, result['valid_predictions']):.4f}", **(extra_tags or {})},
-            figures={"loss_curve.png": figure},
-        )
+        params = {"shard": shard, "seed": config.seed, "adapter": config.adapter.kind,
+                  "partition": config.partition.method, "num_slices": config.partition.num_slices,
+                  "epochs": config.train.epochs, "slice_mode": config.train.slice_mode,
+                  "batch_size": config.train.batch_size, "learning_rate": learning_rate(config)}
+        tags = {"samples": str(result["samples"]), "manifest_sha256": result["manifest_sha256"],
+                "adapter_sha256": result["adapter_sha256"], "config_sha256": config.sha256(),
+                "seed": str(config.seed), "restarted_from": str(result["restarted_from"]),
+                "valid_auc": f"{auc(labels, result['valid_predictions']):.4f}", **(extra_tags or {})}
+        with workdir.checkpoints(shard).local_folder() as checkpoints:
+            versions[shard] = registry.log_shard_version(shard, workdir.adapter(shard), checkpoints, params, result["losses"],
+                                                         tags, figures={"loss_curve.png": figure})
     return versions
 
 

@@ -27,7 +27,7 @@ from components.model import load_base_model, load_tokenizer, make_deterministic
 from components.proof import compare_states, compare_tensors, scan_workdir
 from components.registry import Registry, keep_own_registry
 from components.store import Workdir, copy_store, load_splits, remove_samples, sample_states, write_json
-from components.train import ADAPTER_FILE, ShardResult, checkpoint_result, remove_checkpoint, save_shard_result
+from components.train import ADAPTER_FILE, ShardResult, checkpoint_result, save_shard_result
 from components.unlearn import (
     admit_round,
     advance,
@@ -136,7 +136,7 @@ def delete_data(config: Config, workdir: Workdir, round_: dict, users: set[str],
     for shard in round_shards(round_):
         restart = round_["plan"]["shards"][str(shard)]["restart_slice"]
         for stage in range(restart, config.partition.num_slices):
-            remove_checkpoint(workdir.checkpoints(shard), stage)
+            workdir.checkpoints(shard).remove(stage)
         shutil.rmtree(workdir.adapter(shard), ignore_errors=True)
         workdir.progress(shard).unlink(missing_ok=True)
     shutil.rmtree(workdir.path("reports", "predictions"), ignore_errors=True)

@@ -3,6 +3,9 @@
     DIR/shards/shard-<k>/                 the shard's Ray Train run (storage_path DIR/shards, name shard-<k>)
     DIR/shards/shard-<k>/checkpoints/slice-<r>/checkpoint.pt   its slice checkpoints, Ray Train checkpoints
 
+or, where train.storage names a URI (s3://, file://...), the runs under the work dir's own folder
+there (Workdir.shard_runs); the shard's samples, adapter and progress stay in the work dir.
+
 Each trainer's workers (train.workers_per_shard, train.cpus_per_actor / gpus_per_actor each) run
 `components.train.train_shard`; every slice checkpoint is reported to Ray Train, which copies it
 into the run's storage, and a failed worker group is restarted by Ray Train (FailureConfig) and
@@ -28,12 +31,13 @@ from ray.train import Checkpoint, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from components.checkpoints import CHECKPOINT_FILE, delete
 from components.config import ALLOCATOR_ENV, Config
 from components.data import read_parquet
 from components.model import load_base_model, load_tokenizer, make_deterministic
 from components.progress import progress
 from components.store import Workdir, sample_states
-from components.train import CHECKPOINT_FILE, gathered, save_atomic, save_shard_result, shard_steps, train_shard
+from components.train import gathered, save_atomic, save_shard_result, shard_steps, train_shard
 
 # Ray Train's own record of a run's checkpoints; it would bring back checkpoints a forget purged.
 RAY_TRAIN_SNAPSHOT = "checkpoint_manager_snapshot.json"
@@ -109,7 +113,7 @@ def shard_trainer(config: Config, workdir: Workdir, shard: int, results) -> Torc
         scaling_config=ScalingConfig(num_workers=config.train.workers_per_shard, resources_per_worker=resources,
                                      use_gpu=bool(config.train.gpus_per_actor)),
         run_config=RunConfig(
-            name=workdir.shard_dir(shard).name, storage_path=str(workdir.shard_dir(shard).parent),
+            name=f"shard-{shard}", storage_path=workdir.shard_runs(),
             failure_config=FailureConfig(max_failures=config.train.max_restarts),
             worker_runtime_env={"env_vars": ALLOCATOR_ENV},
         ),
@@ -122,7 +126,7 @@ def fit(config: Config, workdir: Workdir, shard: int, results) -> None:
     ControllerError that Ray does not retry: start the run again, it resumes from the last clean
     slice checkpoint all the same."""
     for attempt in range(config.train.max_restarts + 1):
-        (workdir.shard_dir(shard) / RAY_TRAIN_SNAPSHOT).unlink(missing_ok=True)
+        delete(f"{workdir.shard_runs()}/shard-{shard}/{RAY_TRAIN_SNAPSHOT}")
         try:
             shard_trainer(config, workdir, shard, results).fit()
             return
@@ -144,6 +148,7 @@ def train_shards(config: Config, workdir: Workdir, shards: list[int]) -> dict[in
     # A worker's report waits in a queue of one until the controller's next poll (2 s by default):
     # a forget's few small slices would spend seconds waiting there.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    workdir.bind_storage(config.train.storage)
     results = ShardResults.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
         ray.get_runtime_context().get_node_id(), soft=False)).remote()
     for shard in shards:

@@ -22,7 +22,7 @@ from components.model import answer_token_ids, load_base_model, load_tokenizer
 from components.proof import compare_tensors, scan_workdir
 from components.registry import Registry
 from components.store import Workdir, load_splits, sample_states, user_moves
-from components.train import ADAPTER_FILE, AdaptedHead, predict_states, read_checkpoint
+from components.train import ADAPTER_FILE, AdaptedHead, predict_states
 from components.unlearn import (
     RequestError,
     admit_round,
@@ -113,7 +113,7 @@ def assert_interim_set(config, workdir, shards, download):
     tokenizer = load_tokenizer(config.model)
     for shard, version in interim.items():
         stage = round_["plan"]["shards"][str(shard)]["restart_slice"] - 1
-        adapter = read_checkpoint(workdir.checkpoints(shard), stage)["adapter"]
+        adapter = workdir.checkpoints(shard).read(stage)["adapter"]
         assert compare_tensors(torch.load(Path(live.shards[shard]["local"]) / ADAPTER_FILE, weights_only=True), adapter) == []
         tags = registry.client.get_model_version(registry.shard_model(shard), version).tags
         assert (tags["interim"], tags["from_checkpoint"], tags["forget_request"]) == ("true", f"slice-{stage}", round_["round_id"])
@@ -131,8 +131,11 @@ FORGOTTEN = {"users": [], "interactions": []}  # everything the module's work di
 @pytest.fixture(scope="module")
 def forget_config_file(tmp_path_factory):
     """The tiny config with two shards, not four: half the Ray Train runs (~14 CPU-s each) in each
-    of the module's trainings. A round that touches one shard leaves the other as it was, as at K=4."""
-    return tiny_config_file(tmp_path_factory.mktemp("forget-config") / "tiny-k2.yaml", partition={"num_shards": 2})
+    of the module's trainings. A round that touches one shard leaves the other as it was, as at K=4.
+    The slice checkpoints go to a storage URI (train.storage, as s3:// would), outside the work dir:
+    the module's forgets read, resume from and purge them there."""
+    folder = tmp_path_factory.mktemp("forget-config")
+    return tiny_config_file(folder / "tiny-k2.yaml", partition={"num_shards": 2}, train={"storage": f"file://{folder}/storage"})
 
 
 @pytest.fixture(scope="module")
@@ -204,6 +207,10 @@ def test_forgetting_equals_training_without_the_data(forgetting, forget_config, 
     # unless a later round retrained that shard from an earlier slice (make test-slow compares again).
     assert_identical_to_scratch(config, workdir, tmp_path, forgotten_users, forgotten_interactions)
 
+    # The checkpoints were read, resumed from and purged at the storage URI, none in the work dir.
+    assert not list(workdir.root.glob("shards/*/checkpoints")) and not list(workdir.root.glob("shards/*/slice-*"))
+    assert all(workdir.checkpoints(k).location.startswith(config.train.storage) and workdir.checkpoints(k).stages()
+               for k in range(workdir.num_shards()))
     # Nothing of anyone forgotten is left in plain text: request log, audit, store.
     for path in list(workdir.root.joinpath("requests").glob("*.json")) + list(workdir.root.joinpath("audit").glob("*.json")):
         record = json.loads(path.read_text())
@@ -293,7 +300,8 @@ def test_cli_exits_2_with_a_message_on_bad_input(forgetting, forget_config_file,
     request = tmp_path / "request.json"
     request.write_text(json.dumps({"users": ["1"]}))
     for args, message in ((["--config", str(tmp_path / "nope.yaml")], "config file not found"),
-                          (["--config", str(TINY), "--workdir", str(tmp_path / "empty")], "no trained shards")):
+                          (["--config", str(TINY), "--workdir", str(tmp_path / "empty")], "no trained shards"),
+                          (["--config", str(TINY), "--workdir", str(forgetting.root)], "keeps its slice checkpoints under")):
         with pytest.raises(SystemExit) as stopped:
             forget_job.main([*args, "--request-file", str(request)])
         assert stopped.value.code == 2 and message in capsys.readouterr().err

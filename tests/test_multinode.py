@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from components.store import Workdir
-from tests.conftest import ROOT, TINY, free_port, two_node_cluster
+from tests.conftest import ROOT, TINY, free_port, tiny_config_file, two_node_cluster
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +78,7 @@ def test_a_training_spreads_over_two_nodes_survives_losing_one_and_matches_one_n
         assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours), f"shard {shard} differs"
 
 
-def test_a_job_stops_at_start_naming_a_node_that_does_not_see_the_work_dir(cluster, tmp_path):
+def test_a_job_stops_at_start_naming_a_node_that_does_not_see_the_work_dir_or_the_storage(cluster, tmp_path):
     if subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode != 0:
         pytest.skip("needs mount namespaces (unshare -m) to give one node a different view of the file system")
     hidden = tmp_path / "shared"
@@ -99,10 +99,12 @@ def test_a_job_stops_at_start_naming_a_node_that_does_not_see_the_work_dir(clust
             time.sleep(1)
         [blind_id] = set(alive_nodes(cluster)) - known
 
-        workdir = hidden / "run"
-        training = job(cluster, "ray_jobs.train", "--config", str(TINY), "--workdir", str(workdir))
+        workdir, storage = hidden / "run", f"file://{hidden}/checkpoints"
+        config = tiny_config_file(tmp_path / "tiny.yaml", train={"storage": storage})
+        training = job(cluster, "ray_jobs.train", "--config", str(config), "--workdir", str(workdir))
         output, _ = training.communicate(timeout=300)
         assert training.returncode == 2 and f"({blind_id[:12]}) does not see the work dir {workdir}" in output, output[-3000:]
+        assert f"({blind_id[:12]}) does not reach train.storage {storage}" in output, output[-3000:]
         assert not any(node[:12] in output for node in known), "a node that sees the work dir was named"
         assert not workdir.exists(), "a job stopped at start left its work dir behind"
     finally:

@@ -7,11 +7,12 @@ import pandas as pd
 import pytest
 import torch
 
+from components.checkpoints import SliceCheckpoints
 from components.config import DataConfig, PartitionConfig
 from components.data import build_samples, load_interactions_and_items, split_by_time
 from components.model import decoder_of, embed, load_base_model, load_tokenizer, make_deterministic, tokenize, trunk_pass
 from components.partition import Partitioner, reference_prompts, slice_of
-from components.train import checkpoint_path, remove_checkpoint, train_shard
+from components.train import train_shard
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +35,7 @@ def world(tiny_config):
 
 
 def _train(world, config, train, checkpoints):
-    return train_shard(config, 0, train, world["splits"]["valid"], checkpoints, copy.deepcopy(world["model"]),
+    return train_shard(config, 0, train, world["splits"]["valid"], SliceCheckpoints(checkpoints), copy.deepcopy(world["model"]),
                        world["tokenizer"], world["states_of"])
 
 
@@ -112,8 +113,8 @@ def test_resuming_from_a_slice_checkpoint_equals_training_straight_through(world
     train = world["train"].head(40).assign(slice=lambda f: slice_of(f["user_id"], 4, 7))
     through = _train(world, config, train, tmp_path / "a")
     assert through.restarted_from == 0 and len(list((tmp_path / "a").glob("slice-*/checkpoint.pt"))) == 4
-    remove_checkpoint(tmp_path / "a", 3)
-    cut_short = checkpoint_path(tmp_path / "a", 2)  # a copy into storage interrupted by a failure
+    SliceCheckpoints(tmp_path / "a").remove(3)
+    cut_short = tmp_path / "a" / "slice-2" / "checkpoint.pt"  # a copy into storage interrupted by a failure
     cut_short.write_bytes(cut_short.read_bytes()[: cut_short.stat().st_size // 2])
     legacy = tmp_path / "a" / "slice-3.pt"  # a checkpoint file as work dirs kept them before Ray Train
     legacy.write_bytes(b"trained on data since forgotten")

@@ -119,7 +119,8 @@ def test_a_shard_version_is_stored_served_and_purged_through_a_real_mlflow_serve
     assert registry.tracking_uri == url
 
     def log(losses):
-        return registry.log_shard_version(0, trained.adapter(0), trained.checkpoints(0), {"shard": 0}, losses, {"samples": "1"})
+        with trained.checkpoints(0).local_folder() as checkpoints:
+            return registry.log_shard_version(0, trained.adapter(0), checkpoints, {"shard": 0}, losses, {"samples": "1"})
 
     first = log([0.7, 0.6])
     registry.set_live(registry.shard_model(0), first)

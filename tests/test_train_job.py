@@ -46,7 +46,7 @@ def test_shards_train_at_once_and_a_killed_worker_resumes_to_the_same_adapter(ra
     while time.time() < deadline and not any(json.loads(line).get("checkpoint") for line in
                                              (progress.read_text().splitlines() if progress.exists() else [])):
         time.sleep(0.05)
-    assert (killed.checkpoints(int(victim)) / "slice-0" / "checkpoint.pt").exists(), "no first slice checkpoint"
+    assert killed.checkpoints(int(victim)).read(0) is not None, "no first slice checkpoint"
     worker = json.loads(progress.read_text().splitlines()[-1])["pid"]
     os.kill(worker, signal.SIGKILL)  # the Ray Train worker dies as in an OOM kill; nobody calls anything
     job.join(timeout=300)
