@@ -108,7 +108,7 @@ def main() -> int:
     args = parser.parse_args()
     config = load_config(args.config)
     workdir = Workdir(Path(args.workdir))
-    shutil.rmtree(workdir.root, ignore_errors=True)  # the demo always starts from nothing
+    workdir.remove()  # the demo always starts from nothing
     logs = workdir.path("logs")
     print(f"Exact unlearning for an LLM recommender ({args.config}: {config.model.label}, K={config.partition.num_shards} "
           f"shards, R={config.partition.num_slices} slices).")
@@ -272,7 +272,7 @@ def step_check(story: Story, config: Config, workdir: Workdir, audit: dict) -> N
         diffs = compare_tensors(*(torch.load(w.adapter(shard) / ADAPTER_FILE, weights_only=True) for w in (workdir, reference)))
         live = AggregatorState.load(workdir.path("aggregator")).predictions[shard]
         same_predictions = torch.equal(live, torch.tensor(result["valid_predictions"]))
-        shutil.rmtree(reference.root)
+        reference.remove()
         if diffs or not same_predictions:
             raise AssertionError(f"shard {shard} differs from its training from scratch: tensors {diffs[:5]}, "
                                  f"validation predictions {'equal' if same_predictions else 'differ'}")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -27,7 +28,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from components.checkpoints import SliceCheckpoints
+from components.checkpoints import SliceCheckpoints, delete
 from components.config import Config
 from components.data import (
     SPLITS,
@@ -98,6 +99,13 @@ class Workdir:
 
     def progress(self, shard: int) -> Path:
         return self.shard_dir(shard) / "progress.jsonl"
+
+    def remove(self) -> None:
+        """The work dir and, where train.storage holds its checkpoints, its folder there."""
+        bound = self.storage_binding()
+        if bound:
+            delete(bound["shard_runs"])
+        shutil.rmtree(self.root, ignore_errors=True)
 
     def path(self, *parts: str) -> Path:
         return self.root.joinpath(*parts)

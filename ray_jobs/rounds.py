@@ -326,13 +326,13 @@ def verify_from_scratch(config: Config, workdir: Workdir, registry: Registry, ro
     compare every live adapter tensor, the aggregator state and the test predictions."""
     started = time.time()
     reference_dir = Workdir(workdir.path("verify", round_id))
-    shutil.rmtree(reference_dir.root, ignore_errors=True)
+    reference_dir.remove()
     copy_store(workdir, reference_dir)  # per-sample data (embeddings, trunk states) as stored
     keep_own_registry(reference_dir.root, "a forget's verification")  # never the deployment's registry
     reference_config = config.model_copy(update={"experiment": f"{config.experiment}-verify"})
     train_from_scratch(reference_config, reference_dir)
     result = compare_live(config, workdir, registry, Registry(reference_config.experiment, reference_dir.root))
-    shutil.rmtree(reference_dir.root, ignore_errors=True)
+    reference_dir.remove()
     return {**result, "seconds": round(time.time() - started, 2)}
 
 

@@ -2,7 +2,6 @@
 
 import io
 import json
-import shutil
 import subprocess
 import sys
 import time
@@ -63,7 +62,10 @@ def assert_identical_to_scratch(config, workdir, tmp_path, users, interactions):
     assert result["test_samples"] == len(load_splits(scratch)["test"]) > 0
     assert_same_trunk_states(workdir, scratch)
     assert_no_stored_state_of(workdir, set(users), set(interactions))
-    shutil.rmtree(scratch.root)
+    checkpoints = scratch.checkpoints(0)
+    assert checkpoints.stages()
+    scratch.remove()  # with its folder in the checkpoint storage
+    assert not checkpoints.stages() and not scratch.root.exists()
 
 
 def assert_same_trunk_states(workdir, scratch):
