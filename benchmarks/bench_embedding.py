@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from benchmarks.common import bench_dir, figure, finish, offline, parser
+from benchmarks.common import bench_dir, equal_but_rounding, figure, finish, offline, parser
 from components.aggregate import AggregatorState, load_mixture, predict, stored_inputs
 from components.config import load_config
 from components.metrics import auc, auc_interval
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         queries = embeddings_at(mixture.model, tokenizer, test["prompt"].tolist(), config.model.max_length, depths)
         print(f"embeddings of {len(live.state.sample_ids)} validation keys and {len(test)} test queries at depths "
               f"{depths} in {time.time() - t0:.0f}s", flush=True)
-        if not torch.equal(keys[trained], live.state.embeddings.float()):
+        if not equal_but_rounding(keys[trained], live.state.embeddings):
             raise SystemExit(f"recomputed validation keys at depth {trained} differ from the stored ones: "
                              "the work dir was not trained with this config")
         rows = {}

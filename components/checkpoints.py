@@ -53,6 +53,14 @@ def write_bytes(location: str | os.PathLike, data: bytes) -> None:
     storage.move(partial, path)
 
 
+def files_under(location: str | os.PathLike) -> list[str]:
+    """Every file under a folder of the storage, each as a location `read_bytes` takes."""
+    storage, root = filesystem(location)
+    scheme = str(location)[: str(location).index("://") + 3] if is_uri(location) else ""
+    found = storage.get_file_info(fs.FileSelector(root, recursive=True, allow_not_found=True))
+    return sorted(scheme + info.path for info in found if info.type == fs.FileType.File)
+
+
 def delete(location: str | os.PathLike) -> None:
     """A file or a folder (with all it holds) of the storage; nothing where it is already gone."""
     storage, path = filesystem(location)
@@ -64,13 +72,14 @@ def delete(location: str | os.PathLike) -> None:
 
 
 class SliceCheckpoints:
+    """One shard's slice checkpoints at `location` (a local folder or a URI)."""
+
     def __init__(self, location: str | os.PathLike):
         self.location = str(location)
         self.fs, self.root = filesystem(location)
 
     def __repr__(self) -> str:
         return f"SliceCheckpoints({self.location!r})"
-
 
     def read(self, stage: int) -> dict | None:
         """Stage `stage`'s checkpoint, or None where there is none or it was cut short (a copy into

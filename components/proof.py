@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from components.aggregate import AggregatorState
+from components.checkpoints import files_under, read_bytes
 from components.data import SPLITS, read_parquet, samples_touching
 from components.store import Workdir
 from components.train import last_clean_stage
@@ -60,6 +61,11 @@ def files_holding(needle: str, roots: Iterable[Path]) -> list[Path]:
             if hit:
                 found.append(path)
     return found
+
+
+def stored_files_holding(needle: str, location: str) -> list[str]:
+    """files_holding for a folder of the checkpoint storage (components.checkpoints), a URI's included."""
+    return [name for name in files_under(location) if needle.encode() in (read_bytes(name) or b"")]
 
 
 def _bytes_hold(path: Path, pattern: bytes, chunk: int = 1 << 20) -> bool:

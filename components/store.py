@@ -92,7 +92,7 @@ class Workdir:
         itself), once: its checkpoints stay there (check_inputs refuses a config naming another)."""
         if storage and not self.storage_binding():
             name = f"{self.root.name}-{uuid.uuid4().hex[:8]}"  # work dirs of one name never share a folder
-            write_json(self.root / STORAGE_FILE, {"storage": storage, "shard_runs": f"{storage.rstrip('/')}/{name}"})
+            write_json(self.root / STORAGE_FILE, {"storage": storage, "shard_runs": f"{storage}/{name}"})
 
     def adapter(self, shard: int) -> Path:
         return self.shard_dir(shard) / "adapter"

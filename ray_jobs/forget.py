@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from components.config import Config
-from components.proof import files_holding
+from components.proof import files_holding, stored_files_holding
 from components.registry import Registry, default_tracking_uri
 from components.store import Workdir, write_json
 from components.unlearn import (
@@ -87,7 +87,7 @@ def abandon(config: Config, workdir: Workdir, request_id: str) -> None:
 def trace_scan(config: Config, workdir: Workdir, needle: str, extra: list[Path]) -> tuple[list[str], list[str]]:
     """Everywhere the system wrote or reported something, searched for `needle` (a subject's id):
     the work dir (sample store, trunk states, checkpoints, request log, audit, a sqlite MLflow store
-    and its artifacts), `extra` (an MLflow server's database and artifact store, rendered manifests,
+    and its artifacts), its checkpoints under train.storage, `extra` (an MLflow server's database and artifact store, rendered manifests,
     logs kept elsewhere), the logs of every Ray session on this machine (Serve's, the jobs'), the
     Ray cluster's job list, and the MLflow runs and models of the experiment. Returns (findings,
     places searched)."""
@@ -98,6 +98,9 @@ def trace_scan(config: Config, workdir: Workdir, needle: str, extra: list[Path])
     roots = [workdir.root, *extra, *sessions]
     findings = [f"file {path}" for path in files_holding(needle, roots)]
     searched = [str(workdir.root), *map(str, extra), f"{len(sessions)} Ray session log folder(s)"]
+    if workdir.storage_binding():  # the slice checkpoints, kept under train.storage
+        findings += [f"file {name}" for name in stored_files_holding(needle, workdir.shard_runs())]
+        searched.append(workdir.shard_runs())
     findings += Registry(config.experiment, workdir.root).mentions(needle)
     searched.append(f"MLflow runs and models of {config.experiment} at {default_tracking_uri(workdir.root)}")
     try:

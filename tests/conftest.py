@@ -160,7 +160,7 @@ def tiny_config():
 
 @pytest.fixture(scope="session")
 def trained_tiny(ray_session, tiny_config, tmp_path_factory):
-    """A work dir with the tiny config trained once (K=4, registered, adapter set live).
+    """A work dir with the tiny config trained once (K=2, registered, adapter set live).
     Tests that change it must use their own work dir instead."""
     from ray_jobs.train import run
 

@@ -15,6 +15,7 @@ from safetensors import safe_open
 
 from components import unlearn
 from components.aggregate import AggregatorState
+from components.checkpoints import delete, write_bytes
 from components.config import ConfigError, load_config
 from components.data import read_parquet, write_parquet
 from components.model import answer_token_ids, load_base_model, load_tokenizer
@@ -132,12 +133,10 @@ FORGOTTEN = {"users": [], "interactions": []}  # everything the module's work di
 
 @pytest.fixture(scope="module")
 def forget_config_file(tmp_path_factory):
-    """The tiny config with two shards, not four: half the Ray Train runs (~14 CPU-s each) in each
-    of the module's trainings. A round that touches one shard leaves the other as it was, as at K=4.
-    The slice checkpoints go to a storage URI (train.storage, as s3:// would), outside the work dir:
-    the module's forgets read, resume from and purge them there."""
+    """The tiny config with the slice checkpoints in a storage URI (train.storage, as s3:// would),
+    outside the work dir: the module's forgets read, resume from and purge them there."""
     folder = tmp_path_factory.mktemp("forget-config")
-    return tiny_config_file(folder / "tiny-k2.yaml", partition={"num_shards": 2}, train={"storage": f"file://{folder}/storage"})
+    return tiny_config_file(folder / "tiny-storage.yaml", train={"storage": f"file://{folder}/storage"})
 
 
 @pytest.fixture(scope="module")
@@ -213,6 +212,14 @@ def test_forgetting_equals_training_without_the_data(forgetting, forget_config, 
     assert not list(workdir.root.glob("shards/*/checkpoints")) and not list(workdir.root.glob("shards/*/slice-*"))
     assert all(workdir.checkpoints(k).location.startswith(config.train.storage) and workdir.checkpoints(k).stages()
                for k in range(workdir.num_shards()))
+    # The trace scan (forget --scan-for) reads that storage too: an id left there is found, by its URI.
+    needle = f"planted-{uuid.uuid4().hex}"
+    planted = f"{workdir.shard_runs()}/shard-0/{needle}.txt"
+    write_bytes(planted, needle.encode())
+    assert forget_job.trace_scan(config, workdir, needle, [])[0] == [f"file {planted}"]
+    delete(planted)
+    findings, searched = forget_job.trace_scan(config, workdir, needle, [])
+    assert findings == [] and workdir.shard_runs() in searched
     # Nothing of anyone forgotten is left in plain text: request log, audit, store.
     for path in list(workdir.root.joinpath("requests").glob("*.json")) + list(workdir.root.joinpath("audit").glob("*.json")):
         record = json.loads(path.read_text())

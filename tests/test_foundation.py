@@ -85,7 +85,7 @@ def test_users_own_parquet_files_build_samples(tmp_path):
 
 
 def test_config_rejects_unknown_and_ill_typed_keys(tmp_path):
-    assert load_config(TINY).partition.num_shards == 4
+    assert load_config(TINY).partition.num_shards == 2
     assert load_config(ROOT / "configs" / "movielens.yaml").model.name == "smollm2-135m"
     bad = tmp_path / "bad.yaml"
     bad.write_text("experiment: x\ntrain:\n  epochz: 2\n")

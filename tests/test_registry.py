@@ -24,7 +24,8 @@ LINEAGE_TAGS = {"shard", "samples", "manifest_sha256", "adapter_sha256", "config
 
 
 def check_trained_registry(registry: Registry, report: dict, config) -> None:
-    for shard in range(4):
+    shards = range(config.partition.num_shards)
+    for shard in shards:
         name = registry.shard_model(shard)
         versions = registry.versions(name)
         assert [str(v.version) for v in versions] == ["1"]
@@ -43,8 +44,8 @@ def check_trained_registry(registry: Registry, report: dict, config) -> None:
         assert any(f.startswith("checkpoints/slice-") for f in files)
     adapter_set = registry.live_version(registry.set_model)
     assert str(adapter_set.version) == "1"
-    assert json.loads(adapter_set.tags["shards"]) == {str(k): "1" for k in range(4)} or \
-           json.loads(adapter_set.tags["shards"]) == {str(k): 1 for k in range(4)}
+    assert json.loads(adapter_set.tags["shards"]) == {str(k): "1" for k in shards} or \
+           json.loads(adapter_set.tags["shards"]) == {str(k): 1 for k in shards}
 
 
 @pytest.fixture(autouse=True)
@@ -152,7 +153,7 @@ def test_retrain_purge_and_lineage_against_a_real_mlflow_server(ray_session, tin
 
     # Forget a user who lives in exactly one shard: only that shard gets a version 2.
     owners = {}
-    for shard in range(4):
+    for shard in range(workdir.num_shards()):
         for user in read_parquet(workdir.shard_samples(shard))["user_id"]:
             owners.setdefault(user, set()).add(shard)
     user, [shard] = next((u, sorted(s)) for u, s in sorted(owners.items()) if len(s) == 1)
@@ -167,7 +168,7 @@ def test_retrain_purge_and_lineage_against_a_real_mlflow_server(ray_session, tin
 
     live = registry.live_version(registry.shard_model(shard))
     assert str(live.version) == "2" and live.tags["parent_version"] == "1" and live.tags["forget_request"] == audit["round_id"]
-    for other in set(range(4)) - {shard}:
+    for other in set(range(workdir.num_shards())) - {shard}:
         assert str(registry.live_version(registry.shard_model(other)).version) == "1"
     adapter_set = registry.live_version(registry.set_model)
     assert str(adapter_set.version) == "2" and json.loads(adapter_set.tags["shards"])[str(shard)] in ("2", 2)
@@ -180,7 +181,8 @@ def test_retrain_purge_and_lineage_against_a_real_mlflow_server(ray_session, tin
     # Issue 29: runs that are not the deployment, with its config and its tracking server, never
     # move its aliases. A reference training, an evaluation's own training and a benchmark's keep
     # registries of their own; anything else that would write the deployment's names is refused.
-    live = {name: registry.live_version(name).version for name in [registry.set_model, *map(registry.shard_model, range(4))]}
+    names = [registry.set_model, *map(registry.shard_model, range(workdir.num_shards()))]
+    live = {name: registry.live_version(name).version for name in names}
     train_job.run(tiny_config, Workdir(tmp_path / "reference"), [user], [])
     evaluate_job.run(tiny_config, Workdir(tmp_path / "evaluation"), ["apa"], "none")
     bench = fresh_workdir(str(tmp_path / "bench"), "bench-x")

@@ -102,8 +102,7 @@ def served(trained_tiny, tmp_path_factory):
     from serving.app import build_app
 
     root = tmp_path_factory.mktemp("serving")
-    # Two shards, not the tiny config's four: half the Ray Train runs (~14 CPU-s each) for the same paths.
-    config_path = tiny_config_file(root / "tiny-serving.yaml", serving={"forget_token": TOKEN}, partition={"num_shards": 2})
+    config_path = tiny_config_file(root / "tiny-serving.yaml", serving={"forget_token": TOKEN})
     config = load_config(config_path)
     workdir = Workdir(root / "work")
     train(config, workdir, states_from=trained_tiny[0])  # the session's trunk states, linked
