@@ -21,7 +21,7 @@ from tests.conftest import ROOT, TINY, free_port, tiny_config_file, two_node_clu
 
 @pytest.fixture(scope="module")
 def cluster():
-    """A head and a worker node, 1 CPU each: the tiny config's two shards at 1 CPU take one each."""
+    """A head and a worker node, 1 CPU each."""
     with two_node_cluster() as (cluster, _):
         yield cluster
 
@@ -45,7 +45,9 @@ def test_a_training_spreads_over_two_nodes_survives_losing_one_and_matches_one_n
     one_node, one_node_report = trained_tiny
     workdir = Workdir(tmp_path / "two-nodes")
     worker = cluster.worker_nodes.copy().pop()
-    training = job(cluster, "ray_jobs.train", "--config", str(TINY), "--workdir", str(workdir.root))
+    # The tiny config's two shards at a whole CPU each: one node each (a CPU count is no part of the bits).
+    config = tiny_config_file(tmp_path / "tiny.yaml", train={"cpus_per_actor": 1})
+    training = job(cluster, "ray_jobs.train", "--config", str(config), "--workdir", str(workdir.root))
     try:
         # Remove the worker node as soon as a shard running there has written a slice checkpoint.
         deadline = time.time() + 600
