@@ -37,8 +37,9 @@ def alone(model, tokenizer, config, prompt):
 
 def test_batched_states_and_embeddings_equal_one_at_a_time_ones(trained_tiny, tiny_config, model):
     workdir, report = trained_tiny  # its train job computed the store with this pass
-    samples = load_splits(workdir)["train"]
-    assert report["store"]["samples_computed"] == sum(map(len, load_splits(workdir).values()))
+    splits = load_splits(workdir)
+    samples = splits["train"]
+    assert report["store"]["samples_computed"] == sum(map(len, splits.values()))
     # Prompts of different lengths share the pass's batches (max_length 256 cuts none of them).
     batch = by_token_count(samples, model[1], tiny_config).head(tiny_config.inference.batch_size)
     lengths = {len(model[1].encode(p)) for p in batch["prompt"]}
