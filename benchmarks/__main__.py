@@ -14,7 +14,7 @@ eval, bench_embedding. SIZES below says what each size passes to each benchmark:
   more trainings), three users forgotten, a smaller load test (250 forget posts at K=8) and a
   200,000-row data log. The ratios hold at this size (each is against a baseline of the same run);
   the AUCs are the demo's, level with the floors (docs/results.md). 2026-12-07, 2-core AVX-512
-  EPYC, fresh store: 38 minutes (the load test 11 of them, the evaluation 8); 40 with the demo's
+  Xeon, fresh store: 38 minutes (the load test 11 of them, the evaluation 8); 40 with the demo's
   earlier config (512 samples, 2 epochs).
 - full: configs/movielens.yaml (4096 / 500 / 1000 samples, the 8-layer head), bench_train and
   bench_forget on 512-sample subsets of the same draw, the thousand-request load test at K=16. On
