@@ -30,6 +30,21 @@ OFFLINE_ENV = {
 ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
 
 
+def cache_dir() -> Path:
+    """Where converted models (and the empty MLflow store template) are kept: $UNLEARN_CACHE."""
+    return Path(os.environ.get("UNLEARN_CACHE", Path.home() / ".cache" / "exact-unlearning"))
+
+
+def smollm2_dir() -> Path:
+    return cache_dir() / "smollm2-135m-instruct"
+
+
+def model_folder(path: str | None) -> Path:
+    """The folder a model's files come from: model.path, or (SmolLM2, and the tiny test model's
+    tokenizer) the converted SmolLM2 in this process's cache."""
+    return Path(path).expanduser() if path else smollm2_dir()
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 

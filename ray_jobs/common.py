@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -15,10 +14,11 @@ from pathlib import Path
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from components.checkpoints import delete, read_bytes, write_bytes
-from components.config import OFFLINE_ENV, Config, ConfigError, load_config
+from components.checkpoints import delete, write_bytes
+from components.config import OFFLINE_ENV, Config, ConfigError, load_config, model_folder
 from components.data import DataError
 from components.store import Workdir, check_inputs
+from ray_jobs.node_probe import folder_digest, what_this_node_sees
 
 
 def job_parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -112,43 +112,12 @@ class SharedStorageError(RuntimeError):
     """A node of the cluster does not see what the job's work reads and writes."""
 
 
-@ray.remote(num_cpus=0)
-def _what_this_node_sees(probe: str, storage_probe: str | None, token: str, model_path: str | None, model_digest: str | None,
-                         needs_cuda: bool) -> list[str]:
-    import torch
-
-    from components.model import model_folder
-
-    problems = []
-    path = Path(probe)
-    if not path.exists() or path.read_text() != token:
-        problems.append(f"does not see the work dir {path.parent} (the file the driver just wrote there is not there)")
-    if storage_probe and read_bytes(storage_probe) != token.encode():
-        problems.append(f"does not reach train.storage {storage_probe.rsplit('/', 1)[0]} (the driver's file there is not there)")
-    folder = model_folder(model_path)
-    if folder_digest(folder) != model_digest:
-        problems.append(f"does not see the model folder {folder} as the driver does (missing or other files)")
-    if needs_cuda and not torch.cuda.is_available():
-        problems.append(f"offers GPUs to Ray but torch {torch.__version__} there sees no CUDA device")
-    return problems
-
-
-def folder_digest(folder: Path) -> str | None:
-    """What identifies a model folder: its config and tokenizer files' bytes (the weights are too big to hash at start)."""
-    files = [folder / name for name in ("config.json", "tokenizer.json", "tokenizer_config.json") if (folder / name).exists()]
-    if not (folder / "config.json").exists() and not (folder / "tokenizer.json").exists():
-        return None
-    return hashlib.sha256(b"".join(f.name.encode() + f.read_bytes() for f in files)).hexdigest()
-
-
 def check_nodes(config: Config, workdir: Workdir) -> None:
     """The shared-storage contract, checked at start: every alive node of the cluster sees the
     work dir at the same path (a probe file the driver writes, read by a task on each node),
     reaches train.storage where the config names one (a probe file there too), sees the same model
     folder, and, where shards ask for GPUs, has a torch that sees CUDA. Raises SharedStorageError
     naming each node that does not."""
-    from components.model import model_folder
-
     created = not workdir.root.exists()
     workdir.root.mkdir(parents=True, exist_ok=True)
     probe = workdir.root / f".node-probe-{uuid.uuid4().hex}"
@@ -165,7 +134,7 @@ def check_nodes(config: Config, workdir: Workdir) -> None:
                 raise SharedStorageError(f"train.storage {config.train.storage}: the driver cannot write there ({err})") from None
         nodes = [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) + n["Resources"].get("GPU", 0) > 0]
         answers = ray.get([
-            _what_this_node_sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(
+            what_this_node_sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(
                 str(probe), storage_probe, token, config.model.path, digest,
                 config.train.gpus_per_actor > 0 and n["Resources"].get("GPU", 0) > 0)
             for n in nodes], timeout=300)

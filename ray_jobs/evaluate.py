@@ -37,6 +37,7 @@ cost.png, and logs the reports and metrics (auc_<method>, ...) to an MLflow run 
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import datetime
 import hashlib
@@ -93,6 +94,14 @@ def parse_methods(names) -> list[str]:
     if bad:
         raise EvaluationError(f"unknown method {bad[0]!r} in --methods; choose from {', '.join(DEFAULT_METHODS)} or shard-<k>")
     return list(dict.fromkeys(names))
+
+
+def methods_argument(text: str) -> list[str]:
+    """--methods, checked while the command line is parsed: before the data is read."""
+    try:
+        return parse_methods(text)
+    except EvaluationError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _expand_shards(methods: list[str], shards: list[int]) -> list[str]:
@@ -230,7 +239,8 @@ def _report(config: Config, workdir: Workdir, test, results: dict[str, dict], th
 
 def main(argv: list[str] | None = None) -> int:
     parser = job_parser("ray_jobs.evaluate", "Evaluate APA, its variants and the baselines on the test split.")
-    parser.add_argument("--methods", help=f"comma-separated subset of {','.join(DEFAULT_METHODS)} or shard-<k> (default: all)")
+    parser.add_argument("--methods", type=methods_argument, default=list(DEFAULT_METHODS),
+                        help=f"comma-separated subset of {','.join(DEFAULT_METHODS)} or shard-<k> (default: all)")
     parser.add_argument("--forget-cost", choices=FORGET_COST_MODES, default="existing",
                         help="existing: read audit records (default); measure: also forget one user where no audit "
                              "record exists yet (for APA an extra training of DIR's config); none: skip")
@@ -240,12 +250,11 @@ def main(argv: list[str] | None = None) -> int:
                         "linked into a new work dir's store instead of computed (make bench: runs/store/<experiment>)")
     args, config, workdir = load_job(parser, argv, builds_store=True)
     try:
-        methods = parse_methods(args.methods) if args.methods is not None else list(DEFAULT_METHODS)
         if args.threads is not None and args.threads < 1:
             raise EvaluationError("--threads must be at least 1")
         if args.states_from and not Path(args.states_from, "trunk").is_dir():
             raise EvaluationError(f"--states-from {args.states_from}: no stored trunk states there (no trunk/ folder)")
-        report = run(config, workdir, methods, args.forget_cost, args.config, args.threads,
+        report = run(config, workdir, args.methods, args.forget_cost, args.config, args.threads,
                      Workdir(Path(args.states_from)) if args.states_from else None)
     except (EvaluationError, SharedStorageError) as err:
         fail(str(err))

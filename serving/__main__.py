@@ -52,11 +52,15 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault(key, value)
 
     from components.config import ConfigError, load_config
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as err:  # before the model's libraries load: a typo is reported in a second
+        fail(str(err))
     from components.data import DataError
     from components.store import Workdir, check_inputs
 
     try:
-        config = load_config(args.config)
         workdir = Path(args.workdir or Path("runs") / config.experiment).resolve()
         check_inputs(config, Workdir(workdir))
     except (ConfigError, DataError, ValueError) as err:

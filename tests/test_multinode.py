@@ -15,6 +15,7 @@ import time
 import pytest
 import torch
 
+from components.config import load_config
 from components.store import Workdir
 from tests.conftest import ROOT, TINY, free_port, tiny_config_file, two_node_cluster
 
@@ -126,24 +127,17 @@ def alive_nodes(cluster) -> list[str]:
     return json.loads(out.strip().splitlines()[-1])
 
 
-# Run where the cluster is the current Ray: reserve, as each shard trainer's controller does
-# (one bundle of its resources per worker), what the trainers of shards 0-4 ask for.
+# Run where the cluster is the current Ray: reserve, as each shard trainer's controller does (one
+# bundle of its resources per worker), what the trainers of shards 0-4 ask for (argv[1], JSON).
 RESERVE_AS_RAY_TRAIN = """
 import json, sys, ray
 from ray.util.placement_group import placement_group, remove_placement_group
-from components.config import load_config
-from components.store import Workdir
-from ray_jobs.shard_training import shard_trainer
 
 ray.init()
-config = load_config(sys.argv[1], train={"cpus_per_actor": 0.25, "gpus_per_actor": 0.25})
-scalings = [shard_trainer(config, Workdir(sys.argv[2]), shard, None).scaling_config for shard in range(5)]
-groups = {g.ready(): g for g in (placement_group([s.resources_per_worker] * s.num_workers, strategy=s.placement_strategy)
-                                 for s in scalings)}
+groups = {g.ready(): g for g in (placement_group(bundles, strategy=strategy) for bundles, strategy in json.loads(sys.argv[1]))}
 ready, waiting = ray.wait(list(groups), num_returns=4, timeout=60)
 late, waiting = ray.wait(waiting, timeout=3)
-print(json.dumps({"resources": scalings[0].resources_per_worker, "use_gpu": scalings[0].use_gpu,
-                  "ready": len(ready + late), "waiting": len(waiting)}), flush=True)
+print(json.dumps({"ready": len(ready + late), "waiting": len(waiting)}), flush=True)
 remove_placement_group(groups[ready[0]])  # a shard finishes: the one that waited starts
 late, _ = ray.wait(waiting, timeout=60)
 print(json.dumps({"ready_after_one_finished": len(late)}))
@@ -153,14 +147,20 @@ print(json.dumps({"ready_after_one_finished": len(late)}))
 def test_shards_at_a_quarter_gpu_run_four_to_a_gpu_and_a_fifth_waits(cluster, tmp_path):
     """Ray's logical GPUs on a node of this machine (no CUDA needed to schedule): the shard
     trainers' resource requests at train.gpus_per_actor 0.25 fit four to a GPU."""
+    from ray_jobs.shard_training import shard_trainer
+
+    config = load_config(TINY, train={"cpus_per_actor": 0.25, "gpus_per_actor": 0.25})
+    scalings = [shard_trainer(config, Workdir(tmp_path), shard, None).scaling_config for shard in range(5)]
+    assert scalings[0].resources_per_worker == {"CPU": 0.25, "GPU": 0.25} and scalings[0].use_gpu
+    requests = [([s.resources_per_worker] * s.num_workers, s.placement_strategy) for s in scalings]
     gpu_node = cluster.add_node(num_cpus=2, num_gpus=1, object_store_memory=100 * 2**20)
     try:
         cluster.wait_for_nodes()
-        run = subprocess.run([sys.executable, "-c", RESERVE_AS_RAY_TRAIN, str(TINY), str(tmp_path)], cwd=ROOT,
+        run = subprocess.run([sys.executable, "-c", RESERVE_AS_RAY_TRAIN, json.dumps(requests)], cwd=ROOT,
                              env={**os.environ, "RAY_ADDRESS": cluster.address}, capture_output=True, text=True, timeout=300)
         assert run.returncode == 0, run.stderr[-3000:]
         first, after = (json.loads(line) for line in run.stdout.strip().splitlines()[-2:])
-        assert first == {"resources": {"CPU": 0.25, "GPU": 0.25}, "use_gpu": True, "ready": 4, "waiting": 1}
+        assert first == {"ready": 4, "waiting": 1}
         assert after == {"ready_after_one_finished": 1}
     finally:
         cluster.remove_node(gpu_node, allow_graceful=False)
