@@ -74,9 +74,10 @@ def local_cluster(num_cpus: int = 2):
                 time.sleep(0.5)
         yield address, f"http://127.0.0.1:{ports['dashboard-port']}"
     finally:
-        # `ray start --block` stops the processes it started; after a session's tests (detached
-        # actors, finished jobs) it can take half a minute: the session group is killed after 5 s.
-        process.terminate()
+        # `ray start --block` stops the processes it started one by one; after a session's tests
+        # (detached actors, finished jobs) that takes half a minute: every process of the session
+        # group gets the signal at once, and what is left after 5 s is killed.
+        os.killpg(process.pid, signal.SIGTERM)
         try:
             process.wait(timeout=5)
         except subprocess.TimeoutExpired:
