@@ -11,11 +11,10 @@ Order: simulate, bench_data, bench_pass, bench_train, bench_serving, bench_forge
 eval, bench_embedding. SIZES below says what each size passes to each benchmark:
 - quick: every benchmark and the evaluation at configs/demo.yaml (384 / 128 / 256 samples, one
   epoch, the 4-layer head, K=4, R=4), the evaluation without the user-partition and LMEraser baselines (two
-  more trainings), three users forgotten, a smaller load test (250 forget posts at K=8) and a
-  200,000-row data log. The ratios hold at this size (each is against a baseline of the same run);
-  the AUCs are the demo's, level with the floors (docs/results.md). 2026-12-07, 2-core AVX-512
-  Xeon, fresh store: 38 minutes (the load test 11 of them, the evaluation 8); 40 with the demo's
-  earlier config (512 samples, 2 epochs).
+  more trainings), three users forgotten, a smaller load test (120 forget posts to K=4 shards of
+  512 samples) and a 200,000-row data log. The ratios hold at this size (each is against a baseline
+  of the same run); the AUCs are the demo's, level with the floors (docs/results.md). 2026-12-08,
+  2-core AVX-512 Xeon, fresh store: 22.6 minutes (the evaluation 5.4 of them, the load test 4.2).
 - full: configs/movielens.yaml (4096 / 500 / 1000 samples, the 8-layer head), bench_train and
   bench_forget on 512-sample subsets of the same draw, the thousand-request load test at K=16. On
   an idle 2-core AVX-512 machine (2026-12-03): the store 25 minutes, the evaluation's five
@@ -64,7 +63,8 @@ OPTIONAL = ("bench_shards",)
 SIZES = {
     "quick": {"config": ROOT / "configs" / "demo.yaml",
               "args": {"bench_data": ["--rows", "200000"], "bench_forget": ["--users", "3"],
-                       "bench_forget_load": ["--requests", "250", "--seconds", "30", "--shards", "8", "--n-train", "1024"]},
+                       "bench_forget_load": ["--requests", "120", "--seconds", "20", "--shards", "4", "--n-train", "512",
+                                             "--idle-seconds", "10"]},
               "eval_methods": "retrain,sisa,apa,apa-decomposed,uniform,shards"},
     "full": {"config": MOVIELENS,
              "args": {"bench_train": ["--n-train", "512"], "bench_forget": ["--n-train", "512", "--n-valid", "64"]},

@@ -1,6 +1,6 @@
 """A thousand forget requests against the real server while it keeps answering (issue 30, part 2).
 
-    python -m benchmarks.bench_forget_load                          # 1000 requests over 60 s, K=16 (make bench)
+    python -m benchmarks.bench_forget_load                          # 1000 requests over 60 s, K=16 (make bench-full)
     python -m benchmarks.bench_forget_load --requests 200 --shards 16 --max-wait-minutes 30
 
 The tiny model (configs/tiny.yaml, with K shards and `--n-train` samples so that there are enough
