@@ -86,6 +86,7 @@ def test_an_interrupted_pass_computes_only_the_missing_states_on_the_actor_pool(
         assert np.array_equal(np.stack(after[name]["embedding"]), np.stack(frame["embedding"]))
 
 
+@pytest.mark.slow  # the path of a pool with GPUs (on CPUs the driver embeds the reference): make test-slow
 def test_the_reference_embedded_on_the_pool_has_one_process_bits(ray_session, tiny_config, model):
     """Where the pool has GPUs, the jobs embed the partitioner's reference prompts on it (embed_pass)."""
     _, items = load_interactions_and_items(tiny_config.data)

@@ -5,6 +5,7 @@ scores at once."""
 import shutil
 
 import numpy as np
+import pytest
 
 from components.aggregate import load_mixture, predict, stored_inputs
 from components.model import load_base_model, load_tokenizer, make_deterministic
@@ -26,6 +27,9 @@ def in_process(config, workdir, live, test, method, step, files):
     return predict(config, mixture, batches, live.state, live.partitioner, live.masked, method)[0]
 
 
+# make test keeps the evaluation's own check of this path (test_evaluate: APA's Ray Data scores equal
+# predict's, bit for bit); this one adds two mixtures per actor and the per-batch timing.
+@pytest.mark.slow
 def test_the_ray_data_scores_are_the_in_process_ones_bit_for_bit(trained_tiny, tiny_config):
     workdir, _ = trained_tiny
     test = load_splits(workdir)["test"]
@@ -55,6 +59,7 @@ def test_the_ray_data_scores_are_the_in_process_ones_bit_for_bit(trained_tiny, t
         assert (per_batch == 1).all() and (mine["seconds_per_sample"] > 0).all()
 
 
+@pytest.mark.slow  # make recipe's path (tuning tau), not the product's
 def test_leave_one_out_weighs_each_validation_sample_by_the_others_only(trained_tiny, tiny_config, tmp_path):
     """make recipe's choice of tau: a validation sample scored leave-one-out gets the score the plain
     path gives it under the aggregator state without that sample."""
