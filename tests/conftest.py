@@ -74,12 +74,12 @@ def local_cluster(num_cpus: int = 2):
                 time.sleep(0.5)
         yield address, f"http://127.0.0.1:{ports['dashboard-port']}"
     finally:
-        # `ray start --block` stops the processes it started one by one; after a session's tests
-        # (detached actors, finished jobs) that takes half a minute: every process of the session
-        # group gets the signal at once, and what is left after 5 s is killed.
+        # `ray start --block` stops the processes it started one by one, gracefully; after a
+        # session's tests (detached actors, finished jobs) that takes half a minute. The tests are
+        # over: every process of its session group gets SIGTERM, and what is left after 1 s SIGKILL.
         os.killpg(process.pid, signal.SIGTERM)
         try:
-            process.wait(timeout=5)
+            process.wait(timeout=1)
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
