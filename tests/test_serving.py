@@ -165,9 +165,9 @@ def test_predictions_over_http_equal_the_mixture_computed_directly(served, tmp_p
 
 def test_a_served_p_yes_is_the_evaluations_for_the_same_prompt(served, tmp_path):
     """The server runs the trunk per request; the evaluation reads the sample's stored trunk state
-    and runs only the head (`predict`, which its Ray Data job runs: tests/test_score_pass.py). For
-    the same prompt alone the two agree bit for bit; beside batch-mates of other lengths (left
-    padding), within float32 rounding."""
+    and runs only the head (`predict`, which its Ray Data job runs: tests/test_evaluate.py checks
+    APA's scores against it bit for bit). For the same prompt alone the two agree bit for bit;
+    beside batch-mates of other lengths (left padding), within float32 rounding."""
     config, workdir = served.config, served.workdir
     test = read_parquet(workdir.split("test"))
     tokenizer = load_tokenizer(config.model)
