@@ -81,6 +81,7 @@ def test_a_training_spreads_over_two_nodes_survives_losing_one_and_matches_one_n
         assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours), f"shard {shard} differs"
 
 
+@pytest.mark.slow  # a third node and a job's start-up (~20 s here): the check at every job's start, not an exactness path
 def test_a_job_stops_at_start_naming_a_node_that_does_not_see_the_work_dir_or_the_storage(cluster, tmp_path):
     if subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode != 0:
         pytest.skip("needs mount namespaces (unshare -m) to give one node a different view of the file system")
